@@ -1,0 +1,29 @@
+# make test: the whole suite; make demo: train FractalNet on the embedded digits data;
+# make bench: kernel and model benchmarks; make audit: compile every kernel for sm_80/sm_90.
+# Each creates .venv on first use; later runs reuse it.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench audit clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch only when none is importable: the CPU build on disk here, the CUDA build elsewhere.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	# A CPU torch brings no triton: pin the version the GPU machines run.
+	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(PY) -m pip install triton==3.6.0; fi
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+audit: $(STAMP)
+	$(PY) -m fractal_kernels.audit
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,407 @@
+"""Pieces shared by every op: input checks, layouts, tiling, op registration and kernel launch.
+
+Written once here so that each op file (join.py, batchnorm.py, join_bn_relu.py, gather.py) reads
+top to bottom as kernels, launcher, op and autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+#: Inputs per kernel launch; ops with more inputs launch once per group of this many.
+MAX_INPUTS = 8
+
+#: Storage dtypes the kernels accept (fp64 is for gradcheck; it accumulates in fp64).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks: clear ValueError/TypeError naming the argument, raised before any launch.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_tensor_list(name: str, tensors, *, min_len: int = 1) -> list[torch.Tensor]:
+    """Checks that ``tensors`` is a list/tuple of at least ``min_len`` tensors of one shape, dtype and device."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    if len(tensors) < min_len:
+        raise ValueError(f"{name} must hold at least {min_len} tensor(s), got {len(tensors)}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    if not tensors:
+        return []
+    first = tensors[0]
+    if first.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {first.dtype}")
+    for i, t in enumerate(tensors[1:], 1):
+        if t.shape != first.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(first.shape)} like {name}[0]")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {first.dtype} like {name}[0]")
+        if t.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, expected {first.device} like {name}[0]")
+    return list(tensors)
+
+
+def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device: torch.device) -> None:
+    """Checks a drop-path mask: None, or a [num_inputs, batch] bool or 0/1 float tensor on ``device``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"mask must be bool or a 0/1 floating tensor, got {mask.dtype}")
+    if tuple(mask.shape) != (num_inputs, batch):
+        raise ValueError(f"mask must have shape [num_inputs, batch] = {[num_inputs, batch]}, got {list(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, expected {device} like the inputs")
+
+
+def bool_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask as bool (float masks are compared with 0): the kernels read one byte per entry."""
+    return mask if mask is None or mask.dtype == torch.bool else mask != 0
+
+
+def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, x: torch.Tensor) -> None:
+    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{name} must have shape [{channels}] (one value per channel), got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, expected {x.device} like the input")
+
+
+def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
+    """Checks a BatchNorm input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]."""
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(f"{name} must have 2 to 5 dimensions [N, C, ...], got shape {list(x.shape)}")
+    if training and x.numel() // max(x.shape[1], 1) <= 1:
+        # The same message F.batch_norm gives.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when x is dense channels-last (NHWC or NDHWC) and not also plain contiguous."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is contiguous or channels-last; otherwise a contiguous copy."""
+    return x if x.is_contiguous() or is_channels_last(x) else x.contiguous()
+
+
+def like_layout(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """x with the strides of ``reference`` (same shape), copied only when they differ."""
+    if x.stride() == reference.stride():
+        return x
+    return torch.empty_like(reference, dtype=x.dtype).copy_(x)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and statistics dtype: fp64 for fp64 storage, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def placeholder(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor standing for an absent optional (custom ops take list[Tensor], not list[Optional])."""
+    return x.new_empty(0)
+
+
+def present(t: torch.Tensor) -> bool:
+    return t.numel() > 0
+
+
+def bitmask(flags: Sequence[bool]) -> int:
+    """Packs per-input flags into one constexpr int, bit i for input i."""
+    return sum(1 << i for i, flag in enumerate(flags) if flag)
+
+
+def groups(n: int, size: int = MAX_INPUTS) -> list[range]:
+    """Splits range(n) into consecutive groups of at most ``size`` inputs (one launch each)."""
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def pad(items: Sequence, length: int = MAX_INPUTS) -> list:
+    """Pads a per-input argument list to the kernel's fixed arity by repeating its first entry."""
+    return list(items) + [items[0]] * (length - len(items))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiling of per-channel kernels
+# ----------------------------------------------------------------------------------------------
+
+#: Elements per tile of the per-channel kernels (4 warps: 16 values a thread).
+TILE = 2048
+#: Programs to aim for; the grid covers a GPU several times over (H100 has 132 SMs).
+_TARGET_PROGRAMS_GPU = 4 * 132
+#: The interpreter runs programs one after another: fewer, larger ones are faster.
+_TARGET_PROGRAMS_INTERPRETER = 8
+
+
+@dataclass(frozen=True)
+class ChannelTiling:
+    """How a per-channel kernel covers x viewed as [N, C, HW].
+
+    Programs form a (channel blocks) x (chunks) grid; the tiles of one channel block, numbered
+    n-block-major, are dealt to chunks in runs of ``tiles_per_chunk``. Every per-channel kernel of
+    one call uses the same tiling, so partial statistics line up chunk for chunk.
+    """
+
+    N: int
+    C: int
+    HW: int
+    channels_last: bool
+    BLOCK_N: int
+    BLOCK_C: int
+    BLOCK_HW: int
+    hw_blocks: int
+    tiles_per_chunk: int
+    num_chunks: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (triton.cdiv(self.C, self.BLOCK_C), self.num_chunks)
+
+    @property
+    def count(self) -> int:
+        """Elements per channel."""
+        return self.N * self.HW
+
+    def kernel_args(self) -> tuple[int, ...]:
+        return (self.N, self.C, self.HW, self.hw_blocks, self.tiles_per_chunk)
+
+    def constexprs(self) -> dict:
+        return dict(
+            CHANNELS_LAST=self.channels_last, BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW
+        )
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def channel_tiling(x: torch.Tensor) -> ChannelTiling:
+    """The tiling of a [N, C, *spatial] tensor that is contiguous or channels-last."""
+    N, C = x.shape[0], x.shape[1]
+    HW = math.prod(x.shape[2:])
+    channels_last = is_channels_last(x)
+    if channels_last:
+        # Channels are the contiguous axis: a tile spans up to 64 of them, then positions.
+        BLOCK_C = _pow2_at_most(C, 64)
+        BLOCK_HW = _pow2_at_most(HW, TILE // BLOCK_C)
+    else:
+        # Positions are the contiguous axis; small planes (late blocks: 2x2, 1x1) stack channels.
+        BLOCK_HW = _pow2_at_most(HW, TILE)
+        BLOCK_C = _pow2_at_most(C, max(1, 256 // BLOCK_HW))
+    BLOCK_N = _pow2_at_most(N, max(1, TILE // (BLOCK_C * BLOCK_HW)))
+    hw_blocks = triton.cdiv(HW, BLOCK_HW)
+    tiles = triton.cdiv(N, BLOCK_N) * hw_blocks
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    target = _TARGET_PROGRAMS_INTERPRETER if x.device.type == "cpu" else _target_programs(x.device)
+    chunks = max(1, min(tiles, triton.cdiv(target, c_blocks)))
+    tiles_per_chunk = triton.cdiv(tiles, chunks)
+    num_chunks = triton.cdiv(tiles, tiles_per_chunk)
+    return ChannelTiling(N, C, HW, channels_last, BLOCK_N, BLOCK_C, BLOCK_HW, hw_blocks, tiles_per_chunk, num_chunks)
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _TARGET_PROGRAMS_GPU
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-side helpers shared by the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    """The i-th of eight per-input kernel arguments; i is a compile-time constant."""
+    if i == 0:
+        return p0
+    elif i == 1:
+        return p1
+    elif i == 2:
+        return p2
+    elif i == 3:
+        return p3
+    elif i == 4:
+        return p4
+    elif i == 5:
+        return p5
+    elif i == 6:
+        return p6
+    else:
+        return p7
+
+
+@triton.jit
+def welford_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, sum of squared deviations, count) partials; counts are floats."""
+    n = n_a + n_b
+    frac_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b, n
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration and kernel launch
+# ----------------------------------------------------------------------------------------------
+
+#: True when TRITON_INTERPRET=1 was set before triton was imported: kernels run on CPU tensors.
+INTERPRETING = not isinstance(_probe_kernel, triton.runtime.jit.JITFunction)
+
+# Interpreted kernels cannot be traced into an Inductor graph, so under the interpreter the ops
+# are opaque custom ops; compiled kernels use triton_op where torch has it (torch >= 2.6), so
+# torch.compile sees and schedules the Triton kernels themselves.
+USE_TRITON_OP = hasattr(torch.library, "triton_op") and not INTERPRETING
+
+
+def define_op(name: str, mutates_args: Sequence[str] = ()) -> Callable:
+    """Registers ``fn`` as the torch.library op ``name``; ``fn`` also serves as its fake kernel.
+
+    The launchers only allocate and launch, so run on fake tensors they compute output metadata
+    (``launch`` skips the kernels themselves).
+    """
+
+    def register(fn):
+        if USE_TRITON_OP:
+            return torch.library.triton_op(name, fn, mutates_args=tuple(mutates_args))
+        op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
+@dataclass
+class LaunchRecord:
+    """One kernel launch as the audit sees it: the kernel, its grid and arguments."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+_recorders: list[list[LaunchRecord]] = []
+_counters: list[list[int]] = []
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[LaunchRecord]]:
+    """Within the block, launches are recorded instead of run (the compile audit's view)."""
+    records: list[LaunchRecord] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.pop()
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[list[int]]:
+    """Counts the Triton kernel launches made within the block: ``with count_launches() as n: ...; n[0]``."""
+    counter = [0]
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.pop()
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    return t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)
+
+
+def check_launchable(x: torch.Tensor) -> None:
+    """Raises unless the Triton kernels can run on x's device."""
+    if x.device.type == "cuda" or _is_traced(x) or _recorders:
+        return
+    if x.device.type == "cpu" and INTERPRETING:
+        return
+    if x.device.type == "cpu":
+        raise RuntimeError(
+            "the Triton backend runs CPU tensors only under the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported, or use the 'reference' or 'auto' backend"
+        )
+    raise RuntimeError(f"the Triton backend needs CUDA tensors, got a tensor on {x.device}")
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launches ``kernel[grid](*args, **kwargs)``; the one place every kernel of the package starts."""
+    if _recorders:
+        _recorders[-1].append(LaunchRecord(kernel, grid, args, kwargs))
+        return
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if _is_traced(first):
+        if USE_TRITON_OP:
+            # triton_op's tracing records the launch as a graph node; it needs the real call.
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    for counter in _counters:
+        counter[0] += 1
+    if USE_TRITON_OP:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@triton.jit
+def join_scale(mask_ptr, stride_k, stride_n, n, n_ok, num_inputs, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
+    """1 / (surviving inputs) for each sample n, 0 where none survives; 1 / num_inputs without a mask.
+
+    ``n`` is a sample index (scalar or tensor); the mask is [num_inputs, batch] with the given strides.
+    """
+    if HAS_MASK:
+        count = (n * 0).to(ACC)
+        for i in range(num_inputs):
+            count += (tl.load(mask_ptr + i * stride_k + n * stride_n, mask=n_ok, other=0) != 0).to(ACC)
+        return tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
+    else:
+        return (n * 0 + 1).to(ACC) / num_inputs
+
+
+@triton.jit
+def join_keep(mask_ptr, stride_k, stride_n, i, n, n_ok, HAS_MASK: tl.constexpr):
+    """Whether input i survives for sample n (always, without a mask)."""
+    if HAS_MASK:
+        return tl.load(mask_ptr + i * stride_k + n * stride_n, mask=n_ok, other=0) != 0
+    else:
+        return n_ok

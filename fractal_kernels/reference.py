@@ -1,0 +1,65 @@
+"""Plain-PyTorch specification of every op.
+
+These are the CPU fallback, the test oracle and the benchmark baseline, written the way a user
+would write them by hand: the join stacks its inputs, selects, sums and divides; BatchNorm and ReLU
+are the stock functional calls. The semantics are the contracts of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample mean of the inputs that survive drop-path.
+
+    out[b] = sum_i m[i, b] x_i[b] / sum_i m[i, b]. Dropped inputs are selected away, never
+    multiplied, so a NaN or Inf in them never reaches the output or the gradient; a sample with no
+    surviving input gets 0 and a 0 gradient.
+    """
+    stacked = torch.stack(list(inputs))
+    if mask is None:
+        return stacked.mean(0)
+    keep = (mask != 0).reshape(mask.shape + (1,) * (stacked.dim() - 2))
+    total = torch.where(keep, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(0)
+    count = keep.sum(0).to(stacked.dtype)
+    return total / count.clamp(min=1)
+
+
+def bn_relu(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+) -> torch.Tensor:
+    """``F.relu(F.batch_norm(...))``, or the bare batch norm with ``relu=False``."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(y) if relu else y
+
+
+def join_bn_relu(
+    inputs: Sequence[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    weights: Sequence[Optional[torch.Tensor]],
+    biases: Sequence[Optional[torch.Tensor]],
+    running_means: Sequence[Optional[torch.Tensor]],
+    running_vars: Sequence[Optional[torch.Tensor]],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``masked_join([bn_relu(x_i, ...) for each input i], mask)``: each input's BN statistics cover
+    all of its samples, dropped ones included."""
+    activations = [
+        bn_relu(x, w, b, rm, rv, training, momentum, eps)
+        for x, w, b, rm, rv in zip(inputs, weights, biases, running_means, running_vars)
+    ]
+    return masked_join(activations, mask)
