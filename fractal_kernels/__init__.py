@@ -2,7 +2,18 @@
 join+BatchNorm+ReLU that ends every fractal column."""
 
 from .common import count_launches
-from .ops import BACKENDS, get_backend, masked_join, use_backend
+from .modules import FusedBatchNormReLU2d, fuse_batchnorm_relu
+from .ops import BACKENDS, bn_relu, get_backend, join_bn_relu, masked_join, use_backend
 
-__all__ = ["BACKENDS", "count_launches", "get_backend", "masked_join", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "FusedBatchNormReLU2d",
+    "bn_relu",
+    "count_launches",
+    "fuse_batchnorm_relu",
+    "get_backend",
+    "join_bn_relu",
+    "masked_join",
+    "use_backend",
+]
 __version__ = "0.1.0"

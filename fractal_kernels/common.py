@@ -10,7 +10,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -122,6 +122,20 @@ def like_layout(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(reference, dtype=x.dtype).copy_(x)
 
 
+def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs in one dense layout: the first input's if it is contiguous or channels-last."""
+    first = dense(inputs[0])
+    return [first] + [like_layout(x, first) for x in inputs[1:]]
+
+
+def mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
+    """Kernel arguments (pointer, stride over inputs, stride over samples) of an optional join mask."""
+    mask = bool_mask(mask)
+    if mask is None:
+        return dummy, 0, 0
+    return mask, mask.stride(0), mask.stride(1)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation and statistics dtype: fp64 for fp64 storage, fp32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -220,7 +234,7 @@ def channel_tiling(x: torch.Tensor) -> ChannelTiling:
         BLOCK_C = _pow2_at_most(C, max(1, 256 // BLOCK_HW))
     BLOCK_N = _pow2_at_most(N, max(1, TILE // (BLOCK_C * BLOCK_HW)))
     hw_blocks = triton.cdiv(HW, BLOCK_HW)
-    tiles = triton.cdiv(N, BLOCK_N) * hw_blocks
+    tiles = max(1, triton.cdiv(N, BLOCK_N) * hw_blocks)
     c_blocks = triton.cdiv(C, BLOCK_C)
     target = _TARGET_PROGRAMS_INTERPRETER if x.device.type == "cpu" else _target_programs(x.device)
     chunks = max(1, min(tiles, triton.cdiv(target, c_blocks)))
@@ -318,6 +332,17 @@ class LaunchRecord:
     grid: tuple
     args: tuple
     kwargs: dict
+
+
+#: Functions ``cases(quick) -> iterable of (label, thunk)`` whose thunks run op launchers on
+#: representative inputs; the compile audit records and compiles what they launch.
+AUDIT_CASES: list[Callable[[bool], Iterable[tuple[str, Callable[[], object]]]]] = []
+
+
+def audit_cases(fn):
+    """Registers an op file's audit cases (see AUDIT_CASES)."""
+    AUDIT_CASES.append(fn)
+    return fn
 
 
 _recorders: list[list[LaunchRecord]] = []

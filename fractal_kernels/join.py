@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bool_mask, define_op, dense, groups, join_keep, join_scale, launch, like_layout, pad, pick
+from .common import audit_cases, define_op, dense, dense_inputs, groups, join_keep, join_scale, launch, mask_args, pad, pick
 
 
 @triton.jit
@@ -90,26 +90,18 @@ def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int]:
     return sample_numel, block, triton.cdiv(sample_numel, block)
 
 
-def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
-    mask = bool_mask(mask)
-    if mask is None:
-        return dummy, 0, 0
-    return mask, mask.stride(0), mask.stride(1)
-
-
 @define_op("fractal_kernels::masked_join")
 def masked_join_forward(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Launcher of the join: one launch for up to 8 inputs (more: one per group of 8)."""
-    first = dense(inputs[0])
-    xs = [first] + [like_layout(x, first) for x in inputs[1:]]
-    out = torch.empty_like(first)
+    xs = dense_inputs(inputs)
+    out = torch.empty_like(xs[0])
     if out.numel() == 0:
         return out
     sample_numel, block, blocks = _launch_geometry(out)
     for g, group in enumerate(groups(len(xs))):
         launch(
             masked_join_fwd_kernel, (out.shape[0] * blocks,),
-            out, *pad([xs[i] for i in group]), *_mask_args(mask, out),
+            out, *pad([xs[i] for i in group]), *mask_args(mask, out),
             group.start, len(xs), sample_numel, blocks,
             K=len(group), HAS_MASK=mask is not None, ACCUMULATE=g > 0, BLOCK=block, num_warps=4,
         )
@@ -127,7 +119,7 @@ def masked_join_backward(grad: torch.Tensor, mask: Optional[torch.Tensor], num_i
     for group in groups(num_inputs):
         launch(
             masked_join_bwd_kernel, (grad.shape[0] * blocks,),
-            grad, *pad([grads[i] for i in group]), *_mask_args(mask, grad),
+            grad, *pad([grads[i] for i in group]), *mask_args(mask, grad),
             group.start, num_inputs, sample_numel, blocks,
             K=len(group), HAS_MASK=mask is not None, BLOCK=block, num_warps=4,
         )
@@ -146,3 +138,19 @@ def _backward(ctx, grad):
 
 
 masked_join_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@audit_cases
+def _audit_cases(quick: bool):
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    for dtype in dtypes:
+        for shape in ((8, 64, 32, 32), (3, 7, 5, 9)):
+            for k in (2, 3, 9):
+                for masked in (False, True):
+                    xs = [torch.empty(shape, dtype=dtype) for _ in range(k)]
+                    mask = torch.ones(k, shape[0], dtype=torch.bool) if masked else None
+                    label = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} k={k}"
+                    yield label, lambda xs=xs, mask=mask: (
+                        masked_join_forward(xs, mask),
+                        masked_join_backward(xs[0], mask, len(xs)),
+                    )

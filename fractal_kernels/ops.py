@@ -18,8 +18,11 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from . import join, reference
-from .common import check_launchable, check_mask, check_tensor_list
+import torch.distributed as dist
+
+from . import batchnorm, join, reference
+from .common import check_bn_input, check_channel_param, check_launchable, check_mask, check_tensor_list
+from .join_bn_relu import sync_batch_norm_join
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -79,3 +82,103 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
     if _use_triton(x):
         return join.masked_join_forward(inputs, mask)
     return reference.masked_join(inputs, mask)
+
+
+def _check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var):
+    """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature."""
+    for name, t in zip(names, (weight, bias, running_mean, running_var)):
+        check_channel_param(name, t, x.shape[1], x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{names[2]} and {names[3]} must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
+def _synchronised(training: bool, process_group) -> bool:
+    if not training or process_group is None or not dist.is_initialized():
+        return False
+    return dist.get_world_size(process_group) > 1
+
+
+def bn_relu(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+    process_group=None,
+) -> torch.Tensor:
+    """Fused ``F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
+
+    The same arguments and results as the unfused calls, including the in-place running-statistic
+    update in training (unbiased variance); ``relu=False`` gives the bare batch norm. x is
+    [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W], contiguous or channels-last, fp32, fp16,
+    bf16 or fp64; statistics are fp32 (fp64 for fp64 input). The backward keeps x and O(C)
+    statistics, not the output. With a ``process_group`` of several ranks, training uses batch
+    statistics over all of them (as nn.SyncBatchNorm).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    check_tensor_list("x", [x])
+    check_bn_input("x", x, training)
+    names = ("weight", "bias", "running_mean", "running_var")
+    _check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var)
+    if not _use_triton(x):
+        if _synchronised(training, process_group):
+            raise ValueError("process_group: synchronised statistics run on the Triton backend only")
+        return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+    if _synchronised(training, process_group):
+        return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu, process_group)
+    return torch.ops.fractal_kernels.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+
+
+def join_bn_relu(
+    inputs: Sequence[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    weights: Sequence[Optional[torch.Tensor]],
+    biases: Sequence[Optional[torch.Tensor]],
+    running_means: Sequence[Optional[torch.Tensor]],
+    running_vars: Sequence[Optional[torch.Tensor]],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> torch.Tensor:
+    """Fused ``masked_join([bn_relu(x_i, w_i, b_i, rm_i, rv_i, training, momentum, eps) ...], mask)``.
+
+    Each input has its own BatchNorm parameters and statistics, computed over all of its samples
+    (dropped ones included), exactly like the unfused composition. The lists hold one entry per
+    input; any entry may be None where bn_relu accepts None. Training reads each input twice
+    (statistics, apply) and writes only the join; backward keeps the raw inputs, the mask and
+    O(k*C) statistics.
+    """
+    inputs = check_tensor_list("inputs", inputs)
+    x = inputs[0]
+    check_bn_input("inputs[0]", x, training)
+    check_mask(mask, len(inputs), x.shape[0], x.device)
+    lists = {"weights": weights, "biases": biases, "running_means": running_means, "running_vars": running_vars}
+    for name, values in lists.items():
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
+        if len(values) != len(inputs):
+            raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
+    for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
+        _check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists], *params)
+    if not _use_triton(x):
+        if _synchronised(training, process_group):
+            raise ValueError("process_group: synchronised statistics run on the Triton backend only")
+        return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps)
+    if _synchronised(training, process_group):
+        return sync_batch_norm_join(
+            inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True, process_group
+        )
+    return torch.ops.fractal_kernels.join_bn_relu(
+        list(inputs), mask, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
+    )

@@ -1,0 +1,76 @@
+"""nn.Module drop-ins built on the fused ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops import bn_relu
+
+
+class FusedBatchNormReLU2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` followed by ``ReLU``, as one fused op.
+
+    A subclass of nn.BatchNorm2d with the same parameters, buffers and state_dict (it loads a
+    plain BatchNorm2d's state_dict and the other way round), ``momentum=None`` (cumulative
+    average), ``num_batches_tracked``, ``track_running_stats`` and ``.eval()`` handled as torch
+    does. With a ``process_group`` of several ranks, training uses batch statistics over all of
+    them, as nn.SyncBatchNorm does.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        process_group=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "FusedBatchNormReLU2d":
+        """The fused module holding ``bn``'s own parameters and buffers (shared, not copied, so an
+        optimizer built on them keeps working)."""
+        fused = cls.__new__(cls)
+        fused.__dict__ = dict(bn.__dict__)
+        fused.process_group = None
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # The running-statistics bookkeeping of nn.BatchNorm2d.forward, unchanged.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return bn_relu(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            batch_stats,
+            factor,
+            self.eps,
+            process_group=self.process_group,
+        )
+
+
+def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
+    """Replaces every nn.BatchNorm2d directly followed by nn.ReLU inside an nn.Sequential of
+    ``model`` with a FusedBatchNormReLU2d (sharing its weights and buffers) and the ReLU with
+    nn.Identity, so module names and the state_dict are unchanged. Returns ``model``."""
+    for sequential in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = list(sequential.named_children())
+        for (name, module), (next_name, following) in zip(children, children[1:]):
+            if type(module) is nn.BatchNorm2d and type(following) is nn.ReLU:
+                setattr(sequential, name, FusedBatchNormReLU2d.from_batchnorm(module))
+                setattr(sequential, next_name, nn.Identity())
+    return model
