@@ -100,7 +100,7 @@ def _config_label(label: str, record: common.LaunchRecord) -> str:
 
 def collect(quick: bool) -> list[tuple[str, common.LaunchRecord]]:
     """Runs every registered case with launches recorded; one (label, record) per distinct launch."""
-    from . import join  # noqa: F401  (registers its cases)
+    from . import batchnorm, join  # noqa: F401  (registers their cases)
 
     distinct: dict[tuple, tuple[str, common.LaunchRecord]] = {}
     backend = make_backend(GPUTarget("cuda", 90, 32))
@@ -121,12 +121,15 @@ def collect(quick: bool) -> list[tuple[str, common.LaunchRecord]]:
     return list(distinct.values())
 
 
-def audit(archs: list[int], quick: bool = False, out=sys.stdout) -> list[AuditRow]:
-    """Compiles every distinct launch for every arch; prints and returns one row per (launch, arch)."""
+def audit(archs: list[int], quick: bool = False, only: str = "", out=sys.stdout) -> list[AuditRow]:
+    """Compiles every distinct launch for every arch; prints and returns one row per (launch, arch).
+    ``only`` keeps the launches whose kernel name or label contains it."""
     ptxas = triton.knobs.nvidia.ptxas.path
     rows = []
     print(HEADER, file=out, flush=True)
     for label, record in collect(quick):
+        if only not in f"{record.kernel.fn.__name__} {label}":
+            continue
         for arch in archs:
             target = GPUTarget("cuda", arch, 32)
             name = record.kernel.fn.__name__
@@ -152,12 +155,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     parser.add_argument("--quick", action="store_true", help="fp32 and bf16 only")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--only", default="", metavar="TEXT", help="only launches whose kernel or label contains TEXT")
     args = parser.parse_args(argv)
     if common.INTERPRETING:
         print("the audit compiles kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = audit(args.arch, args.quick)
+    rows = audit(args.arch, args.quick, args.only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(row) for row in rows], f, indent=1)

@@ -53,19 +53,21 @@ from .common import (
 
 
 @triton.jit
-def _tile(t, cb, N, C, HW, hw_blocks,
-          CHANNELS_LAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Tile t (n-block-major) of channel block cb: sample indices [BLOCK_N, 1, 1], element offsets
-    [BLOCK_N, BLOCK_C, BLOCK_HW] (int64) and the in-bounds mask."""
+    [BLOCK_N, BLOCK_C, BLOCK_HW] (int64 only for tensors of 2**31 elements or more) and the
+    in-bounds mask."""
     nb = t // hw_blocks
     hb = t % hw_blocks
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None]
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, None, :]
+    sample = n.to(tl.int64) if INDEX_64 else n
     if CHANNELS_LAST:
-        offs = n.to(tl.int64) * (HW * C) + hw * C + c
+        offs = sample * (HW * C) + hw * C + c
     else:
-        offs = n.to(tl.int64) * (C * HW) + c * HW + hw
+        offs = sample * (C * HW) + c * HW + hw
     return n, offs, (n < N) & (c < C) & (hw < HW)
 
 
@@ -105,6 +107,28 @@ def _normalize(x, mean, rstd, w, b):
 
 
 @triton.jit
+def _add_at(i: tl.constexpr, value, a0, a1, a2, a3, a4, a5, a6, a7):
+    """(a0, .., a7) with value added to a_i; i is a compile-time constant."""
+    if i == 0:
+        a0 += value
+    elif i == 1:
+        a1 += value
+    elif i == 2:
+        a2 += value
+    elif i == 3:
+        a3 += value
+    elif i == 4:
+        a4 += value
+    elif i == 5:
+        a5 += value
+    elif i == 6:
+        a6 += value
+    else:
+        a7 += value
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
 def _channel_totals(i: tl.constexpr, K: tl.constexpr, sum_g_ptr, sum_gx_ptr, num_partials, c, c_ok, C,
                     ACC: tl.constexpr):
     """Input i's per-channel sums of g and g * x_hat over all partials, shaped [1, BLOCK_C, 1]
@@ -129,7 +153,7 @@ def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     mean_part_ptr, m2_part_ptr, count_part_ptr,
     N, C, HW, hw_blocks, tiles_per_chunk,
-    K: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    K: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Welford partials (mean, sum of squared deviations, count) of each channel of K inputs.
@@ -148,20 +172,19 @@ def bn_stats_kernel(
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for i in tl.static_range(K):
         x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
-        mean = tl.zeros([BLOCK_C], ACC)
-        m2 = tl.zeros([BLOCK_C], ACC)
-        count = tl.zeros([BLOCK_C], ACC)
+        # Each lane runs Welford over the elements it sees; lanes merge once, at the end.
+        mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
         for t in range(first, last):
-            n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, BLOCK_N, BLOCK_C, BLOCK_HW)
+            n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, BLOCK_N, BLOCK_C, BLOCK_HW)
             x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
-            # Elements of this tile in each channel: valid samples x valid positions.
-            nb = t // hw_blocks
-            hb = t % hw_blocks
-            tile_count = (tl.minimum(N - nb * BLOCK_N, BLOCK_N) * tl.minimum(HW - hb * BLOCK_HW, BLOCK_HW)).to(ACC)
-            tile_mean = tl.sum(tl.sum(x, 2), 0) / tile_count
-            deviation = tl.where(valid, x - tile_mean[None, :, None], 0.0)
-            tile_m2 = tl.sum(tl.sum(deviation * deviation, 2), 0)
-            mean, m2, count = welford_merge(mean, m2, count, tile_mean, tile_m2, tile_count + tl.zeros_like(mean))
+            count += valid.to(ACC)
+            delta = tl.where(valid, x - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * (x - mean)
+        mean, m2, count = tl.reduce((mean, m2, count), 2, welford_merge)
+        mean, m2, count = tl.reduce((mean, m2, count), 0, welford_merge)
         tl.store(mean_part_ptr + (i * num_chunks + chunk) * C + c, mean, mask=c_ok)
         tl.store(m2_part_ptr + (i * num_chunks + chunk) * C + c, m2, mask=c_ok)
         if i == 0:
@@ -225,7 +248,7 @@ def bn_apply_kernel(
     mask_ptr, mask_stride_k, mask_stride_n, first_input, num_inputs, eps,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    RELU: tl.constexpr, ACCUMULATE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr, ACCUMULATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """out = masked mean over inputs of act((x_i - mean_i) * rstd_i * w_i + b_i), in one pass.
@@ -245,7 +268,7 @@ def bn_apply_kernel(
     c_ok = c < C
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
-        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, BLOCK_N, BLOCK_C, BLOCK_HW)
         n_ok = n < N
         scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, n_ok, num_inputs, HAS_MASK, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
@@ -279,8 +302,8 @@ def bn_backward_reduce_kernel(
     sum_g_part_ptr, sum_gx_part_ptr,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, K_PAD: tl.constexpr,
+    RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Per-chunk sums over each channel of g_i and g_i * x_hat_i for K inputs, where g_i is the
     output gradient routed to input i (join weight, ReLU mask) and x_hat_i the normalised input.
@@ -288,7 +311,7 @@ def bn_backward_reduce_kernel(
     Pointers as in bn_apply_kernel, with ``grad_ptr`` the output gradient in the inputs' layout;
     ``sum_g_part_ptr`` and ``sum_gx_part_ptr`` are [K, num_chunks, C] outputs (accumulation
     dtype). The output gradient is read once for all K inputs; rows of a dropped input are not
-    read (their g is 0). K_PAD is K rounded up to a power of two.
+    read (their g is 0).
     """
     ACC: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
     eps = tl.cast(eps, tl.float32)
@@ -297,12 +320,13 @@ def bn_backward_reduce_kernel(
     num_chunks = tl.num_programs(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    rows = tl.arange(0, K_PAD)[:, None]
-    sum_g = tl.zeros([K_PAD, BLOCK_C], ACC)
-    sum_gx = tl.zeros([K_PAD, BLOCK_C], ACC)
+    # Per-lane sums for each input, reduced across lanes once at the end.
+    zero = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+    g0, g1, g2, g3, g4, g5, g6, g7 = zero, zero, zero, zero, zero, zero, zero, zero
+    gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7 = zero, zero, zero, zero, zero, zero, zero, zero
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
-        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, BLOCK_N, BLOCK_C, BLOCK_HW)
         n_ok = n < N
         scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, n_ok, num_inputs, HAS_MASK, ACC)
         grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
@@ -317,13 +341,14 @@ def bn_backward_reduce_kernel(
             g = tl.where(keep & valid, grad, 0.0)
             if RELU:
                 g = tl.where(_normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
-            x_hat = (x - mean) * rstd
-            sum_g = tl.where(rows == i, sum_g + tl.sum(tl.sum(g, 2), 0)[None, :], sum_g)
-            sum_gx = tl.where(rows == i, sum_gx + tl.sum(tl.sum(g * x_hat, 2), 0)[None, :], sum_gx)
-    part = (rows * num_chunks + chunk) * C + c[None, :]
-    part_ok = (rows < K) & c_ok[None, :]
-    tl.store(sum_g_part_ptr + part, sum_g, mask=part_ok)
-    tl.store(sum_gx_part_ptr + part, sum_gx, mask=part_ok)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _add_at(i, g, g0, g1, g2, g3, g4, g5, g6, g7)
+            gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7 = _add_at(
+                i, g * ((x - mean) * rstd), gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7
+            )
+    for i in tl.static_range(K):
+        part = (i * num_chunks + chunk) * C + c
+        tl.store(sum_g_part_ptr + part, tl.sum(tl.sum(pick(i, g0, g1, g2, g3, g4, g5, g6, g7), 2), 0), mask=c_ok)
+        tl.store(sum_gx_part_ptr + part, tl.sum(tl.sum(pick(i, gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7), 2), 0), mask=c_ok)
 
 
 @triton.jit
@@ -339,7 +364,7 @@ def bn_backward_dx_kernel(
     sum_g_part_ptr, sum_gx_part_ptr, num_partials, grad_weight_ptr, grad_bias_ptr, count,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    RELU: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Input gradients of K inputs, and the weight and bias gradients.
@@ -373,7 +398,7 @@ def bn_backward_dx_kernel(
             tl.store(grad_bias_ptr + rows, pick(i, g0, g1, g2, g3, g4, g5, g6, g7), mask=c_ok[None, :, None])
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
-        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, BLOCK_N, BLOCK_C, BLOCK_HW)
         n_ok = n < N
         scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, n_ok, num_inputs, HAS_MASK, ACC)
         grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
@@ -441,7 +466,7 @@ def bn_stats(
         launch(
             bn_stats_kernel, tiling.grid,
             *_per_input_args(group, xs), partials[0, start], partials[1, start], counts, *tiling.kernel_args(),
-            K=len(group), **tiling.constexprs(), num_warps=4,
+            K=len(group), **tiling.meta(),
         )
         launch(
             bn_combine_kernel, (triton.cdiv(C, block_c),),
@@ -482,7 +507,7 @@ def bn_apply(
             out, *_per_input_args(group, xs, weights, biases, means, variances),
             *mask_args(mask, out), group.start, len(xs), float(eps), *tiling.kernel_args(),
             K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]), HAS_BIAS=_flags([biases[i] for i in group]),
-            HAS_MASK=mask is not None, RELU=relu, ACCUMULATE=g > 0, **tiling.constexprs(), num_warps=4,
+            HAS_MASK=mask is not None, RELU=relu, ACCUMULATE=g > 0, **tiling.meta(),
         )
     return out
 
@@ -498,8 +523,7 @@ def bn_backward_sums(grad, xs, mask, weights, biases, means, variances, eps, rel
             *mask_args(mask, grad), group.start, k, float(eps), partials[0, group.start], partials[1, group.start],
             *tiling.kernel_args(),
             K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]), HAS_BIAS=_flags([biases[i] for i in group]),
-            HAS_MASK=mask is not None, RELU=relu, **tiling.constexprs(),
-            K_PAD=triton.next_power_of_2(len(group)), num_warps=4,
+            HAS_MASK=mask is not None, RELU=relu, **tiling.meta(),
         )
     return partials
 
@@ -521,7 +545,7 @@ def bn_backward_dx(grad, xs, mask, weights, biases, means, variances, eps, relu,
             sums[0, group.start], sums[1, group.start], sums.shape[2], grad_params[0, group.start],
             grad_params[1, group.start], count, *tiling.kernel_args(),
             K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]), HAS_BIAS=_flags([biases[i] for i in group]),
-            HAS_MASK=mask is not None, RELU=relu, BATCH_STATS=batch_stats, **tiling.constexprs(), num_warps=4,
+            HAS_MASK=mask is not None, RELU=relu, BATCH_STATS=batch_stats, **tiling.meta(),
         )
     return grad_inputs, grad_params
 
@@ -611,3 +635,33 @@ def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1,
 
 
 _library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")
+
+
+def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool) -> None:
+    """Runs the statistics, apply and backward launchers once (the audit's cases)."""
+    C, k = xs[0].shape[1], len(xs)
+    params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else placeholder(xs[0]) for _ in range(k)]
+    running = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) for _ in range(k)]
+    stats = bn_stats(xs, running, running, 0.1) if training else torch.stack([torch.stack(running)] * 2)
+    means, variances = list(stats[0]), list(stats[1])
+    bn_apply(xs, mask, params, params, means, variances, training, 1e-5, relu)
+    bn_backward(xs[0], xs, mask, params, params, means, variances, training, 1e-5, relu)
+
+
+@audit_cases
+def _audit_cases(quick: bool):
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    for dtype in dtypes:
+        for shape in ((8, 64, 32, 32), (8, 512, 2, 2), (3, 7, 5, 9)):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                def inputs(k):
+                    return [torch.empty(shape, dtype=dtype).to(memory_format=layout) for _ in range(k)]
+
+                name = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} {'nhwc' if layout == torch.channels_last else 'nchw'}"
+                mask = torch.ones(3, shape[0], dtype=torch.bool)
+                yield f"{name} bn_relu train", lambda: _forward_backward(inputs(1), None, True, True, True)
+                yield f"{name} bn_relu eval", lambda: _forward_backward(inputs(1), None, True, False, True)
+                yield f"{name} join k=3", lambda: _forward_backward(inputs(3), mask, True, True, True)
+                if dtype == torch.float32:
+                    yield f"{name} batch_norm", lambda: _forward_backward(inputs(1), None, False, True, False)
+                    yield f"{name} join k=9", lambda: _forward_backward(inputs(9), None, True, True, True)

@@ -169,8 +169,9 @@ def pad(items: Sequence, length: int = MAX_INPUTS) -> list:
 # Tiling of per-channel kernels
 # ----------------------------------------------------------------------------------------------
 
-#: Elements per tile of the per-channel kernels (4 warps: 16 values a thread).
+#: Elements per tile of the per-channel kernels, and warps per program (8 values a thread).
 TILE = 2048
+_TILE_WARPS = 8
 #: Programs to aim for; the grid covers a GPU several times over (H100 has 132 SMs).
 _TARGET_PROGRAMS_GPU = 4 * 132
 #: The interpreter runs programs one after another: fewer, larger ones are faster.
@@ -190,6 +191,7 @@ class ChannelTiling:
     C: int
     HW: int
     channels_last: bool
+    index_64: bool
     BLOCK_N: int
     BLOCK_C: int
     BLOCK_HW: int
@@ -209,9 +211,11 @@ class ChannelTiling:
     def kernel_args(self) -> tuple[int, ...]:
         return (self.N, self.C, self.HW, self.hw_blocks, self.tiles_per_chunk)
 
-    def constexprs(self) -> dict:
+    def meta(self) -> dict:
+        """The tiling's constexprs and launch options."""
         return dict(
-            CHANNELS_LAST=self.channels_last, BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW
+            CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64,
+            BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=_TILE_WARPS,
         )
 
 
@@ -240,7 +244,8 @@ def channel_tiling(x: torch.Tensor) -> ChannelTiling:
     chunks = max(1, min(tiles, triton.cdiv(target, c_blocks)))
     tiles_per_chunk = triton.cdiv(tiles, chunks)
     num_chunks = triton.cdiv(tiles, tiles_per_chunk)
-    return ChannelTiling(N, C, HW, channels_last, BLOCK_N, BLOCK_C, BLOCK_HW, hw_blocks, tiles_per_chunk, num_chunks)
+    index_64 = x.numel() >= 2**31
+    return ChannelTiling(N, C, HW, channels_last, index_64, BLOCK_N, BLOCK_C, BLOCK_HW, hw_blocks, tiles_per_chunk, num_chunks)
 
 
 def _target_programs(device: torch.device) -> int:

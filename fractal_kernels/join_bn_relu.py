@@ -76,9 +76,13 @@ class SyncBatchNormJoin(torch.autograd.Function):
         grad = like_layout(grad, xs[0])
         tiling = channel_tiling(xs[0])
         args = (grad, xs, mask, weights, biases, means, variances, eps, relu)
-        sums = bn_backward_sums(*args, tiling).sum(2, keepdim=True)
+        local_sums = bn_backward_sums(*args, tiling).sum(2, keepdim=True)
+        sums = local_sums.clone()
         dist.all_reduce(sums, group=process_group)
-        grad_inputs, grad_params = bn_backward_dx(*args, True, sums, count, tiling)
+        grad_inputs, _ = bn_backward_dx(*args, True, sums, count, tiling)
+        # Parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them across ranks.
+        sum_g, sum_gx = local_sums[:, :, 0]
+        grad_params = torch.stack([sum_gx, sum_g])
         grad_weights = [grad_params[0, i].to(w.dtype) if present(w) else None for i, w in enumerate(weights)]
         grad_biases = [grad_params[1, i].to(b.dtype) if present(b) else None for i, b in enumerate(biases)]
         return (None,) * 7 + (*grad_inputs, *grad_weights, *grad_biases)

@@ -1,0 +1,281 @@
+"""bn_relu: the Triton kernels (interpreted on CPU) against fp64 torch BatchNorm + ReLU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, saved_bytes, to_layout
+from torch import nn
+
+import fractal_kernels as fk
+
+SHAPES = [(4, 3, 5, 6), (3, 7, 5, 9), (6, 16, 2, 2), (5, 24, 1, 1), (6, 5), (2, 4, 3), (2, 3, 2, 3, 2)]
+#: (shape, channels_last): channels-last is a 4-D layout.
+LAYOUTS = [(shape, cl) for shape in SHAPES for cl in (False, True) if not cl or len(shape) == 4]
+
+
+def make_case(shape, dtype, channels_last=False, affine=True, running=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    x = to_layout(x.to(dtype), channels_last).to(DEVICE).requires_grad_()
+    # Parameters and statistics stay fp32 for low-precision activations, as under autocast.
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    params = {}
+    if affine:
+        params["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE, param_dtype).requires_grad_()
+        params["bias"] = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.5).to(DEVICE, param_dtype).requires_grad_()
+    else:
+        params["weight"] = params["bias"] = None
+    if running:
+        params["running_mean"] = torch.randn(C, generator=gen, dtype=torch.float64).to(DEVICE, param_dtype)
+        params["running_var"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE, param_dtype)
+    else:
+        params["running_mean"] = params["running_var"] = None
+    return x, params
+
+
+def fp64_copy(params):
+    return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in params.items()}
+
+
+def run_both(x, params, training, relu=True, momentum=0.1):
+    """The Triton op and the fp64 torch composition on the same data: outputs and gradients."""
+    ref_params = fp64_copy(params)
+    x64 = x.detach().double().requires_grad_()
+    with fk.use_backend("triton"):
+        out = fk.bn_relu(x, **params, training=training, momentum=momentum, relu=relu)
+    expected = F.batch_norm(x64, ref_params["running_mean"], ref_params["running_var"], ref_params["weight"],
+                            ref_params["bias"], training, momentum, 1e-5)
+    expected = F.relu(expected) if relu else expected
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [x] + [params[k] for k in ("weight", "bias") if params[k] is not None]
+    ref_leaves = [x64] + [ref_params[k] for k in ("weight", "bias") if ref_params[k] is not None]
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype).to(DEVICE))
+    expected_grads = torch.autograd.grad(expected, ref_leaves, grad)
+    return out, expected, grads, expected_grads, ref_params
+
+
+def check_running(params, ref_params, dtype):
+    for name in ("running_mean", "running_var"):
+        if params[name] is not None:
+            # Statistics are fp32 for every storage dtype but fp64; the momentum is an fp32 scalar.
+            atol, rtol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else (1e-6, 1e-6)
+            torch.testing.assert_close(params[name].double(), ref_params[name], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,channels_last", LAYOUTS, ids=["x".join(map(str, s)) + ("-nhwc" if cl else "") for s, cl in LAYOUTS]
+)
+def test_matches_torch(shape, channels_last, dtype, training):
+    x, params = make_case(shape, dtype, channels_last)
+    out, expected, grads, expected_grads, ref_params = run_both(x, params, training)
+    assert out.dtype == dtype and out.stride() == x.stride()
+    scale = 4.0 if dtype in (torch.float16, torch.bfloat16) else 10.0
+    assert_close(out, expected, dtype, scale)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, dtype, scale * max(1.0, e.abs().max().item()))
+    check_running(params, ref_params, dtype)
+
+
+@pytest.mark.parametrize("affine,running", [(False, True), (True, False), (False, False)])
+def test_without_affine_or_running_stats(affine, running):
+    x, params = make_case((4, 6, 3, 3), torch.float64, affine=affine, running=running)
+    out, expected, grads, expected_grads, _ = run_both(x, params, training=True)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bare_batch_norm(training):
+    x, params = make_case((4, 6, 3, 3), torch.float64)
+    out, expected, grads, expected_grads, _ = run_both(x, params, training, relu=False)
+    assert (out < 0).any()
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_running_stats_over_several_steps():
+    x, params = make_case((6, 4, 3, 3), torch.float32)
+    ref = fp64_copy(params)
+    for step in range(4):
+        batch = torch.randn(x.shape, generator=torch.Generator().manual_seed(step)) * (step + 1) + step
+        with fk.use_backend("triton"):
+            fk.bn_relu(batch.to(DEVICE), **params, training=True, momentum=0.3)
+        F.batch_norm(batch.double(), ref["running_mean"], ref["running_var"], None, None, True, 0.3, 1e-5)
+    check_running(params, ref, torch.float32)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_fp64(training):
+    x, params = make_case((3, 2, 2, 3), torch.float64)
+
+    def fn(x, w, b):
+        rm, rv = params["running_mean"].clone(), params["running_var"].clone()
+        with fk.use_backend("triton"):
+            return fk.bn_relu(x, w, b, rm, rv, training)
+
+    assert torch.autograd.gradcheck(fn, (x, params["weight"].double(), params["bias"].double()))
+
+
+def test_bitwise_deterministic():
+    x, params = make_case((8, 5, 6, 7), torch.float32)
+    results = []
+    for _ in range(2):
+        p = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+        with fk.use_backend("triton"):
+            out = fk.bn_relu(x, **p, training=True)
+        grads = torch.autograd.grad(out.square().sum(), [x, p["weight"], p["bias"]])
+        results.append([out, *grads, p["running_mean"], p["running_var"]])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_launch_counts():
+    x, params = make_case((4, 6, 3, 3), torch.float32)
+    with fk.use_backend("triton"):
+        with fk.count_launches() as train_forward:
+            out = fk.bn_relu(x, **params, training=True)
+        with fk.count_launches() as train_backward:
+            out.sum().backward()
+        with fk.count_launches() as eval_forward:
+            fk.bn_relu(x, **params, training=False)
+    assert (train_forward[0], train_backward[0], eval_forward[0]) == (3, 2, 1)
+
+
+def test_saves_only_the_input_and_per_channel_statistics():
+    x = torch.randn(8, 16, 8, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    b = torch.zeros(16, device=DEVICE, requires_grad=True)
+    rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+    with fk.use_backend("triton"):
+        fused = saved_bytes(lambda: fk.bn_relu(x, w, b, rm, rv, True))
+    unfused = saved_bytes(lambda: F.relu(F.batch_norm(x, rm, rv, w, b, True)))
+    per_channel = 16 * 4 * 4  # weight, bias, mean, variance
+    assert fused == x.numel() * 4 + per_channel
+    assert unfused >= 2 * x.numel() * 4  # the input and the ReLU output at least
+
+
+BAD_ARGS = [
+    ("rank", lambda x, p: (x[0, 0, 0], p), ValueError, "2 to 5 dimensions"),
+    ("one value per channel", lambda x, p: (x[:1, :, :1, :1], p), ValueError, "more than 1 value per channel"),
+    ("weight shape", lambda x, p: (x, {**p, "weight": torch.ones(5)}), ValueError, r"weight must have shape \[3\]"),
+    ("bias dtype", lambda x, p: (x, {**p, "bias": torch.ones(3, dtype=torch.int32)}), TypeError, "bias must be a floating"),
+    ("weight device", lambda x, p: (x, {**p, "weight": torch.ones(3, device="meta")}), ValueError, "weight is on"),
+    ("weight type", lambda x, p: (x, {**p, "weight": [1.0, 1.0, 1.0]}), TypeError, "weight must be a tensor"),
+    ("running pair", lambda x, p: (x, {**p, "running_var": None}), ValueError, "both be tensors or both be None"),
+    ("running shape", lambda x, p: (x, {**p, "running_mean": torch.zeros(2)}), ValueError, r"running_mean must have shape"),
+    ("x dtype", lambda x, p: (x.long(), p), TypeError, "floating dtype"),
+    ("x type", lambda x, p: (x.numpy(), p), TypeError, "x must be a tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", BAD_ARGS, ids=[c[0] for c in BAD_ARGS])
+def test_bad_arguments_raise_before_any_launch(case, backend):
+    _, make, error, message = case
+    x = torch.randn(4, 3, 5, 5)
+    params = dict(weight=torch.ones(3), bias=torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3))
+    x, params = make(x, params)
+    with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
+        fk.bn_relu(x, **params, training=True)
+    assert launches[0] == 0
+
+
+def test_eval_needs_running_statistics():
+    with pytest.raises(ValueError, match="needed when training=False"):
+        fk.bn_relu(torch.randn(4, 3), None, None, None, None, training=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module and the swap helper
+# ----------------------------------------------------------------------------------------------
+
+
+def test_module_matches_batchnorm_relu_over_steps():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.BatchNorm2d(6, momentum=None), nn.ReLU()).to(DEVICE)
+    nn.init.uniform_(plain[0].weight, 0.5, 1.5)
+    nn.init.uniform_(plain[0].bias, -0.5, 0.5)
+    fused = fk.FusedBatchNormReLU2d(6, momentum=None).to(DEVICE)
+    fused.load_state_dict(plain[0].state_dict())
+    with fk.use_backend("triton"):
+        for step in range(3):
+            x = torch.randn(4, 6, 3, 3, device=DEVICE) + step
+            torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+        fused.eval(), plain.eval()
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
+    for key, value in plain[0].state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+    assert int(fused.num_batches_tracked) == 3
+
+
+def test_module_state_dict_round_trip():
+    fused = fk.FusedBatchNormReLU2d(5)
+    assert isinstance(fused, nn.BatchNorm2d)
+    plain = nn.BatchNorm2d(5)
+    plain.load_state_dict(fused.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    assert set(fused.state_dict()) == set(plain.state_dict())
+
+
+def test_module_without_tracking_uses_batch_statistics_in_eval():
+    fused = fk.FusedBatchNormReLU2d(4, affine=False, track_running_stats=False).eval()
+    x = torch.randn(3, 4, 2, 2) * 3 + 1
+    with fk.use_backend("triton"):
+        torch.testing.assert_close(fused(x), F.relu(F.batch_norm(x, None, None, training=True)), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_batchnorm_relu_swaps_pairs_and_keeps_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
+        nn.BatchNorm2d(4),  # not followed by ReLU: kept
+    )
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    keys = set(model.state_dict())
+    weight = model[1].weight
+    fk.fuse_batchnorm_relu(model)
+    assert isinstance(model[1], fk.FusedBatchNormReLU2d) and isinstance(model[2], nn.Identity)
+    assert isinstance(model[3][1], fk.FusedBatchNormReLU2d) and type(model[4]) is nn.BatchNorm2d
+    assert model[1].weight is weight and set(model.state_dict()) == keys
+    with fk.use_backend("triton"):
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_synchronised_statistics_across_two_processes(tmp_path):
+    """Two gloo ranks, each with half the batch, against one process on the whole batch."""
+    worker = Path(__file__).with_name("sync_bn_worker.py")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
+           "WORLD_SIZE": "2", "FRACTAL_KERNELS_BACKEND": "triton"}
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env={**env, "RANK": str(rank)})
+        for rank in range(2)
+    ]
+    assert all(p.wait(timeout=600) == 0 for p in procs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = ranks[0]["data"]
+    x = torch.cat([data["x0"], data["x1"]]).requires_grad_()
+    w = data["weight"].clone().requires_grad_()
+    b = data["bias"].clone().requires_grad_()
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    out = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
+    grad = torch.cat([data["g0"], data["g1"]])
+    dx, dw, db = torch.autograd.grad(out, [x, w, b], grad)
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), dx)
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], dw)
+    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], db)
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"], rm, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(r["running_var"], rv, atol=1e-7, rtol=1e-6)
