@@ -15,8 +15,11 @@ The Triton interpreter makes kernels uncompilable, so TRITON_INTERPRET must be u
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -121,30 +124,43 @@ def collect(quick: bool) -> list[tuple[str, common.LaunchRecord]]:
     return list(distinct.values())
 
 
-def audit(archs: list[int], quick: bool = False, only: str = "", out=sys.stdout) -> list[AuditRow]:
-    """Compiles every distinct launch for every arch; prints and returns one row per (launch, arch).
-    ``only`` keeps the launches whose kernel name or label contains it."""
-    ptxas = triton.knobs.nvidia.ptxas.path
-    rows = []
+def compile_row(label: str, record: common.LaunchRecord, arch: int) -> AuditRow:
+    """Compiles one recorded launch for one arch and measures it."""
+    target = GPUTarget("cuda", arch, 32)
+    name = record.kernel.fn.__name__
+    try:
+        signature, constexprs, attrs, options = _specialise(record.kernel, make_backend(target), record.args, record.kwargs)
+        compiled = triton.compile(
+            ASTSource(record.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+        )
+        ptx = compiled.asm["ptx"]
+        registers, spills = ptxas_usage(ptx, triton.knobs.nvidia.ptxas.path)
+        return AuditRow(name, label, arch, registers, spills, *access_widths(ptx))
+    except Exception as error:  # reported in the table and in the exit status
+        return AuditRow(name, label, arch, 0, 0, [], [], error=str(error).strip().splitlines()[-1][:200])
+
+
+_JOBS: list[tuple[str, common.LaunchRecord, int]] = []
+
+
+def _compile_job(index: int) -> AuditRow:
+    return compile_row(*_JOBS[index])
+
+
+def audit(archs: list[int], quick: bool = False, only: str = "", jobs: int = 1, out=sys.stdout) -> list[AuditRow]:
+    """Compiles every distinct launch for every arch in ``jobs`` processes; prints and returns one
+    row per (launch, arch). ``only`` keeps the launches whose kernel name or label contains it."""
+    _JOBS[:] = [
+        (label, record, arch)
+        for label, record in collect(quick)
+        if only in f"{record.kernel.fn.__name__} {label}"
+        for arch in archs
+    ]
     print(HEADER, file=out, flush=True)
-    for label, record in collect(quick):
-        if only not in f"{record.kernel.fn.__name__} {label}":
-            continue
-        for arch in archs:
-            target = GPUTarget("cuda", arch, 32)
-            name = record.kernel.fn.__name__
-            try:
-                signature, constexprs, attrs, options = _specialise(
-                    record.kernel, make_backend(target), record.args, record.kwargs
-                )
-                compiled = triton.compile(
-                    ASTSource(record.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
-                )
-                ptx = compiled.asm["ptx"]
-                registers, spills = ptxas_usage(ptx, ptxas)
-                row = AuditRow(name, label, arch, registers, spills, *access_widths(ptx))
-            except Exception as error:  # reported in the table and in the exit status
-                row = AuditRow(name, label, arch, 0, 0, [], [], error=str(error).strip().splitlines()[-1][:200])
+    rows = []
+    # Forked workers inherit the recorded launches; rows come back in order.
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for row in pool.map(_compile_job, range(len(_JOBS))):
             rows.append(row)
             print(row.format(), file=out, flush=True)
     return rows
@@ -156,12 +172,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fp32 and bf16 only")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--only", default="", metavar="TEXT", help="only launches whose kernel or label contains TEXT")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
     args = parser.parse_args(argv)
     if common.INTERPRETING:
         print("the audit compiles kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = audit(args.arch, args.quick, args.only)
+    rows = audit(args.arch, args.quick, args.only, args.jobs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(row) for row in rows], f, indent=1)

@@ -169,9 +169,11 @@ def pad(items: Sequence, length: int = MAX_INPUTS) -> list:
 # Tiling of per-channel kernels
 # ----------------------------------------------------------------------------------------------
 
-#: Elements per tile of the per-channel kernels, and warps per program (8 values a thread).
+#: Elements per tile of the per-channel kernels (8 warps: 8 values a thread).
 TILE = 2048
-_TILE_WARPS = 8
+#: The register limit given to ptxas, which otherwise may cap a 256-thread program so low
+#: (40 registers) that it spills.
+MAX_REGISTERS = 255
 #: Programs to aim for; the grid covers a GPU several times over (H100 has 132 SMs).
 _TARGET_PROGRAMS_GPU = 4 * 132
 #: The interpreter runs programs one after another: fewer, larger ones are faster.
@@ -192,9 +194,11 @@ class ChannelTiling:
     HW: int
     channels_last: bool
     index_64: bool
+    plane: int
     BLOCK_N: int
     BLOCK_C: int
     BLOCK_HW: int
+    num_warps: int
     hw_blocks: int
     tiles_per_chunk: int
     num_chunks: int
@@ -214,8 +218,9 @@ class ChannelTiling:
     def meta(self) -> dict:
         """The tiling's constexprs and launch options."""
         return dict(
-            CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64,
-            BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=_TILE_WARPS,
+            CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, PLANE=self.plane,
+            BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps,
+            maxnreg=MAX_REGISTERS,
         )
 
 
@@ -223,20 +228,29 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return max(1, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
-def channel_tiling(x: torch.Tensor) -> ChannelTiling:
-    """The tiling of a [N, C, *spatial] tensor that is contiguous or channels-last."""
+def channel_tiling(x: torch.Tensor, num_inputs: int = 1) -> ChannelTiling:
+    """The tiling of [N, C, *spatial] tensors, contiguous or channels-last, for a kernel that
+    handles ``num_inputs`` of them at once (more than four get half-size tiles: registers)."""
     N, C = x.shape[0], x.shape[1]
     HW = math.prod(x.shape[2:])
     channels_last = is_channels_last(x)
+    # Kernels over more than four inputs keep more per-input state: half the elements a thread.
+    per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 else 4
+    tile = TILE * per_thread // 8
     if channels_last:
-        # Channels are the contiguous axis: a tile spans up to 64 of them, then positions.
-        BLOCK_C = _pow2_at_most(C, 64)
-        BLOCK_HW = _pow2_at_most(HW, TILE // BLOCK_C)
+        # Channels are the contiguous axis: a tile spans 128 bytes of them (wider costs
+        # registers for the per-channel parameters), then positions, then samples.
+        BLOCK_C = _pow2_at_most(C, 128 // x.element_size())
+        BLOCK_HW = _pow2_at_most(HW, tile // BLOCK_C)
+        BLOCK_N = _pow2_at_most(N, tile // (BLOCK_C * BLOCK_HW))
     else:
-        # Positions are the contiguous axis; small planes (late blocks: 2x2, 1x1) stack channels.
-        BLOCK_HW = _pow2_at_most(HW, TILE)
-        BLOCK_C = _pow2_at_most(C, max(1, 256 // BLOCK_HW))
-    BLOCK_N = _pow2_at_most(N, max(1, TILE // (BLOCK_C * BLOCK_HW)))
+        # Positions are the contiguous axis. Small planes (late blocks: 2x2, 1x1) keep runs of
+        # 32 elements per sample by stacking channels; a small batch leaves room for more.
+        BLOCK_HW = _pow2_at_most(HW, tile)
+        BLOCK_N = _pow2_at_most(N, tile // (BLOCK_HW * max(1, 32 // BLOCK_HW)))
+        BLOCK_C = _pow2_at_most(C, tile // (BLOCK_HW * BLOCK_N))
+    # A small tile gets fewer warps rather than idle lanes.
+    num_warps = max(1, min(8, BLOCK_N * BLOCK_C * BLOCK_HW // (32 * per_thread)))
     hw_blocks = triton.cdiv(HW, BLOCK_HW)
     tiles = max(1, triton.cdiv(N, BLOCK_N) * hw_blocks)
     c_blocks = triton.cdiv(C, BLOCK_C)
@@ -245,7 +259,12 @@ def channel_tiling(x: torch.Tensor) -> ChannelTiling:
     tiles_per_chunk = triton.cdiv(tiles, chunks)
     num_chunks = triton.cdiv(tiles, tiles_per_chunk)
     index_64 = x.numel() >= 2**31
-    return ChannelTiling(N, C, HW, channels_last, index_64, BLOCK_N, BLOCK_C, BLOCK_HW, hw_blocks, tiles_per_chunk, num_chunks)
+    # Small NCHW planes (1x1, 2x2 in late blocks) are compile-time constants: aligned wide loads.
+    plane = HW if not channels_last and HW in (1, 2, 4, 8) else 0
+    return ChannelTiling(
+        N, C, HW, channels_last, index_64, plane, BLOCK_N, BLOCK_C, BLOCK_HW, num_warps, hw_blocks, tiles_per_chunk,
+        num_chunks,
+    )
 
 
 def _target_programs(device: torch.device) -> int:
@@ -382,7 +401,7 @@ def _is_traced(t: torch.Tensor) -> bool:
 
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
-    if x.device.type == "cuda" or _is_traced(x) or _recorders:
+    if x.device.type in ("cuda", "meta") or _recorders:
         return
     if x.device.type == "cpu" and INTERPRETING:
         return
@@ -403,6 +422,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if _is_traced(first):
         if USE_TRITON_OP:
             # triton_op's tracing records the launch as a graph node; it needs the real call.
+            # Inductor launches user kernels with num_warps but no register limit.
+            kwargs.pop("maxnreg", None)
             torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         return
     for counter in _counters:

@@ -74,7 +74,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
         mask, *saved = ctx.saved_tensors
         xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
         grad = like_layout(grad, xs[0])
-        tiling = channel_tiling(xs[0])
+        tiling = channel_tiling(xs[0], k)
         args = (grad, xs, mask, weights, biases, means, variances, eps, relu)
         local_sums = bn_backward_sums(*args, tiling).sum(2, keepdim=True)
         sums = local_sums.clone()
