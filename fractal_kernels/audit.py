@@ -96,7 +96,7 @@ def _config_label(label: str, record: common.LaunchRecord) -> str:
     flags = ",".join(
         f"{k}={int(v) if isinstance(v, bool) else v}"
         for k, v in record.kwargs.items()
-        if k not in ("num_warps", "num_stages") and not k.startswith("BLOCK")
+        if k not in ("num_warps", "num_stages", "maxnreg") and not k.startswith("BLOCK")
     )
     return f"{label} {flags}".strip()
 

@@ -234,8 +234,9 @@ def channel_tiling(x: torch.Tensor, num_inputs: int = 1) -> ChannelTiling:
     N, C = x.shape[0], x.shape[1]
     HW = math.prod(x.shape[2:])
     channels_last = is_channels_last(x)
-    # Kernels over more than four inputs keep more per-input state: half the elements a thread.
-    per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 else 4
+    # Kernels over more than four inputs keep more per-input state, and fp64 values take two
+    # registers: half the elements a thread.
+    per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 and x.element_size() <= 4 else 4
     tile = TILE * per_thread // 8
     if channels_last:
         # Channels are the contiguous axis: a tile spans 128 bytes of them (wider costs
