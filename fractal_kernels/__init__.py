@@ -2,18 +2,21 @@
 join+BatchNorm+ReLU that ends every fractal column."""
 
 from .common import count_launches
-from .modules import FusedBatchNormReLU2d, fuse_batchnorm_relu
+from .modules import FusedBatchNormReLU2d, batchnorm_arguments, fuse_batchnorm_relu
 from .ops import BACKENDS, bn_relu, get_backend, join_bn_relu, masked_join, use_backend
+from .recompute import recompute_activations
 
 __all__ = [
     "BACKENDS",
     "FusedBatchNormReLU2d",
+    "batchnorm_arguments",
     "bn_relu",
     "count_launches",
     "fuse_batchnorm_relu",
     "get_backend",
     "join_bn_relu",
     "masked_join",
+    "recompute_activations",
     "use_backend",
 ]
 __version__ = "0.1.0"

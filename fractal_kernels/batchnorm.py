@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import recompute
 from .common import (
     ChannelTiling,
     acc_dtype,
@@ -110,6 +111,16 @@ def _normalize(x, mean, rstd, w, b):
 
 
 @triton.jit
+def _merge_lanes(mean, m2, count):
+    """Merges per-lane Welford partials over axes 0 and 2 of a tile into one per channel, with
+    plain sums: count-weighted mean, then m2 plus each lane's spread around that mean."""
+    total = tl.sum(tl.sum(count, 2), 0)
+    merged_mean = tl.sum(tl.sum(count * mean, 2), 0) / tl.maximum(total, 1.0)
+    spread = mean - merged_mean[None, :, None]
+    return merged_mean, tl.sum(tl.sum(m2 + count * spread * spread, 2), 0), total
+
+
+@triton.jit
 def _add_at(i: tl.constexpr, value, a0, a1, a2, a3, a4, a5, a6, a7):
     """(a0, .., a7) with value added to a_i; i is a compile-time constant."""
     if i == 0:
@@ -186,8 +197,7 @@ def bn_stats_kernel(
             delta = tl.where(valid, x - mean, 0.0)
             mean += delta / tl.maximum(count, 1.0)
             m2 += delta * (x - mean)
-        mean, m2, count = tl.reduce((mean, m2, count), 2, welford_merge)
-        mean, m2, count = tl.reduce((mean, m2, count), 0, welford_merge)
+        mean, m2, count = _merge_lanes(mean, m2, count)
         tl.store(mean_part_ptr + (i * num_chunks + chunk) * C + c, mean, mask=c_ok)
         tl.store(m2_part_ptr + (i * num_chunks + chunk) * C + c, m2, mask=c_ok)
         if i == 0:
@@ -623,7 +633,11 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
-    return bn_apply(xs, mask, filled(weights), filled(biases), means, variances, training, eps, relu)
+    args = (xs, mask, filled(weights), filled(biases), means, variances, training, eps, relu)
+    out = bn_apply(*args)
+    if recompute.recording():
+        recompute.register(out, lambda: bn_apply(*args))
+    return out
 
 
 _library = torch.library.Library("fractal_kernels", "FRAGMENT")

@@ -387,7 +387,8 @@ def record_launches() -> Iterator[list[LaunchRecord]]:
 
 @contextlib.contextmanager
 def count_launches() -> Iterator[list[int]]:
-    """Counts the Triton kernel launches made within the block: ``with count_launches() as n: ...; n[0]``."""
+    """Counts the Triton kernel launches made within the block: ``with count_launches() as n: ...; n[0]``.
+    Launches on fake tensors count too (they would run on real ones)."""
     counter = [0]
     _counters.append(counter)
     try:
@@ -402,9 +403,9 @@ def _is_traced(t: torch.Tensor) -> bool:
 
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
-    if x.device.type in ("cuda", "meta") or _recorders:
+    if torch.compiler.is_compiling() or x.device.type in ("cuda", "meta") or _recorders:
         return
-    if x.device.type == "cpu" and INTERPRETING:
+    if _is_traced(x) or (x.device.type == "cpu" and INTERPRETING):
         return
     if x.device.type == "cpu":
         raise RuntimeError(
@@ -419,6 +420,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if _recorders:
         _recorders[-1].append(LaunchRecord(kernel, grid, args, kwargs))
         return
+    for counter in _counters:
+        counter[0] += 1
     first = next(a for a in args if isinstance(a, torch.Tensor))
     if _is_traced(first):
         if USE_TRITON_OP:
@@ -427,8 +430,6 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             kwargs.pop("maxnreg", None)
             torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
         return
-    for counter in _counters:
-        counter[0] += 1
     if USE_TRITON_OP:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
     else:

@@ -43,24 +43,28 @@ class FusedBatchNormReLU2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        # The running-statistics bookkeeping of nn.BatchNorm2d.forward, unchanged.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return bn_relu(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            batch_stats,
-            factor,
-            self.eps,
-            process_group=self.process_group,
-        )
+        return bn_relu(x, **batchnorm_arguments(self), process_group=self.process_group)
+
+
+def batchnorm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
+    """The bn_relu / join_bn_relu arguments that reproduce ``bn``'s own forward: its parameters,
+    its running statistics where it tracks them, batch statistics in training (or without running
+    statistics), and the momentum, cumulative for ``momentum=None``. In training it counts the
+    batch in ``num_batches_tracked``, exactly as nn.BatchNorm2d.forward does."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    track = not bn.training or bn.track_running_stats
+    return dict(
+        weight=bn.weight,
+        bias=bn.bias,
+        running_mean=bn.running_mean if track else None,
+        running_var=bn.running_var if track else None,
+        training=bn.training or (bn.running_mean is None and bn.running_var is None),
+        momentum=factor,
+        eps=bn.eps,
+    )
 
 
 def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:

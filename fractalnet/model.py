@@ -1,0 +1,262 @@
+"""FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017) on the fused ops of fractal_kernels.
+
+A fractal block with C columns follows the expansion rule f_1(z) = conv(z),
+f_{C+1}(z) = join(f_C(f_C(z)), conv(z)). Laid out as columns, column k (1 = shallowest) is a chain
+of 2^(k-1) conv units, each spanning 2^(C-k) of the block's 2^(C-1) rows. After every row the
+columns whose unit ends there are averaged by one multi-input join (as the official
+implementation does) and the join feeds each of them; a row where only the deepest column ends
+has no join.
+
+With ``fused=True`` each join is one ``join_bn_relu`` over the raw (post-dropout) conv outputs of
+the columns ending there, with those units' own BatchNorm parameters and buffers, and a unit that
+ends alone uses ``bn_relu``; with ``fused=False`` the units run nn.BatchNorm2d and ReLU and the
+join is the plain-PyTorch reference, the eager baseline. Both build the same modules, so their
+state_dicts are interchangeable. The package launches nothing itself: it calls fractal_kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fractal_kernels as fk
+from fractal_kernels import reference
+
+from .drop_path import DropPath
+
+
+class ConvUnit(nn.Module):
+    """The paper's unit: 3x3 conv (no bias) -> dropout -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv output after dropout: what the BatchNorm normalises."""
+        return self.dropout(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.raw(x)))
+
+    def layers(self) -> list[nn.Module]:
+        """Copies of the unit's layers, as a plain network would hold them."""
+        return [copy.deepcopy(self.conv), copy.deepcopy(self.dropout), copy.deepcopy(self.bn), nn.ReLU()]
+
+
+def join_units(units: Sequence[ConvUnit], inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor], fused: bool):
+    """The join of the units ending at one row, each applied to its input (a lone unit: no join)."""
+    if not fused:
+        activations = [unit(x) for unit, x in zip(units, inputs)]
+        return activations[0] if len(activations) == 1 else reference.masked_join(activations, mask)
+    raws = [unit.raw(x) for unit, x in zip(units, inputs)]
+    args = [fk.batchnorm_arguments(unit.bn) for unit in units]
+    if len(units) == 1:
+        return fk.bn_relu(raws[0], **args[0])
+    shared = {key: args[0][key] for key in ("training", "momentum", "eps")}
+    if all({key: a[key] for key in shared} == shared for a in args):
+        return fk.join_bn_relu(
+            raws, mask, [a["weight"] for a in args], [a["bias"] for a in args],
+            [a["running_mean"] for a in args], [a["running_var"] for a in args], **shared,
+        )
+    # BatchNorms that disagree (say, one frozen with .eval()): normalise each, then join.
+    return fk.masked_join([fk.bn_relu(raw, **a) for raw, a in zip(raws, args)], mask)
+
+
+class FractalBlock(nn.Module):
+    """One fractal block of ``columns`` columns; ``self.columns[k - 1][u]`` is unit u of column k."""
+
+    def __init__(self, in_channels: int, out_channels: int, columns: int, dropout: float):
+        super().__init__()
+        self.num_columns = columns
+        self.columns = nn.ModuleList(
+            nn.ModuleList(
+                ConvUnit(in_channels if unit == 0 else out_channels, out_channels, dropout) for unit in range(2**k)
+            )
+            for k in range(columns)
+        )
+
+    def span(self, column: int) -> int:
+        """Rows spanned by one unit of ``column`` (1-based)."""
+        return 2 ** (self.num_columns - column)
+
+    def forward(self, x: torch.Tensor, active: Sequence[int], drop_path: Optional[DropPath], fused: bool):
+        """The block restricted to the ``active`` columns (ascending), with their drop-path."""
+        inputs = {column: x for column in active}
+        for row in range(1, 2 ** (self.num_columns - 1) + 1):
+            ending = [column for column in active if row % self.span(column) == 0]
+            if not ending:
+                continue
+            units = [self.columns[column - 1][row // self.span(column) - 1] for column in ending]
+            mask = drop_path.mask(ending) if drop_path is not None and len(ending) > 1 else None
+            out = join_units(units, [inputs[column] for column in ending], mask, fused)
+            inputs.update((column, out) for column in ending)
+        return out
+
+
+class ImageNetStem(nn.Module):
+    """7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        h = self.conv(x)
+        h = fk.bn_relu(h, **fk.batchnorm_arguments(self.bn)) if fused else F.relu(self.bn(h))
+        return self.pool(h)
+
+    def layers(self) -> list[nn.Module]:
+        return [copy.deepcopy(self.conv), copy.deepcopy(self.bn), nn.ReLU(), copy.deepcopy(self.pool)]
+
+
+class FractalNet(nn.Module):
+    """FractalNet: one fractal block per width, each followed by a 2x2 max-pool (join, then pool),
+    then global average pooling and a linear head.
+
+    Args:
+        num_classes: outputs of the linear head.
+        in_channels: input channels.
+        widths: channels of each block.
+        columns: C, the columns of every block (the deepest has 2^(C-1) units).
+        dropout: dropout rate of each block's units (after the conv, as the paper's code).
+        local_drop: local drop-path rate of a join input.
+        global_ratio: fraction of the samples that are global (follow one column everywhere).
+        fused: the fused Triton ops (True) or nn.BatchNorm2d, ReLU and the reference join (False).
+        recompute: with ``fused``, save each BN+ReLU output only as a recipe and rebuild it in
+            backward by one apply pass from the raw conv outputs and batch statistics that the
+            fused ops keep anyway. Costs one extra read of the raw outputs and one write per
+            activation in backward (memory-bound, no convolution rerun, no statistics recomputed);
+            saves the activations the next convolutions and pools would keep. Eager mode, Triton
+            backend.
+        imagenet_stem: a 7x7/2 conv + BN + ReLU + 3x3/2 max-pool stem, and no pool after the
+            last block (FractalNet-34); otherwise no stem and a pool after every block (CIFAR).
+
+    ``model(x, columns=k)`` runs the network truncated to its k shallowest columns (the fractal
+    f_k; in training with drop-path among them); ``model(x, column=k)`` runs column k alone.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        widths: Sequence[int] = (64, 128, 256, 512, 512),
+        columns: int = 3,
+        dropout: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4),
+        local_drop: float = 0.15,
+        global_ratio: float = 0.5,
+        fused: bool = True,
+        recompute: bool = False,
+        imagenet_stem: bool = False,
+    ):
+        super().__init__()
+        widths, dropout = list(widths), list(dropout)
+        if not widths or len(widths) != len(dropout):
+            raise ValueError(f"widths and dropout need one entry per block; got {len(widths)} and {len(dropout)}")
+        if not isinstance(columns, int) or columns < 1:
+            raise ValueError(f"columns must be a positive integer, got {columns!r}")
+        for name, value in [("local_drop", local_drop), ("global_ratio", global_ratio)] + [
+            (f"dropout[{i}]", p) for i, p in enumerate(dropout)
+        ]:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if num_classes < 1 or in_channels < 1 or min(widths) < 1:
+            raise ValueError("num_classes, in_channels and widths must be positive")
+        self.num_columns = columns
+        self.local_drop = local_drop
+        self.global_ratio = global_ratio
+        self.fused = fused
+        self.recompute = recompute
+        self.stem = ImageNetStem(in_channels, widths[0]) if imagenet_stem else None
+        self.pool_last = not imagenet_stem
+        block_inputs = [widths[0] if imagenet_stem else in_channels] + widths[:-1]
+        self.blocks = nn.ModuleList(
+            FractalBlock(cin, cout, columns, p) for cin, cout, p in zip(block_inputs, widths, dropout)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(widths[-1], num_classes)
+        self.last_drop_path: Optional[DropPath] = None
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+
+    def active_columns(self, columns: Optional[int] = None, column: Optional[int] = None) -> list[int]:
+        """The columns a forward pass runs (1-based, ascending)."""
+        if columns is not None and column is not None:
+            raise ValueError("give columns= (a truncation) or column= (one column), not both")
+        for name, k in (("columns", columns), ("column", column)):
+            if k is not None and (not isinstance(k, int) or not 1 <= k <= self.num_columns):
+                raise ValueError(f"{name} must be an integer from 1 to {self.num_columns}, got {k!r}")
+        if column is not None:
+            return [column]
+        return list(range(1, (columns or self.num_columns) + 1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        columns: Optional[int] = None,
+        column: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        active = self.active_columns(columns, column)
+        drop_path = None
+        if self.training and len(active) > 1:
+            drop_path = DropPath(x.shape[0], active, self.local_drop, self.global_ratio, x.device, generator)
+        self.last_drop_path = drop_path
+        recompute = self.recompute and self.fused and self.training
+        with fk.recompute_activations() if recompute else contextlib.nullcontext():
+            h = self.stem(x, self.fused) if self.stem is not None else x
+            for i, block in enumerate(self.blocks):
+                h = block(h, active, drop_path, self.fused)
+                if self.pool_last or i < len(self.blocks) - 1:
+                    h = self.pool(h)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    def extract_column(self, column: int) -> nn.Sequential:
+        """Column ``column`` as a plain nn.Sequential with no joins: the paper's extraction of a
+        fixed-depth subnetwork. Its layers are copies (it trains on its own), and its eval output
+        equals ``model(x, column=column)``. A fused model's copy uses FusedBatchNormReLU2d."""
+        (column,) = self.active_columns(column=column)
+        layers = self.stem.layers() if self.stem is not None else []
+        for i, block in enumerate(self.blocks):
+            for unit in block.columns[column - 1]:
+                layers += unit.layers()
+            if self.pool_last or i < len(self.blocks) - 1:
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), copy.deepcopy(self.head)]
+        plain = nn.Sequential(*layers)
+        return fk.fuse_batchnorm_relu(plain) if self.fused else plain
+
+
+_CONFIGS = {
+    "fractalnet20_cifar": dict(widths=(64, 128, 256, 512, 512), columns=3, dropout=(0.0, 0.1, 0.2, 0.3, 0.4)),
+    "fractalnet40_cifar": dict(widths=(64, 128, 256, 512, 512), columns=4, dropout=(0.0, 0.1, 0.2, 0.3, 0.4)),
+    "fractalnet34_imagenet": dict(
+        widths=(64, 128, 256, 512), columns=4, dropout=(0.0, 0.0, 0.0, 0.0), imagenet_stem=True
+    ),
+}
+
+
+def list_models() -> list[str]:
+    """The names create_model knows."""
+    return sorted(_CONFIGS)
+
+
+def create_model(name: str, num_classes: int, **overrides) -> FractalNet:
+    """A FractalNet of a named configuration (see list_models); keyword arguments override it.
+
+    fractalnet20_cifar: C=3, 5 blocks of widths 64..512 (33,724,618 parameters for 10 classes);
+    fractalnet40_cifar: C=4; fractalnet34_imagenet: a 7x7 stem and four C=4 blocks (34 layers).
+    """
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return FractalNet(num_classes, **{**_CONFIGS[name], **overrides})

@@ -1,0 +1,194 @@
+"""The FractalNet model: structure, fused vs eager equivalence, drop-path, anytime prediction,
+extraction, layouts, autocast, activation memory."""
+
+import pytest
+import torch
+from conftest import DEVICE, saved_bytes
+from torch import nn
+
+import fractal_kernels as fk
+from fractalnet import FractalNet, create_model, list_models
+
+SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.1, 0.2))
+
+
+def small_pair(seed=0, **overrides):
+    """A fused model and an eager (fused=False) model with the same weights."""
+    torch.manual_seed(seed)
+    fused = FractalNet(10, **{**SMALL, **overrides}, fused=True).to(DEVICE)
+    eager = FractalNet(10, **{**SMALL, **overrides}, fused=False).to(DEVICE)
+    eager.load_state_dict(fused.state_dict())
+    return fused, eager
+
+
+def batch(n=8, size=16, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def train_step(model, x, seed=5, **kwargs):
+    """Output and parameter gradients of one training forward/backward with a seeded RNG."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(x, **kwargs)
+    out.square().mean().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_configurations():
+    assert list_models() == ["fractalnet20_cifar", "fractalnet34_imagenet", "fractalnet40_cifar"]
+    counts = {}
+    for name in list_models():
+        model = create_model(name, 10 if "cifar" in name else 1000)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        counts[name] = (sum(p.numel() for p in model.parameters()), len(convs))
+    assert counts["fractalnet20_cifar"] == (33_724_618, 5 * 7)
+    assert counts["fractalnet40_cifar"][1] == 5 * 15
+    assert counts["fractalnet34_imagenet"][1] == 1 + 4 * 15
+    imagenet = create_model("fractalnet34_imagenet", 1000)
+    deepest = sum(len(block.columns[-1]) for block in imagenet.blocks)
+    assert deepest + 2 == 34  # stem conv + deepest column + linear head
+    assert create_model("fractalnet20_cifar", 100, columns=2).num_columns == 2
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*fractalnet20_cifar"):
+        create_model("resnet", 10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_and_eager_models_agree_in_training(backend):
+    fused, eager = small_pair()
+    x = batch()
+    with fk.use_backend(backend):
+        out_f, grads_f = train_step(fused, x)
+    out_e, grads_e = train_step(eager, x)
+    torch.testing.assert_close(out_f, out_e, atol=1e-4, rtol=1e-4)
+    assert grads_f.keys() == grads_e.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], atol=1e-4, rtol=1e-3, msg=name)
+    for (name, a), b in zip(fused.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_global_drop_path_with_frozen_bn_runs_one_column_per_sample():
+    model, _ = small_pair(dropout=(0.0, 0.0, 0.0), global_ratio=1.0)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    x = batch()
+    with fk.use_backend("triton"):
+        out = model(x)
+        columns = model.last_drop_path.global_column
+        assert set(columns.tolist()) == {1, 2, 3}
+        for b in range(x.shape[0]):
+            alone = model(x[b:b + 1], column=int(columns[b]))
+            torch.testing.assert_close(out[b], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_anytime_truncation_and_single_columns():
+    model, eager = small_pair()
+    model.eval(), eager.eval()
+    x = batch(4)
+    with fk.use_backend("triton"):
+        full = model(x)
+        torch.testing.assert_close(model(x, columns=3), full)
+        for k in (1, 2):
+            torch.testing.assert_close(model(x, columns=k), eager(x, columns=k), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(x, column=k), eager(x, column=k), atol=1e-5, rtol=1e-5)
+        # f_1 is the shallowest column alone.
+        torch.testing.assert_close(model(x, columns=1), model(x, column=1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_extracted_column_matches_column_mode(fused):
+    model, eager = small_pair()
+    net = model if fused else eager
+    net.eval()
+    x = batch(4)
+    for k in (1, 2, 3):
+        plain = net.extract_column(k).eval()
+        assert isinstance(plain, nn.Sequential)
+        assert not any(isinstance(m, FractalNet) for m in plain.modules())
+        with fk.use_backend("triton"):
+            torch.testing.assert_close(plain(x), net(x, column=k), atol=1e-5, rtol=1e-5)
+    first = next(m for m in net.extract_column(1).modules() if isinstance(m, nn.Conv2d))
+    assert first.weight is not net.blocks[0].columns[0][0].conv.weight, "the extraction holds copies"
+
+
+def test_eval_is_deterministic():
+    model, _ = small_pair()
+    model.eval()
+    x = batch(4)
+    with fk.use_backend("triton"):
+        assert torch.equal(model(x), model(x))
+
+
+def test_channels_last_end_to_end():
+    # No dropout: its random mask follows the memory layout, so it would differ between layouts.
+    model, eager = small_pair(dropout=(0.0, 0.0, 0.0))
+    model = model.to(memory_format=torch.channels_last)
+    x = batch().to(memory_format=torch.channels_last)
+    with fk.use_backend("triton"):
+        out, grads = train_step(model, x)
+    out_e, grads_e = train_step(eager, batch())
+    torch.testing.assert_close(out, out_e, atol=1e-4, rtol=1e-4)
+    for name in grads_e:
+        torch.testing.assert_close(grads[name], grads_e[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_bf16(backend):
+    model, _ = small_pair()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16), fk.use_backend(backend):
+        out = model(batch())
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_recompute_gives_the_same_gradients_and_saves_memory():
+    plain, _ = small_pair()
+    recomputing, _ = small_pair(recompute=True)
+    x = batch()
+    with fk.use_backend("triton"):
+        out_p, grads_p = train_step(plain, x)
+        out_r, grads_r = train_step(recomputing, x)
+        torch.manual_seed(5)
+        saved_plain = saved_bytes(lambda: plain(x))
+        torch.manual_seed(5)
+        saved_recompute = saved_bytes(lambda: recomputing(x))
+    assert torch.equal(out_p, out_r)
+    for name in grads_p:
+        torch.testing.assert_close(grads_r[name], grads_p[name], atol=0, rtol=0, msg=name)
+    assert saved_recompute < 0.8 * saved_plain
+
+
+def test_state_dicts_are_interchangeable():
+    fused, eager = small_pair()
+    assert fused.state_dict().keys() == eager.state_dict().keys()
+    eager.load_state_dict(fused.state_dict())
+
+
+BAD = [
+    (dict(widths=(8, 16), dropout=(0.0,)), "one entry per block"),
+    (dict(columns=0), "columns must be a positive integer"),
+    (dict(local_drop=1.5), "local_drop must be a probability"),
+    (dict(dropout=(0.0, -0.1, 0.2)), r"dropout\[1\] must be a probability"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_configuration(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        FractalNet(10, **{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(columns=4), "columns must be an integer from 1 to 3"),
+    (dict(column=0), "column must be an integer from 1 to 3"),
+    (dict(columns=2, column=1), "not both"),
+])
+def test_bad_column_arguments(kwargs, message):
+    model, _ = small_pair()
+    with pytest.raises(ValueError, match=message):
+        model(batch(2), **kwargs)
+    with pytest.raises(ValueError, match="column must be an integer"):
+        model.extract_column(5)
