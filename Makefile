@@ -22,6 +22,9 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
 audit: $(STAMP)
 	$(PY) -m fractal_kernels.audit
 

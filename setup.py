@@ -12,6 +12,9 @@ setup(
         "torch>=2.6",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
     ],
     extras_require={
         # numpy<2.4: the Triton 3.6 interpreter, which the CPU test suite runs, converts size-1

@@ -42,18 +42,20 @@ class _Recipe:
         self.recompute = recompute
 
 
-def _pack(tensor: torch.Tensor):
-    entry = _recipes.get(id(tensor))
-    if entry is not None and entry[0]() is tensor:
-        return _Recipe(entry[1])
-    return tensor
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that were active around recompute_activations."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed):
+        self.packed = packed
 
 
-def _unpack(saved):
-    if isinstance(saved, _Recipe):
-        with torch.no_grad():
-            return saved.recompute()
-    return saved
+def _outer_hooks():
+    # The enclosing saved_tensors_hooks (say, CPU offloading or a measurement), so that tensors
+    # this block keeps still go through them. A private torch API: without it they are bypassed.
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
 
 
 @contextlib.contextmanager
@@ -61,9 +63,25 @@ def recompute_activations() -> Iterator[None]:
     """Within the block, outputs of the fused ops (Triton backend) are recomputed in backward
     instead of being saved by the ops that consume them."""
     global _depth
+    outer = _outer_hooks()
+
+    def pack(tensor: torch.Tensor):
+        entry = _recipes.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return _Recipe(entry[1])
+        return tensor if outer is None else _Outer(outer[0](tensor))
+
+    def unpack(saved):
+        if isinstance(saved, _Recipe):
+            with torch.no_grad():
+                return saved.recompute()
+        if isinstance(saved, _Outer):
+            return outer[1](saved.packed)
+        return saved
+
     _depth += 1
     try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
     finally:
         _depth -= 1

@@ -1,0 +1,112 @@
+"""python -m benchmarks [--quick] [--out DIR]
+
+With a GPU: kernel benchmarks (eager reference, torch.compile of it and the fused Triton op, side
+by side, on the copy-bandwidth roofline), whole-model training steps and anytime inference, plus
+the exact memory and launch measurements. Without one it says so and measures only what a CPU can
+measure honestly: bytes saved for backward and kernel launches (exact, on fake tensors), minimal
+bytes per op, and CPU wall times of the eager reference labelled as such. Writes
+<out>/<device>-<date>.json and .md (and .png plots on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from tqdm import tqdm
+
+from . import cases, kernels, models, report
+from .measure import device_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+NO_GPU_NOTE = (
+    "No GPU in this run: the tables hold what a CPU measures exactly (bytes saved for backward, "
+    "kernel launches, minimal bytes) and CPU wall times of the eager reference, labelled CPU. "
+    "No Triton timing is reported: the interpreter is not a performance measure."
+)
+
+#: (network, batch) of the per-step memory and launch measurements.
+STEPS = [("fractalnet20_cifar", 16), ("fractalnet20_cifar", 100), ("fractalnet34_imagenet", 32)]
+
+
+def environment(device) -> dict:
+    return dict(
+        device=device_name(device), date=datetime.date.today().isoformat(), torch=torch.__version__,
+        triton=triton.__version__, cuda=torch.version.cuda if device is not None else None,
+        python=platform.python_version(),
+    )
+
+
+def run(quick: bool, out: Path) -> dict:
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    result = dict(environment=environment(device), quick=quick)
+    if device is None:
+        print(NO_GPU_NOTE, flush=True)
+        result["note"] = NO_GPU_NOTE
+
+    exact_cases = cases.op_cases(quick, dtypes=(torch.float32,))
+    exact_cases = [c for c in exact_cases if not c.channels_last]
+    timed = device is None
+    result["kernels_cpu"] = [
+        kernels.cpu_row(case, time_reference=timed and case.shape in cases.QUICK_SHAPES and case.shape[0] == 100)
+        for case in tqdm(exact_cases, desc="ops: saved bytes and launches")
+    ]
+    steps = STEPS[:1] if quick else STEPS
+    result["steps"] = [
+        dict(network=network, batch=batch, implementations=models.step_measurements(network, batch))
+        for network, batch in tqdm(steps, desc="training steps: saved bytes and launches")
+    ]
+    result["cpu_times"] = [
+        dict(what=f"eager {r['label']} forward+backward", **r["eager"]["cpu_forward_backward_ms"])
+        for r in result["kernels_cpu"]
+        if "cpu_forward_backward_ms" in r["eager"]
+    ]
+    if timed:
+        step = models.cpu_eager_step_ms("fractalnet20_cifar", 16)
+        result["cpu_times"].append(dict(what="eager fractalnet20_cifar training step, batch 16", **step))
+
+    if device is not None:
+        result["kernels_gpu"] = [kernels.gpu_row(case, device) for case in tqdm(cases.op_cases(quick), desc="kernels")]
+        result["goals"] = report.goal_rows(result["kernels_gpu"])
+        model_cases = [
+            models.ModelCase(network, implementation, dtype, channels_last)
+            for network in (["fractalnet20_cifar"] if quick else list(models.NETWORKS))
+            for implementation in models.IMPLEMENTATIONS
+            for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16))
+            for channels_last in (False, True)
+        ]
+        result["models_gpu"] = [models.gpu_training_row(case, device) for case in tqdm(model_cases, desc="models")]
+        result["anytime_gpu"] = [
+            row for network in (["fractalnet20_cifar"] if quick else list(models.NETWORKS))
+            for row in models.gpu_anytime_rows(network, device, torch.bfloat16)
+        ]
+
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if device is None else result["environment"]["device"]).lower()).strip("-")
+    stem = out / f"{slug}-{result['environment']['date']}{'-quick' if quick else ''}"
+    report.write_json(result, stem.with_suffix(".json"))
+    stem.with_suffix(".md").write_text(report.markdown(result))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *report.plots(result, stem)]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset of the shapes, dtypes and models")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Benchmark cases: the real join and unit shapes of the paper's networks, and each op's
+implementations side by side (eager reference, torch.compile of the reference, fused Triton)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import fractal_kernels as fk
+from fractal_kernels import reference
+from fractalnet import DropPath
+
+#: (batch, [(channels, spatial size) of each block]) of the benchmarked networks.
+NETWORKS = {
+    "fractalnet20_cifar": (100, [(64, 32), (128, 16), (256, 8), (512, 4), (512, 2)]),
+    "fractalnet34_imagenet": (32, [(64, 56), (128, 28), (256, 14), (512, 7)]),
+}
+#: The --quick subset: the first and last CIFAR blocks and the first ImageNet block.
+QUICK_SHAPES = {(100, 64, 32, 32), (100, 512, 2, 2), (32, 64, 56, 56)}
+
+#: (op, number of inputs)
+OPS = [("masked_join", 2), ("masked_join", 3), ("masked_join", 4), ("bn_relu", 1),
+       ("join_bn_relu", 2), ("join_bn_relu", 3), ("join_bn_relu", 4)]
+IMPLEMENTATIONS = ("eager", "compile", "fused")
+DIRECTIONS = ("forward", "backward", "forward+backward")
+
+
+def shapes(quick: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(network, [N, C, H, W]) of every block's units and joins."""
+    return [
+        (network, (batch, c, s, s))
+        for network, (batch, blocks) in NETWORKS.items()
+        for c, s in blocks
+        if not quick or (batch, c, s, s) in QUICK_SHAPES
+    ]
+
+
+@dataclass
+class OpInputs:
+    """One case's tensors: inputs, drop-path mask, BN parameters and statistics, output gradient."""
+
+    xs: list[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    running_means: list[torch.Tensor]
+    running_vars: list[torch.Tensor]
+    grad: torch.Tensor
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        return self.xs + self.weights + self.biases
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str
+    k: int
+    network: str
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        layout = "nhwc" if self.channels_last else "nchw"
+        name = self.op if self.op == "bn_relu" else f"{self.op} k={self.k}"
+        return f"{name} {'x'.join(map(str, self.shape))} {str(self.dtype)[6:]} {layout}"
+
+    def drop_path_mask(self, seed: int = 0) -> Optional[torch.Tensor]:
+        """A real drop-path draw for a join of the deepest k of four columns (local rate 0.15, half
+        the samples global), on the CPU; None for bn_relu."""
+        if self.op == "bn_relu":
+            return None
+        drop_path = DropPath(self.shape[0], [1, 2, 3, 4], 0.15, 0.5, torch.device("cpu"), torch.Generator().manual_seed(seed))
+        return drop_path.mask(list(range(5 - self.k, 5)))
+
+    def make(self, device: torch.device, mask: Optional[torch.Tensor], seed: int = 0) -> OpInputs:
+        """Random inputs on ``device`` (fake ones inside a FakeTensorMode) with the given mask."""
+        gen = torch.Generator().manual_seed(seed)
+        channels = self.shape[1]
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        def tensor(*shape, grad=False, dtype=self.dtype):
+            t = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            return t.requires_grad_(grad)
+
+        xs = [tensor(*self.shape).to(memory_format=layout).requires_grad_() for _ in range(self.k)]
+        bn = self.op != "masked_join"
+        weights = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
+        biases = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
+        running_means = [torch.zeros(channels, device=device) for _ in range(self.k)] if bn else []
+        running_vars = [torch.ones(channels, device=device) for _ in range(self.k)] if bn else []
+        grad = tensor(*self.shape).to(memory_format=layout)
+        return OpInputs(xs, mask, weights, biases, running_means, running_vars, grad)
+
+    def function(self, implementation: str, inputs: OpInputs) -> Callable[[], torch.Tensor]:
+        """The op's forward (training mode for BatchNorm) with one implementation."""
+        if implementation == "eager":
+            fn = getattr(reference, self.op)
+        elif implementation == "compile":
+            fn = _compiled(self.op)
+        else:
+            fn = _fused(self.op)
+        a = inputs
+        if self.op == "masked_join":
+            return lambda: fn(a.xs, a.mask)
+        if self.op == "bn_relu":
+            return lambda: fn(a.xs[0], a.weights[0], a.biases[0], a.running_means[0], a.running_vars[0], True)
+        return lambda: fn(a.xs, a.mask, a.weights, a.biases, a.running_means, a.running_vars, True)
+
+    def minimal_bytes(self, direction: str, mask: Optional[torch.Tensor]) -> int:
+        """Bytes the fused design must move: reads of surviving rows only where the op allows it.
+
+        masked_join: forward reads the surviving inputs and writes the output; backward reads the
+        gradient and writes k gradients. BatchNorm ops are two-pass: forward reads every input for
+        the statistics, the surviving rows again to apply, and writes once; backward reads the
+        gradient and the surviving rows for the sums, then the gradient and every input again,
+        and writes every input gradient. Per-channel vectors are negligible and not counted.
+        """
+        size = torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        surviving = size * (mask.float().sum().item() / mask.shape[1] if mask is not None else self.k)
+        k = self.k
+        if self.op == "masked_join":
+            forward, backward = surviving + size, size + k * size
+        else:
+            forward, backward = k * size + surviving + size, (size + surviving) + (size + k * size) + k * size
+        return int({"forward": forward, "backward": backward, "forward+backward": forward + backward}[direction])
+
+
+def op_cases(quick: bool, dtypes=(torch.float32, torch.bfloat16)) -> list[OpCase]:
+    return [
+        OpCase(op, k, network, shape, dtype, channels_last)
+        for network, shape in shapes(quick)
+        for op, k in OPS
+        for dtype in dtypes
+        for channels_last in (False, True)
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(op: str) -> Callable:
+    return torch.compile(getattr(reference, op))
+
+
+def _fused(op: str) -> Callable:
+    fn = getattr(fk, op)
+
+    def run(*args):
+        with fk.use_backend("triton"):
+            return fn(*args)
+
+    return run

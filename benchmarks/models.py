@@ -1,0 +1,146 @@
+"""Whole-model benchmarks: one training step (forward, backward, SGD step) and anytime inference.
+
+On a GPU: images/s and peak memory of the eager model (fused=False), torch.compile of it, the
+fused model, the fused model compiled, and the fused model with activation recomputation, in fp32
+and bf16 autocast, NCHW and channels-last; and the latency of each anytime truncation. On any
+machine: the activation bytes saved for backward in one step (parameters excluded) and the kernel
+launches of one step, exact on fake tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fractal_kernels as fk
+from fractalnet import create_model
+
+from .measure import count_kernels, cpu_time_ms, fake_mode, gpu_time_ms, peak_memory, saved_bytes
+
+#: network -> (batch, image size, classes)
+NETWORKS = {"fractalnet20_cifar": (100, 32, 10), "fractalnet34_imagenet": (32, 224, 1000)}
+#: implementation -> (fused, compiled, recompute)
+IMPLEMENTATIONS = {
+    "eager": (False, False, False),
+    "compile": (False, True, False),
+    "fused": (True, False, False),
+    "fused+compile": (True, True, False),
+    "fused+recompute": (True, False, True),
+}
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    network: str
+    implementation: str
+    dtype: torch.dtype
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        layout = "nhwc" if self.channels_last else "nchw"
+        return f"{self.network} {self.implementation} {str(self.dtype)[6:]} {layout}"
+
+    def build(self, device: torch.device, batch: int | None = None):
+        """(model, its forward, optimizer, inputs, labels) on ``device``."""
+        fused, compiled, recompute = IMPLEMENTATIONS[self.implementation]
+        default_batch, size, classes = NETWORKS[self.network]
+        batch = batch or default_batch
+        torch.manual_seed(0)
+        model = create_model(self.network, classes, fused=fused, recompute=recompute)
+        if device.type != "cpu":  # (models built on fake CPU tensors cannot be moved)
+            model = model.to(device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        if self.channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        forward = torch.compile(model) if compiled else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        labels = torch.randint(classes, (batch,), device=device)
+        return model, forward, optimizer, x, labels
+
+    def autocast(self, device: torch.device):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def training_step(case: ModelCase, forward, optimizer, x, labels, device):
+    def step():
+        with case.autocast(device):
+            loss = F.cross_entropy(forward(x), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def gpu_training_row(case: ModelCase, device: torch.device) -> dict:
+    row = dict(label=case.label, network=case.network, implementation=case.implementation,
+               dtype=str(case.dtype)[6:], layout="nhwc" if case.channels_last else "nchw")
+    try:
+        model, forward, optimizer, x, labels = case.build(device)
+        step = training_step(case, forward, optimizer, x, labels, device)
+        for _ in range(3):  # warm-up: compilation, autotuning, allocator
+            step()
+        median, low, high = gpu_time_ms(step)
+        with peak_memory(device) as memory:
+            step()
+        row.update(step_ms=median, p20_ms=low, p80_ms=high, images_per_s=x.shape[0] / (median * 1e-3),
+                   peak_bytes=memory["peak"], step_extra_bytes=memory["extra"])
+    except Exception as error:  # reported, not fatal
+        row["error"] = f"{type(error).__name__}: {error}"[:300]
+    return row
+
+
+def gpu_anytime_rows(network: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Inference latency of each truncation columns=k and each single column, eager and fused."""
+    rows = []
+    for implementation in ("eager", "fused"):
+        case = ModelCase(network, implementation, dtype, channels_last=dtype != torch.float32)
+        model, _, _, x, _ = case.build(device)
+        model.eval()
+        for mode in ("columns", "column"):
+            for k in range(1, model.num_columns + 1):
+                def infer():
+                    with torch.no_grad(), case.autocast(device):
+                        model(x, **{mode: k})
+
+                median, low, high = gpu_time_ms(infer)
+                rows.append(dict(network=network, implementation=implementation, dtype=str(dtype)[6:],
+                                 mode=mode, k=k, ms=median, p20_ms=low, p80_ms=high))
+    return rows
+
+
+def step_measurements(network: str, batch: int) -> dict:
+    """Activation bytes saved in one training step (parameters excluded) and kernel launches of
+    its forward and backward, for the eager model, the fused model and the fused model with
+    recomputation, on fake fp32 NCHW tensors with the Triton backend."""
+    result = {}
+    for implementation in ("eager", "fused", "fused+recompute"):
+        case = ModelCase(network, implementation, torch.float32, channels_last=False)
+        with fake_mode(), fk.use_backend("triton" if implementation != "eager" else "reference"):
+            model, _, _, x, labels = case.build(torch.device("cpu"), batch)
+            losses = []
+            saved = saved_bytes(
+                lambda: losses.append(F.cross_entropy(model(x), labels)), exclude=list(model.parameters())
+            )
+            forward = count_kernels(lambda: losses.append(F.cross_entropy(model(x), labels)))
+            backward = count_kernels(lambda: losses[-1].backward())
+        result[implementation] = dict(saved_activation_bytes=saved, launches_forward=forward, launches_backward=backward)
+    for implementation in ("fused", "fused+recompute"):
+        result[implementation]["saved_ratio_to_eager"] = (
+            result[implementation]["saved_activation_bytes"] / result["eager"]["saved_activation_bytes"]
+        )
+    return result
+
+
+def cpu_eager_step_ms(network: str, batch: int) -> dict:
+    """CPU wall time of one eager training step (the reference path; a CPU number, not a GPU one)."""
+    case = ModelCase(network, "eager", torch.float32, channels_last=False)
+    _, forward, optimizer, x, labels = case.build(torch.device("cpu"), batch)
+    median, low, high = cpu_time_ms(training_step(case, forward, optimizer, x, labels, torch.device("cpu")), repeat=3)
+    return dict(network=network, batch=batch, ms=median, p20_ms=low, p80_ms=high)

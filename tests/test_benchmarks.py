@@ -1,0 +1,73 @@
+"""The benchmark runner in its CPU mode: runs, writes its JSON and markdown, and the exact
+measurements hold what the fused design promises."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import cases
+from benchmarks.measure import count_kernels, fake_mode, saved_bytes
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_path,) = out.glob("*.json")
+    assert json_path.with_suffix(".md").exists()
+    return json.loads(json_path.read_text()), result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode runs where there is no GPU")
+def test_cpu_mode_says_so_and_reports_no_kernel_timings(report):
+    data, stdout = report
+    assert "No GPU" in stdout and "No GPU" in data["note"]
+    assert "kernels_gpu" not in data and "models_gpu" not in data
+    assert data["environment"]["cuda"] is None and data["environment"]["device"].startswith("CPU")
+    assert data["cpu_times"] and all(t["ms"] > 0 for t in data["cpu_times"])
+
+
+def test_per_op_measurements(report):
+    data, _ = report
+    rows = {r["label"]: r for r in data["kernels_cpu"]}
+    assert len(rows) == len(cases.OPS) * len(cases.QUICK_SHAPES)
+    for label, row in rows.items():
+        fused, eager = row["fused"], row["eager"]
+        assert fused["launches_forward"]["aten"] == 0 and fused["launches_backward"]["aten"] == 0, label
+        expected_forward = 1 if row["op"] == "masked_join" else 3
+        expected_backward = 1 if row["op"] == "masked_join" else 2
+        assert fused["launches_forward"]["triton"] == expected_forward, label
+        assert fused["launches_backward"]["triton"] == expected_backward, label
+        assert fused["saved_bytes"] < eager["saved_bytes"], label
+        assert 0 < row["minimal_bytes"]["forward"] < row["minimal_bytes"]["forward+backward"], label
+
+
+def test_training_step_memory(report):
+    data, _ = report
+    (step,) = data["steps"]
+    assert (step["network"], step["batch"]) == ("fractalnet20_cifar", 16)
+    fused, recompute = step["implementations"]["fused"], step["implementations"]["fused+recompute"]
+    assert recompute["saved_ratio_to_eager"] < fused["saved_ratio_to_eager"] < 1.0
+    assert recompute["saved_ratio_to_eager"] <= 0.6
+
+
+def test_minimal_bytes_of_the_bn_relu_two_pass_design():
+    case = cases.OpCase("bn_relu", 1, "fractalnet20_cifar", (100, 64, 32, 32), torch.float32, False)
+    size = 100 * 64 * 32 * 32 * 4
+    assert case.minimal_bytes("forward", None) == 3 * size
+    assert case.minimal_bytes("backward", None) == 5 * size
+
+
+def test_saved_bytes_and_kernel_counts_on_fake_tensors():
+    with fake_mode():
+        x = torch.randn(8, 4, 16, 16, requires_grad=True)
+        w = torch.randn(4, requires_grad=True)
+        counts = count_kernels(lambda: torch.nn.functional.relu(x * 2).sum())
+        saved = saved_bytes(lambda: torch.nn.functional.relu(x * w[None, :, None, None]), exclude=[w])
+    assert counts == {"triton": 0, "aten": 3}
+    assert saved == 2 * x.numel() * 4  # x (for w's gradient) and the ReLU output
