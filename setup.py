@@ -16,6 +16,7 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
+    entry_points={"console_scripts": ["fractalnet=fractalnet.train:console"]},
     extras_require={
         # numpy<2.4: the Triton 3.6 interpreter, which the CPU test suite runs, converts size-1
         # arrays with int(), which numpy 2.4 rejects.

@@ -1,0 +1,416 @@
+"""Train and evaluate a FractalNet: ``fractalnet train ...`` or ``python -m fractalnet.train ...``.
+
+The paper's recipe is the default: SGD with momentum 0.9, lr 0.02, batch 100, 400 epochs, the
+learning rate divided by 10 each time the remaining epochs halve. Runs under torchrun with
+DistributedDataParallel (NCCL on GPUs, gloo on CPU). See ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import data
+from .model import FractalNet, create_model, list_models
+
+CHECKPOINT_FORMAT = "fractalnet-checkpoint-1"
+
+#: Defaults, applied under what a resumed checkpoint and the command line give.
+DEFAULTS = dict(
+    dataset="digits", data=None, model="fractalnet20_cifar", epochs=400, batch_size=100, lr=0.02,
+    weight_decay=0.0, columns=None, widths=None, dropout=None, local_drop=0.15, global_ratio=0.5,
+    image_size=None, augment=None, seed=0, out=None, stop_after=None, amp=None, channels_last=False,
+    compile=False, fused=True, recompute=False, skip_dropped=False, sync_bn=False, device=None,
+)
+#: Options that shape the model or the data: a resumed run takes them from its checkpoint.
+ARCHITECTURE = ("dataset", "model", "columns", "widths", "dropout", "image_size", "fused", "seed")
+#: Options of one run only: a resumed run does not inherit them.
+RUN_ONLY = ("stop_after", "device")
+
+
+class CLIError(Exception):
+    """A user error: reported in one line, without a traceback."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fractalnet train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
+    p.add_argument("--dataset", choices=data.DATASETS, help="default: digits (embedded, no download)")
+    p.add_argument("--data", metavar="DIR", help="folder of cifar10/cifar100/imagefolder data")
+    p.add_argument("--model", choices=list_models(), help="default: fractalnet20_cifar")
+    p.add_argument("--epochs", type=int, help="default: 400")
+    p.add_argument("--batch-size", type=int, help="per process; default: 100")
+    p.add_argument("--lr", type=float, help="default: 0.02")
+    p.add_argument("--weight-decay", type=float, help="default: 0")
+    p.add_argument("--columns", type=int, help="columns C of every block (default: the model's)")
+    p.add_argument("--widths", type=_floats_or_ints(int), help="channels per block, e.g. 32,64,128")
+    p.add_argument("--dropout", type=_floats_or_ints(float), help="dropout per block, e.g. 0,0.1,0.2")
+    p.add_argument("--local-drop", type=float, help="local drop-path rate (default: 0.15)")
+    p.add_argument("--global-ratio", type=float, help="fraction of global drop-path samples (default: 0.5)")
+    p.add_argument("--image-size", type=int, help="resize images to this size (default: 32; imagefolder 224)")
+    p.add_argument("--augment", choices=("none", "plus"),
+                   help='"plus": the paper\'s translation and flip (default for all but digits)')
+    p.add_argument("--seed", type=int, help="default: 0")
+    p.add_argument("--out", metavar="DIR", help="checkpoints, metrics.json and plots")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (DIR/last.pt)")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="stop after this epoch (a time-boxed run; continue it with --resume)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype")
+    p.add_argument("--channels-last", action="store_const", const=True, help="channels-last memory layout")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the training forward")
+    p.add_argument("--no-fused", dest="fused", action="store_const", const=False,
+                   help="the eager baseline: nn.BatchNorm2d, ReLU and the reference join")
+    p.add_argument("--recompute", action="store_const", const=True,
+                   help="recompute BN+ReLU outputs in backward instead of keeping them (fused model)")
+    p.add_argument("--skip-dropped", action="store_const", const=True,
+                   help="compute only the column segments drop-path keeps (fused model)")
+    p.add_argument("--sync-bn", action="store_const", const=True,
+                   help="BatchNorm statistics over all ranks (torchrun)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    return p
+
+
+def _floats_or_ints(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
+def milestones(epochs: int) -> list[int]:
+    """Epochs at which the learning rate drops tenfold: each time the remaining epochs halve."""
+    return sorted({epochs - epochs // 2**i for i in range(1, 5) if epochs // 2**i > 0})
+
+
+def lr_at(epoch: int, args) -> float:
+    return args.lr * 0.1 ** sum(epoch >= m for m in milestones(args.epochs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve(argv) -> tuple[argparse.Namespace, Optional[dict]]:
+    """The run's options: defaults, then a resumed checkpoint's, then the command line's."""
+    given = {k: v for k, v in vars(parser().parse_args(argv)).items() if v is not None}
+    checkpoint = load_checkpoint(given["resume"]) if "resume" in given else None
+    options = dict(DEFAULTS)
+    if checkpoint is not None:
+        options.update({k: v for k, v in checkpoint["args"].items() if k not in RUN_ONLY})
+        changed = [k for k in ARCHITECTURE if k in given and given[k] != checkpoint["args"].get(k)]
+        if changed:
+            raise CLIError(f"--resume: the checkpoint was trained with other {', '.join(changed)}")
+    options.update(given)
+    return argparse.Namespace(**options), checkpoint
+
+
+def load_checkpoint(path: str) -> dict:
+    if not Path(path).is_file():
+        raise CLIError(f"--resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CLIError(f"--resume: cannot read {path}: truncated or not a checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CLIError(f"--resume: {path} is not a fractalnet train checkpoint")
+    return checkpoint
+
+
+def save_atomically(obj, path: Path) -> None:
+    """Writes ``obj`` to a temporary file and renames it, so a crash never leaves a broken file."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def distributed_setup(args) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_model(args, dataset: data.Dataset, device: torch.device) -> FractalNet:
+    overrides = {k: getattr(args, k) for k in ("columns", "widths", "dropout") if getattr(args, k) is not None}
+    try:
+        model = create_model(
+            args.model, dataset.num_classes, in_channels=dataset.channels, local_drop=args.local_drop,
+            global_ratio=args.global_ratio, fused=args.fused, recompute=args.recompute, **overrides,
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def autocast(args, device):
+    if args.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def prepared(images, dataset, args, device, generator=None):
+    images = images.to(device, non_blocking=True)
+    if generator is not None:
+        images = data.augment(images, generator)
+    x = data.normalize(images, dataset)
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def evaluate(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> tuple[float, float, float]:
+    """(loss, accuracy, seconds) on the test split; ``mode`` is columns=k or column=k."""
+    model.eval()
+    correct, loss, start = 0, 0.0, time.perf_counter()
+    indices = torch.arange(len(dataset.test))
+    with torch.no_grad(), autocast(args, device):
+        for images, labels in data.batches(dataset.test, 500, indices, dataset.image_size):
+            labels = labels.to(device)
+            out = model(prepared(images, dataset, args, device), **mode).float()
+            loss += F.cross_entropy(out, labels, reduction="sum").item()
+            correct += (out.argmax(1) == labels).sum().item()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return loss / len(dataset.test), correct / len(dataset.test), time.perf_counter() - start
+
+
+def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world) -> dict:
+    """One epoch over this rank's shard of a permutation shared by all ranks (full batches only)."""
+    permutation = torch.randperm(len(dataset.train), generator=generators["data"])
+    shard = permutation[rank::world]
+    steps = len(permutation) // world // args.batch_size
+    shard = shard[: steps * args.batch_size]
+    augment = generators["augment"] if args.augment == "plus" else None
+    totals = dict(loss=0.0, correct=0, seen=0)
+    start = time.perf_counter()
+    bar = tqdm(data.batches(dataset.train, args.batch_size, shard, dataset.image_size), total=steps,
+               desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 else True, leave=False)
+    for images, labels in bar:
+        labels = labels.to(device, non_blocking=True)
+        with autocast(args, device):
+            out = forward(prepared(images, dataset, args, device, augment))
+            loss = F.cross_entropy(out.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        totals["loss"] += loss.item() * len(labels)
+        totals["correct"] += (out.argmax(1) == labels).sum().item()
+        totals["seen"] += len(labels)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
+                        acc=f"{totals['correct'] / totals['seen']:.3f}", img_s=f"{totals['seen'] * world / elapsed:.0f}")
+    elapsed = time.perf_counter() - start
+    return dict(train_loss=totals["loss"] / totals["seen"], train_accuracy=totals["correct"] / totals["seen"],
+                images_per_s=totals["seen"] * world / elapsed, epoch_seconds=elapsed)
+
+
+def anytime_table(model: FractalNet, dataset, args, device) -> list[dict]:
+    """Accuracy and latency of each single column and each truncation columns=k."""
+    rows = []
+    for mode in ("column", "columns"):
+        for k in range(1, model.num_columns + 1):
+            evaluate(model, dataset, args, device, **{mode: k})  # warm-up
+            _, accuracy, seconds = evaluate(model, dataset, args, device, **{mode: k})
+            depth = sum(len(block.columns[k - 1]) for block in model.blocks)
+            rows.append(dict(mode=mode, k=k, depth=depth, accuracy=accuracy,
+                             ms_per_image=1e3 * seconds / len(dataset.test)))
+    return rows
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_plots(history: list[dict], anytime: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], label="train")
+    left.plot(epochs, [h["test_loss"] for h in history], label="test")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
+    right.plot(epochs, [100 * (1 - h["test_accuracy"]) for h in history])
+    right.set(xlabel="epoch", ylabel="test error (%)", title="test error")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, marker in (("column", "o"), ("columns", "s")):
+        rows = [r for r in anytime if r["mode"] == mode]
+        label = "single column k" if mode == "column" else "truncation columns=k"
+        left.plot([r["depth"] for r in rows], [100 * r["accuracy"] for r in rows], marker=marker, label=label)
+        right.plot([r["ms_per_image"] for r in rows], [100 * r["accuracy"] for r in rows], marker=marker, label=label)
+    left.set(xlabel="depth of column k (conv layers)", ylabel="test accuracy (%)", title="accuracy by depth")
+    right.set(xlabel="latency (ms per image)", ylabel="test accuracy (%)", title="accuracy by latency")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(out / "anytime.png", dpi=100)
+    plt.close(fig)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of the parameters (buffers such as running statistics are each rank's own)."""
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run(argv=None) -> dict:
+    args, checkpoint = resolve(argv)
+    rank, world, device = distributed_setup(args)
+    try:
+        dataset = data.load(args.dataset, args.data, args.image_size, args.seed)
+    except data.DataError as error:
+        raise CLIError(str(error)) from None
+    args.image_size = dataset.image_size
+    if args.augment is None:
+        args.augment = "none" if args.dataset == "digits" else "plus"
+    if args.batch_size < 1 or args.batch_size * world > len(dataset.train):
+        raise CLIError(f"--batch-size {args.batch_size} cannot be filled: {len(dataset.train)} training images "
+                       f"for {world} process(es)")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be at least 1, got {args.epochs}")
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(args, dataset, device)
+    if args.sync_bn and world > 1:
+        if args.fused:
+            model.process_group = dist.group.WORLD
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    generators = {"data": torch.Generator().manual_seed(args.seed),
+                  "augment": torch.Generator(device=device).manual_seed(args.seed + 1 + rank)}
+    torch.manual_seed(args.seed + 2 + rank)  # dropout and drop-path: independent per rank
+    history, best, start_epoch = [], 0.0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        history, best, start_epoch = checkpoint["history"], checkpoint["best_accuracy"], checkpoint["epoch"]
+        generators["data"].set_state(checkpoint["rng"]["data"])
+        if rank == 0:  # the other ranks' streams were not saved: they restart from their seeds
+            generators["augment"].set_state(checkpoint["rng"]["augment"].to(generators["augment"].get_state().device))
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    forward = torch.compile(trained) if args.compile else trained
+    out = Path(args.out) if args.out else None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, args)
+        model.train()
+        stats = train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world)
+        test_loss, test_accuracy, _ = evaluate(model, dataset, args, device)
+        history.append(dict(epoch=epoch + 1, lr=lr_at(epoch, args), **stats, test_loss=test_loss,
+                            test_accuracy=test_accuracy))
+        improved = test_accuracy > best
+        best = max(best, test_accuracy)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  lr {lr_at(epoch, args):.4g}  loss {stats['train_loss']:.4f}  "
+                  f"train acc {100 * stats['train_accuracy']:.2f}%  test acc {100 * test_accuracy:.2f}%  "
+                  f"{stats['images_per_s']:.0f} img/s  {stats['epoch_seconds']:.1f} s", flush=True)
+            if out is not None:
+                state = dict(
+                    format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1,
+                    args={k: v for k, v in vars(args).items() if k in DEFAULTS}, history=history, best_accuracy=best,
+                    schedule=dict(milestones=milestones(args.epochs), gamma=0.1),
+                    rng=dict(torch=torch.get_rng_state(), data=generators["data"].get_state(),
+                             augment=generators["augment"].get_state(),
+                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+                )
+                save_atomically(state, out / "last.pt")
+                if improved:
+                    save_atomically(state, out / "best.pt")
+
+    result = dict(args={k: v for k, v in vars(args).items() if k in DEFAULTS}, history=history,
+                  final_accuracy=history[-1]["test_accuracy"] if history else None, best_accuracy=best)
+    if world > 1:
+        print(f"rank {rank}: weights sha256 {weights_digest(model)}", flush=True)
+    if rank == 0 and last_epoch == args.epochs:
+        anytime = anytime_table(model, dataset, args, device)
+        result.update(anytime=anytime, peak_memory_bytes=peak_memory_bytes(device),
+                      images_per_s=sum(h["images_per_s"] for h in history) / max(len(history), 1))
+        print("\nanytime prediction (test set)\n  mode     k  depth  accuracy  ms/image")
+        for r in anytime:
+            print(f"  {r['mode']:<7} {r['k']:>2}  {r['depth']:>5}  {100 * r['accuracy']:7.2f}%  {r['ms_per_image']:8.3f}")
+        if out is not None:
+            (out / "metrics.json").write_text(json.dumps(result, indent=1))
+            write_plots(history, anytime, out)
+            print(f"\nwrote {out}/metrics.json, curves.png, anytime.png, last.pt, best.pt")
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except CLIError as error:
+        print(f"fractalnet train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def console() -> int:
+    """The ``fractalnet`` console script: ``fractalnet train [options]``."""
+    if len(sys.argv) < 2 or sys.argv[1] != "train":
+        print("usage: fractalnet train [options]   (fractalnet train --help for the options)", file=sys.stderr)
+        return 2
+    return main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The training CLI: a short digits run, exact resume, a two-process gloo run, and the errors."""
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fractalnet import train
+
+TINY = ["--dataset", "digits", "--widths", "8,16", "--dropout", "0,0.1", "--columns", "2", "--image-size", "8",
+        "--batch-size", "100", "--lr", "0.05", "--device", "cpu"]
+
+
+def test_short_run_writes_checkpoints_metrics_and_plots(tmp_path, capsys):
+    assert train.main(TINY + ["--epochs", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2/2" in printed and "anytime prediction" in printed
+    for name in ("last.pt", "best.pt", "metrics.json", "curves.png", "anytime.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert {(r["mode"], r["k"]) for r in metrics["anytime"]} == {("column", 1), ("column", 2), ("columns", 1), ("columns", 2)}
+    assert 0 <= metrics["final_accuracy"] <= 1 and metrics["images_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and {"torch", "data", "augment"} <= set(checkpoint["rng"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = TINY + ["--epochs", "2", "--augment", "plus"]
+    assert train.main(common + ["--out", str(straight)]) == 0
+    assert train.main(common + ["--out", str(resumed), "--stop-after", "1"]) == 0
+    assert torch.load(resumed / "last.pt", weights_only=False)["epoch"] == 1
+    assert train.main(["--resume", str(resumed / "last.pt"), "--out", str(resumed)]) == 0
+    a = torch.load(straight / "last.pt", weights_only=False)
+    b = torch.load(resumed / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+@pytest.mark.parametrize("sync_bn", [False, True], ids=["ddp", "ddp-sync-bn"])
+def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    options = []
+    if sync_bn:  # synchronised statistics run on the Triton kernels: interpreted on CPU
+        env.update(TRITON_INTERPRET="1", FRACTAL_KERNELS_BACKEND="triton")
+        options = ["--sync-bn"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(29700 + os.getpid() % 200 + sync_bn), "-m", "fractalnet.train", *TINY, "--batch-size", "200",
+               "--epochs", "1", "--out", str(tmp_path), *options]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = dict(re.findall(r"rank (\d): weights sha256 (\w+)", result.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert (tmp_path / "last.pt").exists()
+
+
+def run_failing(argv, capsys):
+    try:
+        code = train.main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    return err
+
+
+def test_unknown_model_and_dataset_list_the_valid_ones(capsys):
+    assert "fractalnet20_cifar" in run_failing(["--model", "resnet50"], capsys)
+    assert "cifar10" in run_failing(["--dataset", "mnist"], capsys)
+
+
+def test_missing_or_malformed_data_folder_shows_the_layout(tmp_path, capsys):
+    err = run_failing(["--dataset", "cifar10", "--data", str(tmp_path / "nowhere")], capsys)
+    assert "does not exist" in err and "cifar-10-batches-py" in err
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
+    err = run_failing(["--dataset", "cifar10", "--data", str(tmp_path)], capsys)
+    assert "cannot read" in err and "data_batch_1" in err
+    err = run_failing(["--dataset", "imagefolder", "--data", str(tmp_path)], capsys)
+    assert "train" in err and "<class>" in err
+
+
+def test_cifar_pickles_are_read(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": torch.randint(0, 256, (20, 3072), generator=gen, dtype=torch.uint8).numpy(),
+                 b"labels": torch.randint(0, 10, (20,), generator=gen).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    argv = ["--dataset", "cifar10", "--data", str(tmp_path), "--widths", "4,8", "--dropout", "0,0", "--columns", "2",
+            "--batch-size", "25", "--epochs", "1", "--device", "cpu"]
+    assert train.main(argv) == 0
+    assert "test acc" in capsys.readouterr().out
+
+
+def test_truncated_and_foreign_checkpoints(tmp_path, capsys):
+    assert train.main(TINY + ["--epochs", "1", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    assert "truncated" in run_failing(["--resume", str(tmp_path / "truncated.pt")], capsys)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    assert "not a fractalnet train checkpoint" in run_failing(["--resume", str(tmp_path / "foreign.pt")], capsys)
+    assert "no checkpoint" in run_failing(["--resume", str(tmp_path / "missing.pt")], capsys)
+    assert "other model" in run_failing(["--resume", str(tmp_path / "last.pt"), "--model", "fractalnet40_cifar"], capsys)
+
+
+def test_batch_size_the_data_cannot_fill(capsys):
+    assert "cannot be filled" in run_failing(TINY + ["--batch-size", "5000"], capsys)
