@@ -71,6 +71,12 @@ def run(quick: bool, out: Path) -> dict:
     if timed:
         step = models.cpu_eager_step_ms("fractalnet20_cifar", 16)
         result["cpu_times"].append(dict(what="eager fractalnet20_cifar training step, batch 16", **step))
+    if not quick:
+        # Work skipped by skip_dropped: a real measurement on whatever device this is.
+        result["skip"] = [
+            models.skip_measurements(network, 64, 3, device or torch.device("cpu"))
+            for network in tqdm(("fractalnet20_cifar", "fractalnet40_cifar"), desc="skip_dropped")
+        ]
 
     if device is not None:
         result["kernels_gpu"] = [kernels.gpu_row(case, device) for case in tqdm(cases.op_cases(quick), desc="kernels")]

@@ -18,17 +18,18 @@ import torch.nn.functional as F
 import fractal_kernels as fk
 from fractalnet import create_model
 
-from .measure import count_kernels, cpu_time_ms, fake_mode, gpu_time_ms, peak_memory, saved_bytes
+from .measure import count_kernels, cpu_time_ms, device_name, fake_mode, gpu_time_ms, peak_memory, saved_bytes
 
 #: network -> (batch, image size, classes)
 NETWORKS = {"fractalnet20_cifar": (100, 32, 10), "fractalnet34_imagenet": (32, 224, 1000)}
-#: implementation -> (fused, compiled, recompute)
+#: implementation -> (fused, compiled, recompute, skip_dropped)
 IMPLEMENTATIONS = {
-    "eager": (False, False, False),
-    "compile": (False, True, False),
-    "fused": (True, False, False),
-    "fused+compile": (True, True, False),
-    "fused+recompute": (True, False, True),
+    "eager": (False, False, False, False),
+    "compile": (False, True, False, False),
+    "fused": (True, False, False, False),
+    "fused+compile": (True, True, False, False),
+    "fused+recompute": (True, False, True, False),
+    "fused+skip": (True, False, False, True),
 }
 
 
@@ -46,11 +47,11 @@ class ModelCase:
 
     def build(self, device: torch.device, batch: int | None = None):
         """(model, its forward, optimizer, inputs, labels) on ``device``."""
-        fused, compiled, recompute = IMPLEMENTATIONS[self.implementation]
+        fused, compiled, recompute, skip = IMPLEMENTATIONS[self.implementation]
         default_batch, size, classes = NETWORKS[self.network]
         batch = batch or default_batch
         torch.manual_seed(0)
-        model = create_model(self.network, classes, fused=fused, recompute=recompute)
+        model = create_model(self.network, classes, fused=fused, recompute=recompute, skip_dropped=skip)
         if device.type != "cpu":  # (models built on fake CPU tensors cannot be moved)
             model = model.to(device)
         x = torch.randn(batch, 3, size, size, device=device)
@@ -144,3 +145,33 @@ def cpu_eager_step_ms(network: str, batch: int) -> dict:
     _, forward, optimizer, x, labels = case.build(torch.device("cpu"), batch)
     median, low, high = cpu_time_ms(training_step(case, forward, optimizer, x, labels, torch.device("cpu")), repeat=3)
     return dict(network=network, batch=batch, ms=median, p20_ms=low, p80_ms=high)
+
+
+def skip_measurements(network: str, batch: int, steps: int, device: torch.device) -> dict:
+    """Dense fused model against skip_dropped, one after the other on the same seed: samples the
+    convolutions process per step (forward hooks) and the median training-step wall time."""
+    import time
+
+    result = dict(network=network, batch=batch, steps=steps, device=device_name(device))
+    for implementation in ("fused", "fused+skip"):
+        case = ModelCase(network, implementation, torch.float32, channels_last=False)
+        model, forward, optimizer, x, labels = case.build(device, batch)
+        samples = [0]
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(lambda m, inputs, out: samples.__setitem__(0, samples[0] + inputs[0].shape[0]))
+        step = training_step(case, forward, optimizer, x, labels, device)
+        torch.manual_seed(1)
+        step()  # warm-up
+        samples[0], times = 0, []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(1e3 * (time.perf_counter() - start))
+        result[implementation] = dict(step_ms=sorted(times)[len(times) // 2], conv_samples_per_step=samples[0] / steps)
+    dense, skip = result["fused"], result["fused+skip"]
+    result["conv_sample_fraction"] = skip["conv_samples_per_step"] / dense["conv_samples_per_step"]
+    result["speedup"] = dense["step_ms"] / skip["step_ms"]
+    return result

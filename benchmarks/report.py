@@ -117,6 +117,14 @@ def markdown(report: dict) -> str:
                              f"{m['saved_activation_bytes'] / MB:.1f} | {ratio} | {_launches(m['launches_forward'])} | "
                              f"{_launches(m['launches_backward'])} |")
         lines.append("")
+    if report.get("skip"):
+        lines += ["## skip_dropped: convolution work and training step (side by side, same seed)", "",
+                  "| network | batch | device | conv samples: skip / dense | step ms dense | step ms skip | speedup |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["skip"]:
+            lines.append(f"| {r['network']} | {r['batch']} | {r['device']} | {r['conv_sample_fraction']:.3f} | "
+                         f"{r['fused']['step_ms']:.0f} | {r['fused+skip']['step_ms']:.0f} | {r['speedup']:.2f}x |")
+        lines.append("")
     if report.get("cpu_times"):
         lines += ["## CPU wall times of the eager reference (CPU, not GPU performance)", "",
                   "| what | ms (median) |", "|---|---|"]

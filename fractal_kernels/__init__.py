@@ -3,7 +3,16 @@ join+BatchNorm+ReLU that ends every fractal column."""
 
 from .common import count_launches
 from .modules import FusedBatchNormReLU2d, batchnorm_arguments, fuse_batchnorm_relu
-from .ops import BACKENDS, bn_relu, get_backend, join_bn_relu, masked_join, use_backend
+from .ops import (
+    BACKENDS,
+    bn_relu,
+    gather_join,
+    gather_join_bn_relu,
+    get_backend,
+    join_bn_relu,
+    masked_join,
+    use_backend,
+)
 from .recompute import recompute_activations
 
 __all__ = [
@@ -13,6 +22,8 @@ __all__ = [
     "bn_relu",
     "count_launches",
     "fuse_batchnorm_relu",
+    "gather_join",
+    "gather_join_bn_relu",
     "get_backend",
     "join_bn_relu",
     "masked_join",

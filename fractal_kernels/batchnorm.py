@@ -28,19 +28,19 @@ import triton.language as tl
 
 from . import recompute
 from .common import (
-    ChannelTiling,
+    MAX_REGISTERS,
     acc_dtype,
     audit_cases,
     bitmask,
-    mask_args,
     channel_tiling,
     define_op,
     dense_inputs,
     groups,
-    join_keep,
+    is_channels_last,
+    join_args,
+    join_row,
     join_scale,
     launch,
-    like_layout,
     pad,
     pick,
     placeholder,
@@ -54,12 +54,10 @@ from .common import (
 
 
 @triton.jit
-def _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, PLANE: tl.constexpr,
+def _tile(t, cb, N, C, HW, hw_blocks, PLANE: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Tile t (n-block-major) of channel block cb: sample indices [BLOCK_N, 1, 1], element offsets
-    [BLOCK_N, BLOCK_C, BLOCK_HW] (int64 only for tensors of 2**31 elements or more) and the
-    in-bounds mask. A nonzero PLANE is HW as a compile-time constant (small NCHW planes), which
-    lets the compiler prove the alignment that wide loads need."""
+    """Tile t (n-block-major) of channel block cb: rows n [BLOCK_N, 1, 1], channels c
+    [1, BLOCK_C, 1], positions hw [1, 1, BLOCK_HW] and the in-bounds mask."""
     if PLANE > 0:
         HW = PLANE
     nb = t // hw_blocks
@@ -67,17 +65,26 @@ def _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None]
     hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, None, :]
-    sample = n.to(tl.int64) if INDEX_64 else n
+    return n, c, hw, (n < N) & (c < C) & (hw < HW)
+
+
+@triton.jit
+def _offsets(row, c, hw, C, HW, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, PLANE: tl.constexpr):
+    """Element offsets of (row, c, hw) in a [rows, C, HW] tensor, contiguous or channels-last
+    (int64 only for tensors of 2**31 elements or more). A nonzero PLANE is HW as a compile-time
+    constant (small NCHW planes), which lets the compiler prove the alignment of wide loads."""
+    if PLANE > 0:
+        HW = PLANE
+    row = row.to(tl.int64) if INDEX_64 else row.to(tl.int32)
     if CHANNELS_LAST:
-        offs = sample * (HW * C) + hw * C + c
+        return row * (HW * C) + hw * C + c
     else:
-        offs = sample * (C * HW) + c * HW + hw
-    return n, offs, (n < N) & (c < C) & (hw < HW)
+        return row * (C * HW) + c * HW + hw
 
 
 @triton.jit
 def _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N: tl.constexpr):
-    """The first and one-past-last tile of this program's chunk."""
+    """The first and one-past-last tile of this program's chunk among the tiles of N rows."""
     first = tl.program_id(1) * tiles_per_chunk
     last = tl.minimum(first + tiles_per_chunk, tl.cdiv(N, BLOCK_N) * hw_blocks)
     return first, last
@@ -165,43 +172,46 @@ def _channel_totals(i: tl.constexpr, K: tl.constexpr, sum_g_ptr, sum_gx_ptr, num
 @triton.jit
 def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
+    n0, n1, n2, n3, n4, n5, n6, n7,
     mean_part_ptr, m2_part_ptr, count_part_ptr,
-    N, C, HW, hw_blocks, tiles_per_chunk,
+    C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, PLANE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Welford partials (mean, sum of squared deviations, count) of each channel of K inputs.
 
-    Pointers: ``x0``..``x7`` are the inputs (first K read), [N, C, HW] contiguous or channels-last
-    (CHANNELS_LAST). ``mean_part_ptr`` and ``m2_part_ptr`` are [K, num_chunks, C] and
-    ``count_part_ptr`` [num_chunks, C], all in the accumulation dtype. Program (cb, chunk) covers
-    channels cb*BLOCK_C.. and tiles chunk*tiles_per_chunk.. of [BLOCK_N, BLOCK_C, BLOCK_HW].
+    Pointers: ``x0``..``x7`` are the inputs (first K read), [n_i, C, HW] contiguous or
+    channels-last (CHANNELS_LAST), with ``n0``..``n7`` rows. ``mean_part_ptr``, ``m2_part_ptr``
+    and ``count_part_ptr`` are [K, num_chunks, C] in the accumulation dtype. Program (cb, chunk)
+    covers channels cb*BLOCK_C.. and, of each input, tiles chunk*tiles_per_chunk.. of
+    [BLOCK_N, BLOCK_C, BLOCK_HW].
     """
     ACC: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
     cb = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
-    first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     for i in tl.static_range(K):
         x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
+        N = pick(i, n0, n1, n2, n3, n4, n5, n6, n7)
+        first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
         # Each lane runs Welford over the elements it sees; lanes merge once, at the end.
         mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
         m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
         count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
         for t in range(first, last):
-            n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
+            n, c, hw, valid = _tile(t, cb, N, C, HW, hw_blocks, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
+            offs = _offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE)
             x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
             count += valid.to(ACC)
             delta = tl.where(valid, x - mean, 0.0)
             mean += delta / tl.maximum(count, 1.0)
             m2 += delta * (x - mean)
         mean, m2, count = _merge_lanes(mean, m2, count)
-        tl.store(mean_part_ptr + (i * num_chunks + chunk) * C + c, mean, mask=c_ok)
-        tl.store(m2_part_ptr + (i * num_chunks + chunk) * C + c, m2, mask=c_ok)
-        if i == 0:
-            tl.store(count_part_ptr + chunk * C + c, count, mask=c_ok)
+        part = (i * num_chunks + chunk) * C + c_block
+        tl.store(mean_part_ptr + part, mean, mask=c_block < C)
+        tl.store(m2_part_ptr + part, m2, mask=c_block < C)
+        tl.store(count_part_ptr + part, count, mask=c_block < C)
 
 
 @triton.jit
@@ -214,7 +224,8 @@ def bn_combine_kernel(
     K: tl.constexpr, HAS_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merges the chunk partials in chunk order into batch mean and biased variance, and updates
-    the running statistics in place (unbiased variance, ``momentum``), as torch does.
+    the running statistics in place (unbiased variance, ``momentum``), as torch does; an input
+    with no rows leaves its running statistics unchanged.
 
     Pointers: partials as written by bn_stats_kernel; ``mean_ptr``/``var_ptr`` are [K, C] outputs
     in the accumulation dtype; ``rm0``..``rm7``/``rv0``..``rv7`` the running mean and variance of
@@ -234,7 +245,7 @@ def bn_combine_kernel(
                 mean, m2, count,
                 tl.load(mean_part_ptr + part, mask=c_ok, other=0.0),
                 tl.load(m2_part_ptr + part, mask=c_ok, other=0.0),
-                tl.load(count_part_ptr + s * C + c, mask=c_ok, other=0.0),
+                tl.load(count_part_ptr + part, mask=c_ok, other=0.0),
             )
         tl.store(mean_ptr + i * C + c, mean, mask=c_ok)
         tl.store(var_ptr + i * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
@@ -244,8 +255,9 @@ def bn_combine_kernel(
             running_mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
             running_var = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
             unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-            running_mean = running_mean + momentum * (mean - running_mean)
-            running_var = running_var + momentum * (unbiased - running_var)
+            seen = count > 0
+            running_mean = tl.where(seen, running_mean + momentum * (mean - running_mean), running_mean)
+            running_var = tl.where(seen, running_var + momentum * (unbiased - running_var), running_var)
             tl.store(rm_ptr + c, running_mean.to(rm_ptr.dtype.element_ty), mask=c_ok)
             tl.store(rv_ptr + c, running_var.to(rv_ptr.dtype.element_ty), mask=c_ok)
 
@@ -258,46 +270,48 @@ def bn_apply_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     m0, m1, m2, m3, m4, m5, m6, m7,
     v0, v1, v2, v3, v4, v5, v6, v7,
-    mask_ptr, mask_stride_k, mask_stride_n, first_input, num_inputs, eps,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
     N, C, HW, hw_blocks, tiles_per_chunk,
-    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    RELU: tl.constexpr, ACCUMULATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, PLANE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, JOIN: tl.constexpr,
+    RELU: tl.constexpr, ACCUMULATE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    PLANE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """out = masked mean over inputs of act((x_i - mean_i) * rstd_i * w_i + b_i), in one pass.
+    """out = join over inputs of act((x_i - mean_i) * rstd_i * w_i + b_i), in one pass.
 
-    Pointers: ``out_ptr`` and ``x0``..``x7`` (first K read) share one [N, C, HW] layout;
-    ``w``/``b`` are per-input weights and biases (bits of HAS_WEIGHT / HAS_BIAS say which exist);
-    ``m``/``v`` per-input mean and variance (batch statistics in training, running statistics in
-    eval); ``mask_ptr`` the bool [num_inputs, N] join mask with its strides, read when HAS_MASK
-    (these are inputs first_input.. of a num_inputs-input join; without a mask the plain mean).
-    RELU applies the ReLU; ACCUMULATE adds to out (groups after the first when k > 8). Rows of a
-    dropped input are not read.
+    Pointers: ``out_ptr`` is [N, C, HW]; ``x0``..``x7`` (first K read) share its layout, each
+    with its own rows; ``w``/``b`` are per-input weights and biases (bits of HAS_WEIGHT /
+    HAS_BIAS say which exist); ``m``/``v`` per-input mean and variance (batch statistics in
+    training, running statistics in eval); ``join_ptr`` with its strides is the join of inputs
+    first_input.. of a num_inputs-input join: none, a bool mask or a gather table of rows, as
+    JOIN says (common.join_row). RELU applies the ReLU; ACCUMULATE adds to out (groups after the
+    first when k > 8). Rows of a dropped input are not read.
     """
     ACC: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
     eps = tl.cast(eps, tl.float32)
     cb = tl.program_id(0)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
-        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n, c, hw, valid = _tile(t, cb, N, C, HW, hw_blocks, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
         n_ok = n < N
-        scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, n_ok, num_inputs, HAS_MASK, ACC)
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
         for i in tl.static_range(K):
             mean, rstd, w, b = _channel_params(
-                i, c, c_ok, eps, w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7,
+                i, c_block, c_ok, eps, w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7,
                 m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7, HAS_WEIGHT, HAS_BIAS, ACC,
             )
-            keep = join_keep(mask_ptr, mask_stride_k, mask_stride_n, first_input + i, n, n_ok, HAS_MASK)
+            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
             x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
-            x = tl.load(x_ptr + offs, mask=valid & keep, other=0.0).to(ACC)
+            x = tl.load(x_ptr + _offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE),
+                        mask=valid & keep, other=0.0).to(ACC)
             y = _normalize(x, mean, rstd, w, b)
             if RELU:
                 y = tl.maximum(y, 0.0)
             acc += tl.where(keep, y, 0.0)
         out = acc * scale
+        offs = _offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE)
         if ACCUMULATE:
             out += tl.load(out_ptr + offs, mask=valid, other=0.0).to(ACC)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
@@ -311,46 +325,48 @@ def bn_backward_reduce_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     m0, m1, m2, m3, m4, m5, m6, m7,
     v0, v1, v2, v3, v4, v5, v6, v7,
-    mask_ptr, mask_stride_k, mask_stride_n, first_input, num_inputs, eps,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
     sum_g_part_ptr, sum_gx_part_ptr,
     N, C, HW, hw_blocks, tiles_per_chunk,
-    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, JOIN: tl.constexpr,
     RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, PLANE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Per-chunk sums over each channel of g_i and g_i * x_hat_i for K inputs, where g_i is the
     output gradient routed to input i (join weight, ReLU mask) and x_hat_i the normalised input.
 
-    Pointers as in bn_apply_kernel, with ``grad_ptr`` the output gradient in the inputs' layout;
+    Pointers as in bn_apply_kernel, with ``grad_ptr`` the [N, C, HW] output gradient;
     ``sum_g_part_ptr`` and ``sum_gx_part_ptr`` are [K, num_chunks, C] outputs (accumulation
     dtype). The output gradient is read once for all K inputs; rows of a dropped input are not
-    read (their g is 0).
+    read (their g is 0), nor rows of a gathered input that hold no sample.
     """
     ACC: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
     eps = tl.cast(eps, tl.float32)
     cb = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
     # Per-lane sums for each input, reduced across lanes once at the end.
     zero = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
     g0, g1, g2, g3, g4, g5, g6, g7 = zero, zero, zero, zero, zero, zero, zero, zero
     gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7 = zero, zero, zero, zero, zero, zero, zero, zero
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
-        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n, c, hw, valid = _tile(t, cb, N, C, HW, hw_blocks, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
         n_ok = n < N
-        scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, n_ok, num_inputs, HAS_MASK, ACC)
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
+        offs = _offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE)
         grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
         for i in tl.static_range(K):
             mean, rstd, w, b = _channel_params(
-                i, c, c_ok, eps, w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7,
+                i, c_block, c_ok, eps, w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7,
                 m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7, HAS_WEIGHT, HAS_BIAS, ACC,
             )
-            keep = join_keep(mask_ptr, mask_stride_k, mask_stride_n, first_input + i, n, n_ok, HAS_MASK)
+            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
             x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
-            x = tl.load(x_ptr + offs, mask=valid & keep, other=0.0).to(ACC)
+            x = tl.load(x_ptr + _offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE),
+                        mask=valid & keep, other=0.0).to(ACC)
             g = tl.where(keep & valid, grad, 0.0)
             if RELU:
                 g = tl.where(_normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
@@ -359,9 +375,10 @@ def bn_backward_reduce_kernel(
                 i, g * ((x - mean) * rstd), gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7
             )
     for i in tl.static_range(K):
-        part = (i * num_chunks + chunk) * C + c
+        part = (i * num_chunks + chunk) * C + c_block
         tl.store(sum_g_part_ptr + part, tl.sum(tl.sum(pick(i, g0, g1, g2, g3, g4, g5, g6, g7), 2), 0), mask=c_ok)
-        tl.store(sum_gx_part_ptr + part, tl.sum(tl.sum(pick(i, gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7), 2), 0), mask=c_ok)
+        tl.store(sum_gx_part_ptr + part, tl.sum(tl.sum(pick(i, gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7), 2), 0),
+                 mask=c_ok)
 
 
 @triton.jit
@@ -373,54 +390,69 @@ def bn_backward_dx_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     m0, m1, m2, m3, m4, m5, m6, m7,
     v0, v1, v2, v3, v4, v5, v6, v7,
-    mask_ptr, mask_stride_k, mask_stride_n, first_input, num_inputs, eps,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps, sample_ptr,
     sum_g_part_ptr, sum_gx_part_ptr, num_partials, grad_weight_ptr, grad_bias_ptr, count,
     N, C, HW, hw_blocks, tiles_per_chunk,
-    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-    RELU: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, PLANE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    K: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, JOIN: tl.constexpr,
+    RELU: tl.constexpr, BATCH_STATS: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+    PLANE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Input gradients of K inputs, and the weight and bias gradients.
 
     dx_i = w_i * rstd_i * (g_i - (sum g_i + x_hat_i * sum g_i x_hat_i) / count) with batch
     statistics (BATCH_STATS), w_i * rstd_i * g_i with running statistics. Pointers as in
-    bn_backward_reduce_kernel plus ``dx0``..``dx7`` (outputs, the inputs' layout); the sums come
-    as ``num_partials`` partials per channel ([K, num_partials, C]); programs of chunk 0 write
-    the totals to ``grad_weight_ptr`` (sum g x_hat) and ``grad_bias_ptr`` (sum g), each [K, C].
-    ``count`` is the number of elements per channel the sums cover.
+    bn_backward_reduce_kernel plus ``dx0``..``dx7`` (outputs in the inputs' layouts); the sums
+    come as ``num_partials`` partials per channel ([K, num_partials, C]); programs of chunk 0
+    write the totals to ``grad_weight_ptr`` (sum g x_hat) and ``grad_bias_ptr`` (sum g), each
+    [K, C]. ``count`` is the number of elements per channel the sums cover.
+
+    The tile rows are the N rows of the inputs. For a gather join (JOIN_GATHER, one input per
+    launch) ``sample_ptr`` [N] maps each row to the output sample it holds (-1 for none), whose
+    gradient it reads; otherwise a row is a sample.
     """
     ACC: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
     eps = tl.cast(eps, tl.float32)
-    inv_count = 1.0 / tl.cast(count, ACC)
+    inv_count = 1.0 / tl.maximum(tl.cast(count, ACC), 1.0)
     cb = tl.program_id(0)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
     # Totals per input, loaded once: named one by one because the tile loop needs all K.
-    g0, gx0 = _channel_totals(0, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g1, gx1 = _channel_totals(1, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g2, gx2 = _channel_totals(2, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g3, gx3 = _channel_totals(3, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g4, gx4 = _channel_totals(4, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g5, gx5 = _channel_totals(5, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g6, gx6 = _channel_totals(6, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
-    g7, gx7 = _channel_totals(7, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c, c_ok, C, ACC)
+    g0, gx0 = _channel_totals(0, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g1, gx1 = _channel_totals(1, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g2, gx2 = _channel_totals(2, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g3, gx3 = _channel_totals(3, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g4, gx4 = _channel_totals(4, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g5, gx5 = _channel_totals(5, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g6, gx6 = _channel_totals(6, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
+    g7, gx7 = _channel_totals(7, K, sum_g_part_ptr, sum_gx_part_ptr, num_partials, c_block, c_ok, C, ACC)
     if tl.program_id(1) == 0:
         for i in tl.static_range(K):
-            rows = i * C + c[None, :, None]
+            rows = i * C + c_block[None, :, None]
             tl.store(grad_weight_ptr + rows, pick(i, gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7), mask=c_ok[None, :, None])
             tl.store(grad_bias_ptr + rows, pick(i, g0, g1, g2, g3, g4, g5, g6, g7), mask=c_ok[None, :, None])
     first, last = _chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
-        n, offs, valid = _tile(t, cb, N, C, HW, hw_blocks, CHANNELS_LAST, INDEX_64, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n, c, hw, valid = _tile(t, cb, N, C, HW, hw_blocks, PLANE, BLOCK_N, BLOCK_C, BLOCK_HW)
         n_ok = n < N
-        scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, n_ok, num_inputs, HAS_MASK, ACC)
-        grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
+        offs = _offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE)
+        if JOIN == 2:
+            sample = tl.load(sample_ptr + n, mask=n_ok, other=-1)
+            held = sample >= 0
+        else:
+            sample = n
+            held = n_ok
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, sample, held, num_inputs, JOIN, ACC)
+        grad_offs = _offsets(sample, c, hw, C, HW, CHANNELS_LAST, INDEX_64, PLANE)
+        grad = tl.load(grad_ptr + grad_offs, mask=valid & held, other=0.0).to(ACC) * scale
         for i in tl.static_range(K):
             mean, rstd, w, b = _channel_params(
-                i, c, c_ok, eps, w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7,
+                i, c_block, c_ok, eps, w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7,
                 m0, m1, m2, m3, m4, m5, m6, m7, v0, v1, v2, v3, v4, v5, v6, v7, HAS_WEIGHT, HAS_BIAS, ACC,
             )
-            keep = join_keep(mask_ptr, mask_stride_k, mask_stride_n, first_input + i, n, n_ok, HAS_MASK)
+            if JOIN == 2:
+                keep = held
+            else:
+                keep, _ = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
             x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
             # With batch statistics every row has a gradient (through the mean and variance).
             if BATCH_STATS:
@@ -451,9 +483,13 @@ def _flags(tensors: list[torch.Tensor]) -> int:
     return bitmask([present(t) for t in tensors])
 
 
-def _per_input_args(group: range, *lists: list[torch.Tensor]) -> list[torch.Tensor]:
+def _per_input_args(group: range, *lists: list) -> list:
     """The group's entries of each per-input list, each padded to the kernels' eight slots."""
     return [t for items in lists for t in pad([items[i] for i in group])]
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 @define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars"))
@@ -461,39 +497,58 @@ def bn_stats(
     inputs: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor], momentum: float
 ) -> torch.Tensor:
     """Batch mean and biased variance of every channel of every input, as a [2, k, C] tensor
-    (fp32; fp64 for fp64 inputs). Updates the running statistics that are present (empty
-    tensors stand for absent ones) with ``momentum`` and the unbiased variance.
+    (fp32; fp64 for fp64 inputs). Inputs may differ in their number of rows (gathered column
+    segments). Updates the running statistics that are present (empty tensors stand for absent
+    ones) with ``momentum`` and the unbiased variance; an input with no rows updates nothing.
 
     Launches bn_stats_kernel and bn_combine_kernel once for up to eight inputs.
     """
     xs = dense_inputs(inputs)
-    tiling = channel_tiling(xs[0], len(xs))
+    tiling = channel_tiling(max(xs, key=lambda x: x.shape[0]), len(xs))
     k, C, chunks = len(xs), tiling.C, tiling.num_chunks
     dtype, device = acc_dtype(xs[0].dtype), xs[0].device
     stats = torch.empty(2, k, C, dtype=dtype, device=device)
-    partials = torch.empty(2, k, chunks, C, dtype=dtype, device=device)
-    counts = torch.empty(chunks, C, dtype=dtype, device=device)
+    partials = torch.empty(3, k, chunks, C, dtype=dtype, device=device)  # mean, m2, count
     block_c = min(_COMBINE_BLOCK_C, triton.next_power_of_2(C))
     for group in groups(k):
         start = group.start
         launch(
             bn_stats_kernel, tiling.grid,
-            *_per_input_args(group, xs), partials[0, start], partials[1, start], counts, *tiling.kernel_args(),
+            *_per_input_args(group, xs, [x.shape[0] for x in xs]), *partials[:, start], *tiling.block_args(),
             K=len(group), **tiling.meta(),
         )
         launch(
             bn_combine_kernel, (triton.cdiv(C, block_c),),
-            partials[0, start], partials[1, start], counts, stats[0, start], stats[1, start],
+            *partials[:, start], stats[0, start], stats[1, start],
             *_per_input_args(group, running_means, running_vars), float(momentum), C, chunks,
-            K=len(group), HAS_RUNNING=_flags([running_means[i] for i in group]), BLOCK_C=block_c, num_warps=4,
+            K=len(group), HAS_RUNNING=_flags([running_means[i] for i in group]), BLOCK_C=block_c,
+            num_warps=4, maxnreg=MAX_REGISTERS,
         )
     return stats
+
+
+def _output(xs: list[torch.Tensor], rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """An uninitialised join output: one row per sample, the inputs' layout."""
+    if rows is None:
+        return torch.empty_like(xs[0])
+    return xs[0].new_empty((rows.shape[1],) + xs[0].shape[1:]).contiguous(memory_format=_layout(xs[0]))
+
+
+def _common_args(group, xs, weights, biases, means, variances, join, first, k, eps):
+    """The arguments every apply and backward kernel shares, for one group of inputs."""
+    return (*_per_input_args(group, weights, biases, means, variances), *join, first, k, float(eps))
+
+
+def _common_meta(group, weights, biases, mode, relu) -> dict:
+    return dict(K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]),
+                HAS_BIAS=_flags([biases[i] for i in group]), JOIN=mode, RELU=relu)
 
 
 @define_op("fractal_kernels::bn_apply")
 def bn_apply(
     inputs: list[torch.Tensor],
     mask: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
     means: list[torch.Tensor],
@@ -502,7 +557,8 @@ def bn_apply(
     eps: float,
     relu: bool,
 ) -> torch.Tensor:
-    """The masked mean over inputs of act((x_i - mean_i) / sqrt(var_i + eps) * w_i + b_i).
+    """The join (plain mean, ``mask`` or gather table ``rows``) over inputs of
+    act((x_i - mean_i) / sqrt(var_i + eps) * w_i + b_i).
 
     Empty tensors stand for absent weights and biases. ``batch_stats`` says whether the means and
     variances are the batch statistics of the inputs (training), which the backward then
@@ -510,55 +566,71 @@ def bn_apply(
     up to eight inputs.
     """
     xs = dense_inputs(inputs)
-    out = torch.empty_like(xs[0])
+    out = _output(xs, rows)
     if out.numel() == 0:
         return out
     tiling = channel_tiling(out, len(xs))
+    join, mode = join_args(out, mask, rows)
     for g, group in enumerate(groups(len(xs))):
         launch(
             bn_apply_kernel, tiling.grid,
-            out, *_per_input_args(group, xs, weights, biases, means, variances),
-            *mask_args(mask, out), group.start, len(xs), float(eps), *tiling.kernel_args(),
-            K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]), HAS_BIAS=_flags([biases[i] for i in group]),
-            HAS_MASK=mask is not None, RELU=relu, ACCUMULATE=g > 0, **tiling.meta(),
+            out, *_per_input_args(group, xs), *_common_args(group, xs, weights, biases, means, variances, join,
+                                                            group.start, len(xs), eps),
+            tiling.N, *tiling.block_args(),
+            **_common_meta(group, weights, biases, mode, relu), ACCUMULATE=g > 0, **tiling.meta(),
         )
     return out
 
 
-def bn_backward_sums(grad, xs, mask, weights, biases, means, variances, eps, relu, tiling: ChannelTiling):
-    """Per-chunk sums of g_i and g_i * x_hat_i, as [2, k, num_chunks, C] (bn_backward_reduce_kernel)."""
+def bn_backward_sums(grad, xs, join, mode, weights, biases, means, variances, eps, relu) -> torch.Tensor:
+    """Per-chunk sums of g_i and g_i * x_hat_i over the output rows, as [2, k, chunks, C]
+    (bn_backward_reduce_kernel)."""
     k = len(xs)
+    tiling = channel_tiling(grad, k)
     partials = torch.empty(2, k, tiling.num_chunks, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
     for group in groups(k):
         launch(
             bn_backward_reduce_kernel, tiling.grid,
-            grad, *_per_input_args(group, xs, weights, biases, means, variances),
-            *mask_args(mask, grad), group.start, k, float(eps), partials[0, group.start], partials[1, group.start],
-            *tiling.kernel_args(),
-            K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]), HAS_BIAS=_flags([biases[i] for i in group]),
-            HAS_MASK=mask is not None, RELU=relu, **tiling.meta(),
+            grad, *_per_input_args(group, xs), *_common_args(group, xs, weights, biases, means, variances, join,
+                                                             group.start, k, eps),
+            partials[0, group.start], partials[1, group.start], tiling.N, *tiling.block_args(),
+            **_common_meta(group, weights, biases, mode, relu), **tiling.meta(),
         )
     return partials
 
 
-def bn_backward_dx(grad, xs, mask, weights, biases, means, variances, eps, relu, batch_stats, sums, count, tiling):
-    """Input gradients and [2, k, C] weight and bias gradients from the sums (bn_backward_dx_kernel).
+def _row_samples(rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """For each gathered input, the output sample each of its rows holds (-1 for none)."""
+    k, batch = rows.shape
+    spare = max(sizes)  # a spare column takes the -1 entries
+    table = rows.new_full((k, spare + 1), -1)
+    samples = torch.arange(batch, device=rows.device, dtype=rows.dtype).expand(k, batch)
+    table.scatter_(1, torch.where(rows >= 0, rows, spare), samples)
+    return [table[i, :size] for i, size in enumerate(sizes)]
 
-    ``sums`` is [2, k, P, C]: P partial sums per channel (P = 0 when neither batch statistics nor
-    affine parameters need them); ``count`` is the number of elements per channel they cover.
-    """
+
+def bn_backward_dx(grad, xs, join, mode, weights, biases, means, variances, eps, relu, batch_stats, sums, rows=None,
+                   count=None):
+    """Input gradients (the inputs' shapes) and [2, k, C] weight and bias gradients from the
+    [2, k, P, C] partial sums (bn_backward_dx_kernel): one launch per group of eight inputs, or,
+    for a gather join, one per input over its own rows. ``count``: the elements per channel the
+    sums cover (default: the inputs' own)."""
     k = len(xs)
     grad_inputs = [torch.empty_like(x) for x in xs]
-    grad_params = torch.empty(2, k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
-    for group in groups(k):
+    grad_params = torch.empty(2, k, grad.shape[1], dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
+    if rows is None:
+        launches = [(group, channel_tiling(xs[0], k), grad) for group in groups(k)]
+    else:
+        samples = _row_samples(rows, [x.shape[0] for x in xs])
+        launches = [(range(i, i + 1), channel_tiling(xs[i], 1), samples[i]) for i in range(k)]
+    for group, tiling, sample in launches:
         launch(
             bn_backward_dx_kernel, tiling.grid,
-            grad, *_per_input_args(group, xs, grad_inputs, weights, biases, means, variances),
-            *mask_args(mask, grad), group.start, k, float(eps),
+            grad, *_per_input_args(group, xs, grad_inputs),
+            *_common_args(group, xs, weights, biases, means, variances, join, group.start, k, eps), sample,
             sums[0, group.start], sums[1, group.start], sums.shape[2], grad_params[0, group.start],
-            grad_params[1, group.start], count, *tiling.kernel_args(),
-            K=len(group), HAS_WEIGHT=_flags([weights[i] for i in group]), HAS_BIAS=_flags([biases[i] for i in group]),
-            HAS_MASK=mask is not None, RELU=relu, BATCH_STATS=batch_stats, **tiling.meta(),
+            grad_params[1, group.start], tiling.count if count is None else count, tiling.N, *tiling.block_args(),
+            **_common_meta(group, weights, biases, mode, relu), BATCH_STATS=batch_stats, **tiling.meta(),
         )
     return grad_inputs, grad_params
 
@@ -568,6 +640,7 @@ def bn_backward(
     grad: torch.Tensor,
     inputs: list[torch.Tensor],
     mask: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
     means: list[torch.Tensor],
@@ -579,47 +652,49 @@ def bn_backward(
     """Backward of bn_apply: the input gradients and the [2, k, C] weight and bias gradients.
 
     Two launches for up to eight inputs (one when no sums are needed: running statistics and no
-    affine parameters).
+    affine parameters); a gather join launches the input-gradient kernel once per input.
     """
     xs = dense_inputs(inputs)
-    grad = like_layout(grad, xs[0])
-    tiling = channel_tiling(xs[0], len(xs))
-    args = (grad, xs, mask, weights, biases, means, variances, eps, relu)
+    grad = grad.contiguous(memory_format=_layout(xs[0]))
+    join, mode = join_args(grad, mask, rows)
+    args = (grad, xs, join, mode, weights, biases, means, variances, eps, relu)
     if batch_stats or any(present(t) for t in (*weights, *biases)):
-        sums = bn_backward_sums(*args, tiling)
+        sums = bn_backward_sums(*args)
     else:
-        sums = grad.new_empty(2, len(xs), 0, tiling.C, dtype=acc_dtype(grad.dtype))
-    return bn_backward_dx(*args, batch_stats, sums, tiling.count, tiling)
+        sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
+    return bn_backward_dx(*args, batch_stats, sums, rows)
 
 
 def _apply_setup_context(ctx, inputs, output):
-    xs, mask, weights, biases, means, variances, batch_stats, eps, relu = inputs
+    xs, mask, rows, weights, biases, means, variances, batch_stats, eps, relu = inputs
     ctx.num_inputs = len(xs)
     ctx.options = (batch_stats, eps, relu)
-    ctx.save_for_backward(mask, *xs, *weights, *biases, *means, *variances)
+    ctx.save_for_backward(mask, rows, *xs, *weights, *biases, *means, *variances)
 
 
 def _apply_backward(ctx, grad):
-    mask, *saved = ctx.saved_tensors
+    mask, rows, *saved = ctx.saved_tensors
     k = ctx.num_inputs
     xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
-    grad_inputs, grad_params = bn_backward(grad, xs, mask, weights, biases, means, variances, *ctx.options)
+    grad_inputs, grad_params = bn_backward(grad, xs, mask, rows, weights, biases, means, variances, *ctx.options)
     grad_weights = [grad_params[0, i].to(w.dtype) if present(w) else None for i, w in enumerate(weights)]
     grad_biases = [grad_params[1, i].to(b.dtype) if present(b) else None for i, b in enumerate(biases)]
-    return grad_inputs, None, grad_weights, grad_biases, [None] * k, [None] * k, None, None, None
+    return grad_inputs, None, None, grad_weights, grad_biases, [None] * k, [None] * k, None, None, None
 
 
 bn_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# The composite behind bn_relu and join_bn_relu
+# The composite behind bn_relu, join_bn_relu and gather_join_bn_relu
 # ----------------------------------------------------------------------------------------------
 
 
-def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu):
-    """masked_join([bn(+relu)(x_i) for each input], mask) on the Triton ops: in training the
-    statistics of all inputs (and the running-statistic updates), then one apply pass."""
+def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
+                    rows=None):
+    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(x_i) for each input] on the
+    Triton ops: in training the statistics of all inputs (and the running-statistic updates),
+    then one apply pass."""
     xs = dense_inputs(inputs)
     absent = placeholder(xs[0])
 
@@ -633,7 +708,7 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
-    args = (xs, mask, filled(weights), filled(biases), means, variances, training, eps, relu)
+    args = (xs, mask, rows, filled(weights), filled(biases), means, variances, training, eps, relu)
     out = bn_apply(*args)
     if recompute.recording():
         recompute.register(out, lambda: bn_apply(*args))
@@ -654,15 +729,16 @@ def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1,
 _library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")
 
 
-def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool) -> None:
+def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=None) -> None:
     """Runs the statistics, apply and backward launchers once (the audit's cases)."""
     C, k = xs[0].shape[1], len(xs)
     params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else placeholder(xs[0]) for _ in range(k)]
     running = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) for _ in range(k)]
     stats = bn_stats(xs, running, running, 0.1) if training else torch.stack([torch.stack(running)] * 2)
     means, variances = list(stats[0]), list(stats[1])
-    bn_apply(xs, mask, params, params, means, variances, training, 1e-5, relu)
-    bn_backward(xs[0], xs, mask, params, params, means, variances, training, 1e-5, relu)
+    bn_apply(xs, mask, rows, params, params, means, variances, training, 1e-5, relu)
+    grad = _output(xs, rows)
+    bn_backward(grad, xs, mask, rows, params, params, means, variances, training, 1e-5, relu)
 
 
 @audit_cases
@@ -676,9 +752,14 @@ def _audit_cases(quick: bool):
 
                 name = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} {'nhwc' if layout == torch.channels_last else 'nchw'}"
                 mask = torch.ones(3, shape[0], dtype=torch.bool)
+                # A gather join over compact inputs of 1/2 and 1/4 of the samples.
+                compact = [torch.empty((n,) + shape[1:], dtype=dtype).to(memory_format=layout)
+                           for n in (shape[0], shape[0] // 2, shape[0] // 4)]
+                rows = torch.zeros(3, shape[0], dtype=torch.int64)
                 yield f"{name} bn_relu train", lambda: _forward_backward(inputs(1), None, True, True, True)
                 yield f"{name} bn_relu eval", lambda: _forward_backward(inputs(1), None, True, False, True)
                 yield f"{name} join k=3", lambda: _forward_backward(inputs(3), mask, True, True, True)
+                yield f"{name} gather k=3", lambda: _forward_backward(compact, None, True, True, True, rows=rows)
                 if dtype == torch.float32:
                     yield f"{name} batch_norm", lambda: _forward_backward(inputs(1), None, False, True, False)
                     yield f"{name} join k=9", lambda: _forward_backward(inputs(9), None, True, True, True)

@@ -28,8 +28,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------------
 
 
-def check_tensor_list(name: str, tensors, *, min_len: int = 1) -> list[torch.Tensor]:
-    """Checks that ``tensors`` is a list/tuple of at least ``min_len`` tensors of one shape, dtype and device."""
+def check_tensor_list(name: str, tensors, *, min_len: int = 1, same_batch: bool = True) -> list[torch.Tensor]:
+    """Checks that ``tensors`` is a list/tuple of at least ``min_len`` tensors of one shape (but
+    for the batch size when not ``same_batch``), dtype and device."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
     if len(tensors) < min_len:
@@ -43,8 +44,9 @@ def check_tensor_list(name: str, tensors, *, min_len: int = 1) -> list[torch.Ten
     if first.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {first.dtype}")
     for i, t in enumerate(tensors[1:], 1):
-        if t.shape != first.shape:
-            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(first.shape)} like {name}[0]")
+        if t.dim() != first.dim() or t.shape[int(not same_batch):] != first.shape[int(not same_batch):]:
+            like = f"[B_{i}, {', '.join(map(str, first.shape[1:]))}]" if not same_batch else str(tuple(first.shape))
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {like} like {name}[0]")
         if t.dtype != first.dtype:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {first.dtype} like {name}[0]")
         if t.device != first.device:
@@ -64,6 +66,24 @@ def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device
         raise ValueError(f"mask must have shape [num_inputs, batch] = {[num_inputs, batch]}, got {list(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device}, expected {device} like the inputs")
+
+
+def check_rows(rows, inputs: Sequence[torch.Tensor]) -> None:
+    """Checks a gather table: integer [k, B] on the inputs' device, with rows[i, b] in
+    [-1, B_i) (one device-to-host read of the check's result)."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a tensor, got {type(rows).__name__}")
+    if rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rows must be an int32 or int64 tensor, got {rows.dtype}")
+    if rows.dim() != 2 or rows.shape[0] != len(inputs):
+        raise ValueError(f"rows must have shape [num_inputs, batch] = [{len(inputs)}, B], got {list(rows.shape)}")
+    if rows.device != inputs[0].device:
+        raise ValueError(f"rows is on {rows.device}, expected {inputs[0].device} like the inputs")
+    if torch.compiler.is_compiling():
+        return  # the range check reads a value: not while tracing
+    sizes = torch.tensor([x.shape[0] for x in inputs], device=rows.device)[:, None]
+    if rows.numel() and bool(((rows < -1) | (rows >= sizes)).any()):
+        raise ValueError("rows[i, b] must be -1 or a row of inputs[i] (0 <= row < inputs[i].shape[0])")
 
 
 def bool_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -123,17 +143,27 @@ def like_layout(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The inputs in one dense layout: the first input's if it is contiguous or channels-last."""
+    """The inputs in one dense layout: the first input's if it is contiguous or channels-last
+    (inputs may differ in their batch size)."""
     first = dense(inputs[0])
-    return [first] + [like_layout(x, first) for x in inputs[1:]]
+    layout = torch.channels_last if is_channels_last(first) else torch.contiguous_format
+    return [first] + [x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout) for x in inputs[1:]]
 
 
-def mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
-    """Kernel arguments (pointer, stride over inputs, stride over samples) of an optional join mask."""
+#: How a kernel joins its inputs (a constexpr): the plain mean, a bool drop-path mask [k, B], or
+#: a gather table [k, B] holding the row of input i that carries sample b (-1 for none).
+JOIN_MEAN, JOIN_MASK, JOIN_GATHER = 0, 1, 2
+
+
+def join_args(dummy: torch.Tensor, mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> tuple:
+    """Kernel arguments (pointer, stride over inputs, stride over samples) and the JOIN mode of a
+    join given by a mask, by a gather table, or by neither."""
+    if rows is not None:
+        return (rows, rows.stride(0), rows.stride(1)), JOIN_GATHER
     mask = bool_mask(mask)
     if mask is None:
-        return dummy, 0, 0
-    return mask, mask.stride(0), mask.stride(1)
+        return (dummy, 0, 0), JOIN_MEAN
+    return (mask, mask.stride(0), mask.stride(1)), JOIN_MASK
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -212,8 +242,9 @@ class ChannelTiling:
         """Elements per channel."""
         return self.N * self.HW
 
-    def kernel_args(self) -> tuple[int, ...]:
-        return (self.N, self.C, self.HW, self.hw_blocks, self.tiles_per_chunk)
+    def block_args(self) -> tuple[int, ...]:
+        """Kernel arguments after the row count: (C, HW, hw_blocks, tiles_per_chunk)."""
+        return (self.C, self.HW, self.hw_blocks, self.tiles_per_chunk)
 
     def meta(self) -> dict:
         """The tiling's constexprs and launch options."""
@@ -437,24 +468,30 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 
 
 @triton.jit
-def join_scale(mask_ptr, stride_k, stride_n, n, n_ok, num_inputs, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
-    """1 / (surviving inputs) for each sample n, 0 where none survives; 1 / num_inputs without a mask.
+def join_row(join_ptr, stride_k, stride_n, i, n, n_ok, JOIN: tl.constexpr):
+    """(keep, row): whether input i survives for sample n, and the row of input i that holds it.
 
-    ``n`` is a sample index (scalar or tensor); the mask is [num_inputs, batch] with the given strides.
+    JOIN is JOIN_MEAN (every input, row n), JOIN_MASK (``join_ptr`` is a bool [num_inputs, batch]
+    mask; row n) or JOIN_GATHER (``join_ptr`` is an int [num_inputs, batch] table of rows, -1 for
+    none). ``n`` is a sample index, scalar or tensor.
     """
-    if HAS_MASK:
-        count = (n * 0).to(ACC)
-        for i in range(num_inputs):
-            count += (tl.load(mask_ptr + i * stride_k + n * stride_n, mask=n_ok, other=0) != 0).to(ACC)
-        return tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
+    if JOIN == 2:
+        row = tl.load(join_ptr + i * stride_k + n * stride_n, mask=n_ok, other=-1)
+        return row >= 0, row
+    elif JOIN == 1:
+        return tl.load(join_ptr + i * stride_k + n * stride_n, mask=n_ok, other=0) != 0, n
     else:
-        return (n * 0 + 1).to(ACC) / num_inputs
+        return n_ok, n
 
 
 @triton.jit
-def join_keep(mask_ptr, stride_k, stride_n, i, n, n_ok, HAS_MASK: tl.constexpr):
-    """Whether input i survives for sample n (always, without a mask)."""
-    if HAS_MASK:
-        return tl.load(mask_ptr + i * stride_k + n * stride_n, mask=n_ok, other=0) != 0
+def join_scale(join_ptr, stride_k, stride_n, n, n_ok, num_inputs, JOIN: tl.constexpr, ACC: tl.constexpr):
+    """1 / (surviving inputs) for each sample n, 0 where none survives (1 / num_inputs for JOIN_MEAN)."""
+    if JOIN == 0:
+        return (n * 0 + 1).to(ACC) / num_inputs
     else:
-        return n_ok
+        count = (n * 0).to(ACC)
+        for i in range(num_inputs):
+            keep, _ = join_row(join_ptr, stride_k, stride_n, i, n, n_ok, JOIN)
+            count += keep.to(ACC)
+        return tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)

@@ -1,9 +1,14 @@
-"""Drop-path-aware masked join: the per-sample mean of the inputs that survive.
+"""Drop-path-aware joins: the per-sample mean of the inputs that survive.
 
-out[b] = sum_i m[i, b] x_i[b] / sum_i m[i, b], with 0 (and a 0 gradient) for a sample that has no
-survivor. The eager join stacks k inputs, selects, sums and divides: about 6k+2 tensor-sizes of
-traffic. Here the forward reads each surviving input once and writes once (k+1 at most), the
-backward reads the gradient once and writes the k input gradients, and only the mask is saved.
+``masked_join``: out[b] = sum_i m[i, b] x_i[b] / sum_i m[i, b], with 0 (and a 0 gradient) for a
+sample that has no survivor. The eager join stacks k inputs, selects, sums and divides: about
+6k+2 tensor-sizes of traffic. Here the forward reads each surviving input once and writes once
+(k+1 at most), the backward reads the gradient once and writes the k input gradients, and only
+the mask is saved.
+
+``gather_join``: the same mean over compact inputs, input i holding only the B_i samples that
+flow through its column segment; ``rows[i, b]`` is the row of input i that holds sample b, or -1.
+Its gradients are compact too.
 
 Both layouts need no copy: a contiguous or channels-last tensor keeps each sample's elements in
 one dense run, so the kernels see [batch, sample_numel] whatever the layout.
@@ -17,127 +22,187 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import audit_cases, define_op, dense, dense_inputs, groups, join_keep, join_scale, launch, mask_args, pad, pick
+from .common import (
+    MAX_REGISTERS,
+    audit_cases,
+    define_op,
+    dense,
+    dense_inputs,
+    groups,
+    join_args,
+    join_row,
+    join_scale,
+    launch,
+    pad,
+    pick,
+)
 
 
 @triton.jit
 def masked_join_fwd_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
-    mask_ptr, mask_stride_k, mask_stride_n,
+    join_ptr, join_stride_k, join_stride_n,
     first_input, num_inputs, sample_numel, blocks_per_sample,
-    K: tl.constexpr, HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, JOIN: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Joins inputs first_input .. first_input+K-1 of a k-input join into out.
+    """Joins inputs first_input .. first_input+K-1 of a num_inputs-input join into out.
 
     Pointers: ``out_ptr`` and ``x0``..``x7`` (the first K used) share one layout with
-    ``sample_numel`` elements per sample; ``mask_ptr`` is the [num_inputs, batch] mask with strides
-    ``mask_stride_k``, ``mask_stride_n``, read when HAS_MASK (otherwise the plain mean).
-    Program p covers block p % blocks_per_sample of sample p // blocks_per_sample.
-    ACCUMULATE adds to out (the groups after the first when k > 8). A dropped input is never
-    loaded, so its NaN or Inf cannot reach the output.
+    ``sample_numel`` elements per sample (row); ``join_ptr`` is the [num_inputs, batch] mask or
+    gather table with its strides, as JOIN says (common.join_row). Program p covers block
+    p % blocks_per_sample of sample p // blocks_per_sample. ACCUMULATE adds to out (the groups
+    after the first when k > 8). A dropped input is never loaded, so its NaN or Inf cannot
+    reach the output.
     """
     ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     n = pid // blocks_per_sample
     offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
     in_sample = offs < sample_numel
-    base = n.to(tl.int64) * sample_numel
-    scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, True, num_inputs, HAS_MASK, ACC)
+    scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, True, num_inputs, JOIN, ACC)
     acc = tl.zeros([BLOCK], ACC)
     for i in tl.static_range(K):
-        keep = join_keep(mask_ptr, mask_stride_k, mask_stride_n, first_input + i, n, True, HAS_MASK)
-        x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7)
-        acc += tl.load(x_ptr + base + offs, mask=in_sample & keep, other=0.0).to(ACC)
+        keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, True, JOIN)
+        x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7) + row.to(tl.int64) * sample_numel
+        acc += tl.load(x_ptr + offs, mask=in_sample & keep, other=0.0).to(ACC)
     out = acc * scale
+    out_ptr += n.to(tl.int64) * sample_numel
     if ACCUMULATE:
-        out += tl.load(out_ptr + base + offs, mask=in_sample, other=0.0).to(ACC)
-    tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=in_sample)
+        out += tl.load(out_ptr + offs, mask=in_sample, other=0.0).to(ACC)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_sample)
 
 
 @triton.jit
 def masked_join_bwd_kernel(
     grad_ptr,
     g0, g1, g2, g3, g4, g5, g6, g7,
-    mask_ptr, mask_stride_k, mask_stride_n,
+    join_ptr, join_stride_k, join_stride_n,
     first_input, num_inputs, sample_numel, blocks_per_sample,
-    K: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    K: tl.constexpr, JOIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Writes the gradients of inputs first_input .. first_input+K-1: grad * keep / count.
 
-    Pointers: ``grad_ptr`` (the output gradient) and ``g0``..``g7`` (input gradients, first K
-    written) share one layout; the mask and the grid are as in masked_join_fwd_kernel. Dropped
-    inputs and samples without a survivor get exact zeros, whatever the output gradient holds.
+    Pointers: ``grad_ptr`` (the output gradient, [batch] rows) and ``g0``..``g7`` (input
+    gradients, first K written) share one layout; the join table and grid are as in
+    masked_join_fwd_kernel. With a mask, dropped inputs and samples without a survivor get exact
+    zeros, whatever the output gradient holds; with a gather table, only the rows that hold a
+    sample are written (the launcher zeroes the others).
     """
     ACC: tl.constexpr = tl.float64 if grad_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     n = pid // blocks_per_sample
     offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
     in_sample = offs < sample_numel
-    base = n.to(tl.int64) * sample_numel
-    scale = join_scale(mask_ptr, mask_stride_k, mask_stride_n, n, True, num_inputs, HAS_MASK, ACC)
-    grad = tl.load(grad_ptr + base + offs, mask=in_sample, other=0.0).to(ACC) * scale
+    scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, True, num_inputs, JOIN, ACC)
+    grad = tl.load(grad_ptr + n.to(tl.int64) * sample_numel + offs, mask=in_sample, other=0.0).to(ACC) * scale
     for i in tl.static_range(K):
-        keep = join_keep(mask_ptr, mask_stride_k, mask_stride_n, first_input + i, n, True, HAS_MASK)
+        keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, True, JOIN)
         g_ptr = pick(i, g0, g1, g2, g3, g4, g5, g6, g7)
-        tl.store(g_ptr + base + offs, tl.where(keep, grad, 0.0).to(g_ptr.dtype.element_ty), mask=in_sample)
+        g_ptr += row.to(tl.int64) * sample_numel + offs
+        if JOIN == 2:
+            tl.store(g_ptr, grad.to(g_ptr.dtype.element_ty), mask=in_sample & keep)
+        else:
+            tl.store(g_ptr, tl.where(keep, grad, 0.0).to(g_ptr.dtype.element_ty), mask=in_sample)
 
 
 def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int]:
     """(sample_numel, BLOCK, blocks_per_sample) for a dense [batch, ...] tensor."""
-    sample_numel = x.numel() // x.shape[0]
-    block = max(16, min(2048, triton.next_power_of_2(sample_numel)))
+    sample_numel = x[0].numel() if x.shape[0] else x.numel()
+    # 16 values a thread (4 warps); fp64 takes two registers a value: half the block.
+    block = max(16, min(2048 if x.element_size() <= 4 else 1024, triton.next_power_of_2(sample_numel)))
     return sample_numel, block, triton.cdiv(sample_numel, block)
 
 
-@define_op("fractal_kernels::masked_join")
-def masked_join_forward(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Launcher of the join: one launch for up to 8 inputs (more: one per group of 8)."""
+def _join_forward(inputs: list[torch.Tensor], out: torch.Tensor, mask=None, rows=None) -> torch.Tensor:
+    """One launch per group of eight inputs, accumulating into ``out`` after the first."""
     xs = dense_inputs(inputs)
-    out = torch.empty_like(xs[0])
     if out.numel() == 0:
         return out
     sample_numel, block, blocks = _launch_geometry(out)
+    join, mode = join_args(out, mask, rows)
     for g, group in enumerate(groups(len(xs))):
         launch(
             masked_join_fwd_kernel, (out.shape[0] * blocks,),
-            out, *pad([xs[i] for i in group]), *mask_args(mask, out),
-            group.start, len(xs), sample_numel, blocks,
-            K=len(group), HAS_MASK=mask is not None, ACCUMULATE=g > 0, BLOCK=block, num_warps=4,
+            out, *pad([xs[i] for i in group]), *join, group.start, len(xs), sample_numel, blocks,
+            K=len(group), JOIN=mode, ACCUMULATE=g > 0, BLOCK=block, num_warps=4, maxnreg=MAX_REGISTERS,
         )
     return out
 
 
-@define_op("fractal_kernels::masked_join_backward")
-def masked_join_backward(grad: torch.Tensor, mask: Optional[torch.Tensor], num_inputs: int) -> list[torch.Tensor]:
-    """Launcher of the join's backward: every input gradient from one read of ``grad``."""
-    grad = dense(grad)
-    grads = [torch.empty_like(grad) for _ in range(num_inputs)]
+def _join_backward(grad: torch.Tensor, grads: list[torch.Tensor], mask=None, rows=None) -> list[torch.Tensor]:
+    """Every input gradient from one read of ``grad`` (per group of eight)."""
     if grad.numel() == 0:
         return grads
     sample_numel, block, blocks = _launch_geometry(grad)
-    for group in groups(num_inputs):
+    join, mode = join_args(grad, mask, rows)
+    for group in groups(len(grads)):
         launch(
             masked_join_bwd_kernel, (grad.shape[0] * blocks,),
-            grad, *pad([grads[i] for i in group]), *mask_args(mask, grad),
-            group.start, num_inputs, sample_numel, blocks,
-            K=len(group), HAS_MASK=mask is not None, BLOCK=block, num_warps=4,
+            grad, *pad([grads[i] for i in group]), *join, group.start, len(grads), sample_numel, blocks,
+            K=len(group), JOIN=mode, BLOCK=block, num_warps=4, maxnreg=MAX_REGISTERS,
         )
     return grads
 
 
-def _setup_context(ctx, inputs, output):
+@define_op("fractal_kernels::masked_join")
+def masked_join_forward(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Launcher of the masked join: one launch for up to 8 inputs (more: one per group of 8)."""
+    return _join_forward(inputs, torch.empty_like(dense(inputs[0])), mask=mask)
+
+
+@define_op("fractal_kernels::masked_join_backward")
+def masked_join_backward(grad: torch.Tensor, mask: Optional[torch.Tensor], num_inputs: int) -> list[torch.Tensor]:
+    """Launcher of the masked join's backward."""
+    grad = dense(grad)
+    return _join_backward(grad, [torch.empty_like(grad) for _ in range(num_inputs)], mask=mask)
+
+
+@define_op("fractal_kernels::gather_join")
+def gather_join_forward(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Launcher of the gather join: the output has one row per column of ``rows``."""
+    first = dense(inputs[0])
+    out = first.new_empty((rows.shape[1],) + first.shape[1:]).to(memory_format=_format(first))
+    return _join_forward(inputs, out, rows=rows)
+
+
+@define_op("fractal_kernels::gather_join_backward")
+def gather_join_backward(grad: torch.Tensor, rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Launcher of the gather join's backward: compact gradients of ``sizes`` rows each, in the
+    gradient's layout; rows that hold no sample get 0 (a zero fill of each gradient first)."""
+    grad = dense(grad)
+    grads = [grad.new_zeros((size,) + grad.shape[1:]).contiguous(memory_format=_format(grad)) for size in sizes]
+    return _join_backward(grad, grads, rows=rows)
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
+def _mask_setup_context(ctx, inputs, output):
     tensors, mask = inputs
     ctx.num_inputs = len(tensors)
     ctx.save_for_backward(mask)
 
 
-def _backward(ctx, grad):
+def _mask_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
     return masked_join_backward(grad, mask, ctx.num_inputs), None
 
 
-masked_join_forward.register_autograd(_backward, setup_context=_setup_context)
+def _gather_setup_context(ctx, inputs, output):
+    tensors, rows = inputs
+    ctx.sizes = [t.shape[0] for t in tensors]
+    ctx.save_for_backward(rows)
+
+
+def _gather_backward(ctx, grad):
+    (rows,) = ctx.saved_tensors
+    return gather_join_backward(grad, rows, ctx.sizes), None
+
+
+masked_join_forward.register_autograd(_mask_backward, setup_context=_mask_setup_context)
+gather_join_forward.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
 @audit_cases
@@ -146,11 +211,12 @@ def _audit_cases(quick: bool):
     for dtype in dtypes:
         for shape in ((8, 64, 32, 32), (3, 7, 5, 9)):
             for k in (2, 3, 9):
-                for masked in (False, True):
-                    xs = [torch.empty(shape, dtype=dtype) for _ in range(k)]
-                    mask = torch.ones(k, shape[0], dtype=torch.bool) if masked else None
-                    label = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} k={k}"
-                    yield label, lambda xs=xs, mask=mask: (
-                        masked_join_forward(xs, mask),
-                        masked_join_backward(xs[0], mask, len(xs)),
+                xs = [torch.empty(shape, dtype=dtype) for _ in range(k)]
+                label = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} k={k}"
+                mask = torch.ones(k, shape[0], dtype=torch.bool)
+                rows = torch.zeros(k, shape[0], dtype=torch.int64)
+                for name, join in (("mean", {}), ("mask", dict(mask=mask)), ("gather", dict(rows=rows))):
+                    yield f"{label} {name}", lambda xs=xs, join=join: (
+                        _join_forward(xs, torch.empty_like(xs[0]), **join),
+                        _join_backward(xs[0], [torch.empty_like(x) for x in xs], **join),
                     )

@@ -7,7 +7,9 @@ written; backward keeps the k raw inputs, the mask and O(k*C) statistics.
 
 The kernels are batchnorm.py's, which take k inputs and a join mask (bn_relu is their k = 1
 case); this file registers the op and the statistics synchronised over a process group that
-multi-GPU training uses for both ops.
+multi-GPU training uses for both ops. ``gather_join_bn_relu`` is the same over compact inputs
+(column segments computed only for the samples that survive), with a gather table in place of
+the mask.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ import torch
 import torch.distributed as dist
 
 from .batchnorm import _library, batch_norm_join, bn_apply, bn_backward_dx, bn_backward_sums, bn_stats
-from .common import channel_tiling, dense_inputs, like_layout, placeholder, present
+from .common import dense_inputs, join_args, like_layout, placeholder, present
 
 _library.define(
     "join_bn_relu(Tensor[] inputs, Tensor? mask, Tensor?[] weights, Tensor?[] biases, "
+    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float momentum=0.1, "
+    "float eps=1e-05) -> Tensor"
+)
+
+
+_library.define(
+    "gather_join_bn_relu(Tensor[] inputs, Tensor rows, Tensor?[] weights, Tensor?[] biases, "
     "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float momentum=0.1, "
     "float eps=1e-05) -> Tensor"
 )
@@ -31,7 +40,14 @@ def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, tr
     return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True)
 
 
+def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
+                         eps=1e-5):
+    return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps, True,
+                           rows=rows)
+
+
 _library.impl("join_bn_relu", _join_bn_relu, "CompositeImplicitAutograd")
+_library.impl("gather_join_bn_relu", _gather_join_bn_relu, "CompositeImplicitAutograd")
 
 
 class SyncBatchNormJoin(torch.autograd.Function):
@@ -63,7 +79,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
                 running_means[i].lerp_(mean[i].to(running_means[i].dtype), momentum)
                 running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), momentum)
         means, variances = list(mean.unbind(0)), list(var.unbind(0))
-        out = bn_apply(xs, mask, list(weights), list(biases), means, variances, True, eps, relu)
+        out = bn_apply(xs, mask, None, list(weights), list(biases), means, variances, True, eps, relu)
         ctx.save_for_backward(mask, *xs, *weights, *biases, *means, *variances)
         ctx.options = (k, eps, relu, process_group, int(total[0, 0].item()))
         return out
@@ -74,12 +90,12 @@ class SyncBatchNormJoin(torch.autograd.Function):
         mask, *saved = ctx.saved_tensors
         xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
         grad = like_layout(grad, xs[0])
-        tiling = channel_tiling(xs[0], k)
-        args = (grad, xs, mask, weights, biases, means, variances, eps, relu)
-        local_sums = bn_backward_sums(*args, tiling).sum(2, keepdim=True)
+        join, mode = join_args(grad, mask)
+        args = (grad, xs, join, mode, weights, biases, means, variances, eps, relu)
+        local_sums = bn_backward_sums(*args).sum(2, keepdim=True)
         sums = local_sums.clone()
         dist.all_reduce(sums, group=process_group)
-        grad_inputs, _ = bn_backward_dx(*args, True, sums, count, tiling)
+        grad_inputs, _ = bn_backward_dx(*args, True, sums, count=count)
         # Parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them across ranks.
         sum_g, sum_gx = local_sums[:, :, 0]
         grad_params = torch.stack([sum_gx, sum_g])

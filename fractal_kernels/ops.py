@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import batchnorm, join, reference
-from .common import check_bn_input, check_channel_param, check_launchable, check_mask, check_tensor_list
+from .common import check_bn_input, check_channel_param, check_launchable, check_mask, check_rows, check_tensor_list
 from .join_bn_relu import sync_batch_norm_join
 
 BACKENDS = ("auto", "triton", "reference")
@@ -139,6 +139,18 @@ def bn_relu(
     return torch.ops.fractal_kernels.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
 
 
+def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps):
+    x = inputs[0]
+    lists = {"weights": weights, "biases": biases, "running_means": running_means, "running_vars": running_vars}
+    for name, values in lists.items():
+        if not isinstance(values, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
+        if len(values) != len(inputs):
+            raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
+    for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
+        _check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists], *params)
+
+
 def join_bn_relu(
     inputs: Sequence[torch.Tensor],
     mask: Optional[torch.Tensor],
@@ -163,14 +175,7 @@ def join_bn_relu(
     x = inputs[0]
     check_bn_input("inputs[0]", x, training)
     check_mask(mask, len(inputs), x.shape[0], x.device)
-    lists = {"weights": weights, "biases": biases, "running_means": running_means, "running_vars": running_vars}
-    for name, values in lists.items():
-        if not isinstance(values, (list, tuple)):
-            raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
-        if len(values) != len(inputs):
-            raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
-    for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        _check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists], *params)
+    _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps)
     if not _use_triton(x):
         if _synchronised(training, process_group):
             raise ValueError("process_group: synchronised statistics run on the Triton backend only")
@@ -181,4 +186,54 @@ def join_bn_relu(
         )
     return torch.ops.fractal_kernels.join_bn_relu(
         list(inputs), mask, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
+    )
+
+
+def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The join of compact inputs: input i holds only B_i samples (a column segment computed for
+    the samples that survive), ``rows[i, b]`` being the row of input i that holds sample b, or -1.
+
+    Args:
+        inputs: k tensors [B_i, ...] of one trailing shape, dtype and device (B_i may be 0).
+        rows: int32/int64 [k, B]; each row of an input holds at most one sample.
+
+    Returns:
+        [B, ...]: per sample, the mean over the inputs that hold it; 0 (and a 0 gradient) for a
+        sample no input holds. Gradients are compact, shaped like the inputs.
+    """
+    inputs = check_tensor_list("inputs", inputs, same_batch=False)
+    if inputs[0].dim() < 1:
+        raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
+    check_rows(rows, inputs)
+    if _use_triton(inputs[0]):
+        return join.gather_join_forward(inputs, rows)
+    return reference.gather_join(inputs, rows)
+
+
+def gather_join_bn_relu(
+    inputs: Sequence[torch.Tensor],
+    rows: torch.Tensor,
+    weights: Sequence[Optional[torch.Tensor]],
+    biases: Sequence[Optional[torch.Tensor]],
+    running_means: Sequence[Optional[torch.Tensor]],
+    running_vars: Sequence[Optional[torch.Tensor]],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Fused ``gather_join([bn_relu(x_i, ...) for each input], rows)`` over compact inputs (see
+    gather_join): the BatchNorm statistics of input i cover its B_i rows; an input with no rows
+    has no statistics and leaves its running statistics unchanged. One statistics launch and one
+    apply launch in training."""
+    inputs = check_tensor_list("inputs", inputs, same_batch=False)
+    for i, x in enumerate(inputs):
+        if x.shape[0]:
+            check_bn_input(f"inputs[{i}]", x, training)
+    check_rows(rows, inputs)
+    _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps)
+    if not _use_triton(inputs[0]):
+        return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
+                                             momentum, eps)
+    return torch.ops.fractal_kernels.gather_join_bn_relu(
+        list(inputs), rows, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
     )

@@ -63,3 +63,36 @@ def join_bn_relu(
         for x, w, b, rm, rv in zip(inputs, weights, biases, running_means, running_vars)
     ]
     return masked_join(activations, mask)
+
+
+def _spread(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x's rows laid out by sample (row 0 where rows is -1: the join's mask selects it away)."""
+    if x.shape[0] == 0:
+        return x.new_zeros((rows.shape[0],) + x.shape[1:])
+    return x[rows.clamp(min=0)]
+
+
+def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """masked_join over compact inputs: input i holds sample b in row rows[i, b], or not at all
+    where it is -1. The output has one row per sample; a sample held by no input gets 0."""
+    return masked_join([_spread(x, r) for x, r in zip(inputs, rows)], rows >= 0)
+
+
+def gather_join_bn_relu(
+    inputs: Sequence[torch.Tensor],
+    rows: torch.Tensor,
+    weights: Sequence[Optional[torch.Tensor]],
+    biases: Sequence[Optional[torch.Tensor]],
+    running_means: Sequence[Optional[torch.Tensor]],
+    running_vars: Sequence[Optional[torch.Tensor]],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``gather_join([bn_relu(x_i, ...) for each input], rows)``: the statistics of input i cover
+    its own rows; an input with no rows has none (and leaves its running statistics alone)."""
+    activations = [
+        bn_relu(x, w, b, rm, rv, training, momentum, eps) if x.shape[0] else x
+        for x, w, b, rm, rv in zip(inputs, weights, biases, running_means, running_vars)
+    ]
+    return gather_join(activations, rows)

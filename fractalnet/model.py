@@ -51,23 +51,41 @@ class ConvUnit(nn.Module):
         return [copy.deepcopy(self.conv), copy.deepcopy(self.dropout), copy.deepcopy(self.bn), nn.ReLU()]
 
 
-def join_units(units: Sequence[ConvUnit], inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor], fused: bool):
-    """The join of the units ending at one row, each applied to its input (a lone unit: no join)."""
-    if not fused:
-        activations = [unit(x) for unit, x in zip(units, inputs)]
-        return activations[0] if len(activations) == 1 else reference.masked_join(activations, mask)
-    raws = [unit.raw(x) for unit, x in zip(units, inputs)]
-    args = [fk.batchnorm_arguments(unit.bn) for unit in units]
+def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], fused: bool,
+                       mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
+                       process_group=None) -> torch.Tensor:
+    """BatchNorm and ReLU of each unit's raw output, then their join by drop-path ``mask``, or by
+    gather table ``rows`` for compact outputs (skip_dropped). A lone unit has no join. With a
+    ``process_group`` the fused ops use batch statistics over its ranks."""
     if len(units) == 1:
-        return fk.bn_relu(raws[0], **args[0])
+        (unit,), (raw,) = units, raws
+        if raw.shape[0] == 0:  # a skipped segment: nothing to normalise
+            return raw
+        if not fused:
+            return F.relu(unit.bn(raw))
+        return fk.bn_relu(raw, **fk.batchnorm_arguments(unit.bn), process_group=process_group)
+    if rows is not None:
+        # A segment no sample survives contributes nothing: leave it out of the join.
+        present = [j for j, raw in enumerate(raws) if raw.shape[0]]
+        if not present:
+            return raws[0].new_zeros((rows.shape[1],) + raws[0].shape[1:])
+        units, raws, rows = [units[j] for j in present], [raws[j] for j in present], rows[present]
+    if not fused:
+        activations = [F.relu(unit.bn(raw)) for unit, raw in zip(units, raws)]
+        if rows is not None:
+            return reference.gather_join(activations, rows)
+        return reference.masked_join(activations, mask)
+    args = [fk.batchnorm_arguments(unit.bn) for unit in units]
     shared = {key: args[0][key] for key in ("training", "momentum", "eps")}
     if all({key: a[key] for key in shared} == shared for a in args):
-        return fk.join_bn_relu(
-            raws, mask, [a["weight"] for a in args], [a["bias"] for a in args],
-            [a["running_mean"] for a in args], [a["running_var"] for a in args], **shared,
-        )
+        lists = {name: [a[key] for a in args] for name, key in (
+            ("weights", "weight"), ("biases", "bias"), ("running_means", "running_mean"), ("running_vars", "running_var"))}
+        if rows is not None:
+            return fk.gather_join_bn_relu(raws, rows, **lists, **shared)
+        return fk.join_bn_relu(raws, mask, **lists, **shared, process_group=process_group)
     # BatchNorms that disagree (say, one frozen with .eval()): normalise each, then join.
-    return fk.masked_join([fk.bn_relu(raw, **a) for raw, a in zip(raws, args)], mask)
+    activations = [fk.bn_relu(raw, **a, process_group=process_group) for raw, a in zip(raws, args)]
+    return fk.gather_join(activations, rows) if rows is not None else fk.masked_join(activations, mask)
 
 
 class FractalBlock(nn.Module):
@@ -87,16 +105,57 @@ class FractalBlock(nn.Module):
         """Rows spanned by one unit of ``column`` (1-based)."""
         return 2 ** (self.num_columns - column)
 
-    def forward(self, x: torch.Tensor, active: Sequence[int], drop_path: Optional[DropPath], fused: bool):
-        """The block restricted to the ``active`` columns (ascending), with their drop-path."""
+    def endings(self, active: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """(row, the active columns whose unit ends there) for each row where one does."""
+        rows = [(row, [c for c in active if row % self.span(c) == 0]) for row in range(1, 2 ** (self.num_columns - 1) + 1)]
+        return [(row, ending) for row, ending in rows if ending]
+
+    def unit(self, column: int, row: int) -> ConvUnit:
+        """The unit of ``column`` that ends at ``row``."""
+        return self.columns[column - 1][row // self.span(column) - 1]
+
+    def forward(self, x: torch.Tensor, active: Sequence[int], drop_path: Optional[DropPath], fused: bool,
+                skip_dropped: bool = False, process_group=None):
+        """The block restricted to the ``active`` columns (ascending), with their drop-path; the
+        block draws all its joins' masks first, in row order."""
+        endings = self.endings(active)
+        masks = {}
+        if drop_path is not None:
+            masks = {row: drop_path.mask(ending) for row, ending in endings if len(ending) > 1}
+        if skip_dropped and masks:
+            return self._forward_skipping_dropped(x, active, endings, masks, fused)
         inputs = {column: x for column in active}
-        for row in range(1, 2 ** (self.num_columns - 1) + 1):
-            ending = [column for column in active if row % self.span(column) == 0]
-            if not ending:
+        for row, ending in endings:
+            units = [self.unit(column, row) for column in ending]
+            raws = [unit.raw(inputs[column]) for unit, column in zip(units, ending)]
+            out = normalize_and_join(units, raws, fused, mask=masks.get(row), process_group=process_group)
+            inputs.update((column, out) for column in ending)
+        return out
+
+    def _forward_skipping_dropped(self, x, active, endings, masks, fused):
+        """Each column segment (its units from one join to the next) runs only on the samples
+        that survive at the join ending it: their rows are gathered at the segment's start, and
+        the join reads the compact outputs through a gather table."""
+        ending_at = dict(endings)
+        inputs = {column: x for column in active}
+        segments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> (compact tensor, samples)
+        for row, ending in endings:
+            for column in ending:
+                if column not in segments:
+                    end = next(r for r in masks if r >= row and column in ending_at[r])
+                    samples = masks[end][ending_at[end].index(column)].nonzero().squeeze(1)
+                    segments[column] = (inputs[column].index_select(0, samples), samples)
+            units = [self.unit(column, row) for column in ending]
+            raws = [unit.raw(segments[column][0]) for unit, column in zip(units, ending)]
+            if row not in masks:  # a lone unit inside a segment
+                (column,) = ending
+                segments[column] = (normalize_and_join(units, raws, fused), segments[column][1])
                 continue
-            units = [self.columns[column - 1][row // self.span(column) - 1] for column in ending]
-            mask = drop_path.mask(ending) if drop_path is not None and len(ending) > 1 else None
-            out = join_units(units, [inputs[column] for column in ending], mask, fused)
+            table = torch.full((len(ending), x.shape[0]), -1, dtype=torch.int64, device=x.device)
+            for j, column in enumerate(ending):
+                samples = segments.pop(column)[1]
+                table[j, samples] = torch.arange(len(samples), device=x.device)
+            out = normalize_and_join(units, raws, fused, rows=table)
             inputs.update((column, out) for column in ending)
         return out
 
@@ -110,9 +169,12 @@ class ImageNetStem(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
-    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool, process_group=None) -> torch.Tensor:
         h = self.conv(x)
-        h = fk.bn_relu(h, **fk.batchnorm_arguments(self.bn)) if fused else F.relu(self.bn(h))
+        if fused:
+            h = fk.bn_relu(h, **fk.batchnorm_arguments(self.bn), process_group=process_group)
+        else:
+            h = F.relu(self.bn(h))
         return self.pool(h)
 
     def layers(self) -> list[nn.Module]:
@@ -140,6 +202,14 @@ class FractalNet(nn.Module):
             backend.
         imagenet_stem: a 7x7/2 conv + BN + ReLU + 3x3/2 max-pool stem, and no pool after the
             last block (FractalNet-34); otherwise no stem and a pool after every block (CIFAR).
+        skip_dropped: in training, run each column segment only on the samples that survive at
+            the join ending it (drop-path makes the rest wasted work), and join the compact
+            outputs with gather_join_bn_relu. The BatchNorm statistics of a segment then cover
+            the samples that flow through it: the one difference from the dense model. Reads
+            which samples survive from the device once per segment (a synchronisation).
+
+    Setting ``model.process_group`` (a torch.distributed group of several ranks) makes the fused
+    model's BatchNorms use batch statistics over those ranks in training, as nn.SyncBatchNorm.
 
     ``model(x, columns=k)`` runs the network truncated to its k shallowest columns (the fractal
     f_k; in training with drop-path among them); ``model(x, column=k)`` runs column k alone.
@@ -157,6 +227,7 @@ class FractalNet(nn.Module):
         fused: bool = True,
         recompute: bool = False,
         imagenet_stem: bool = False,
+        skip_dropped: bool = False,
     ):
         super().__init__()
         widths, dropout = list(widths), list(dropout)
@@ -176,6 +247,8 @@ class FractalNet(nn.Module):
         self.global_ratio = global_ratio
         self.fused = fused
         self.recompute = recompute
+        self.skip_dropped = skip_dropped
+        self.process_group = None
         self.stem = ImageNetStem(in_channels, widths[0]) if imagenet_stem else None
         self.pool_last = not imagenet_stem
         block_inputs = [widths[0] if imagenet_stem else in_channels] + widths[:-1]
@@ -214,9 +287,9 @@ class FractalNet(nn.Module):
         self.last_drop_path = drop_path
         recompute = self.recompute and self.fused and self.training
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
-            h = self.stem(x, self.fused) if self.stem is not None else x
+            h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
-                h = block(h, active, drop_path, self.fused)
+                h = block(h, active, drop_path, self.fused, self.skip_dropped, self.process_group)
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))

@@ -159,6 +159,8 @@ def distributed_setup(args) -> tuple[int, int, torch.device]:
 
 def build_model(args, dataset: data.Dataset, device: torch.device) -> FractalNet:
     overrides = {k: getattr(args, k) for k in ("columns", "widths", "dropout") if getattr(args, k) is not None}
+    if args.skip_dropped:
+        overrides["skip_dropped"] = True
     try:
         model = create_model(
             args.model, dataset.num_classes, in_channels=dataset.channels, local_drop=args.local_drop,
@@ -291,12 +293,11 @@ def write_plots(history: list[dict], anytime: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A digest of the parameters (buffers such as running statistics are each rank's own)."""
-    digest = hashlib.sha256()
-    for parameter in model.parameters():
-        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def digest(tensors) -> str:
+    sha = hashlib.sha256()
+    for tensor in tensors:
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]
 
 
 def run(argv=None) -> dict:
@@ -309,6 +310,8 @@ def run(argv=None) -> dict:
     args.image_size = dataset.image_size
     if args.augment is None:
         args.augment = "none" if args.dataset == "digits" else "plus"
+    if args.sync_bn and args.skip_dropped:
+        raise CLIError("--sync-bn and --skip-dropped do not combine: compact segments keep per-rank statistics")
     if args.batch_size < 1 or args.batch_size * world > len(dataset.train):
         raise CLIError(f"--batch-size {args.batch_size} cannot be filled: {len(dataset.train)} training images "
                        f"for {world} process(es)")
@@ -378,7 +381,9 @@ def run(argv=None) -> dict:
     result = dict(args={k: v for k, v in vars(args).items() if k in DEFAULTS}, history=history,
                   final_accuracy=history[-1]["test_accuracy"] if history else None, best_accuracy=best)
     if world > 1:
-        print(f"rank {rank}: weights sha256 {weights_digest(model)}", flush=True)
+        # Parameters agree across ranks; running statistics too with --sync-bn.
+        print(f"rank {rank}: weights sha256 {digest(model.parameters())} "
+              f"buffers sha256 {digest(model.buffers())}", flush=True)
     if rank == 0 and last_epoch == args.epochs:
         anytime = anytime_table(model, dataset, args, device)
         result.update(anytime=anytime, peak_memory_bytes=peak_memory_bytes(device),

@@ -57,9 +57,11 @@ def test_opcheck_primitives():
     torch.library.opcheck(batchnorm.bn_stats, (detached, rms, rvs, 0.1))
     stats = batchnorm.bn_stats(detached, rms, rvs, 0.1)
     means, variances = list(stats[0]), list(stats[1])
-    torch.library.opcheck(batchnorm.bn_apply, (xs, mask, ws, bs, means, variances, True, 1e-5, True))
+    torch.library.opcheck(batchnorm.bn_apply, (xs, mask, None, ws, bs, means, variances, True, 1e-5, True))
     params = [[t.detach() for t in ts] for ts in (ws, bs)]
-    torch.library.opcheck(batchnorm.bn_backward, (xs[0].detach(), detached, mask, *params, means, variances, True, 1e-5, True))
+    torch.library.opcheck(
+        batchnorm.bn_backward, (xs[0].detach(), detached, mask, None, *params, means, variances, True, 1e-5, True)
+    )
 
 
 class Block(torch.nn.Module):

@@ -1,0 +1,215 @@
+"""gather_join and gather_join_bn_relu (interpreted on CPU) against their references, and the
+skip_dropped model they serve."""
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, to_layout
+from torch import nn
+
+import fractal_kernels as fk
+from fractal_kernels import reference
+from fractalnet import FractalNet
+from fractalnet.drop_path import DropPath
+
+BATCH = 7
+
+
+def make_rows(sizes, seed=0):
+    """A gather table: input i holds a random subset of sizes[i] of the BATCH samples."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.full((len(sizes), BATCH), -1, dtype=torch.int64)
+    for i, size in enumerate(sizes):
+        rows[i, torch.randperm(BATCH, generator=gen)[:size]] = torch.arange(size)
+    return rows.to(DEVICE)
+
+
+def make_inputs(sizes, dtype, channels_last, seed=0, shape=(4, 3, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        to_layout((torch.randn(size, *shape, generator=gen, dtype=torch.float64) * (i + 1) + i).to(dtype), channels_last)
+        .to(DEVICE).requires_grad_()
+        for i, size in enumerate(sizes)
+    ]
+
+
+def grads(out, leaves, grad):
+    return torch.autograd.grad(out, leaves, grad, allow_unused=True, materialize_grads=True)
+
+
+SIZES = [(4, 7, 2), (3, 0, 5), (1, 2), (6,)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+def test_gather_join(sizes, dtype, channels_last):
+    rows = make_rows(sizes)
+    xs = make_inputs(sizes, dtype, channels_last)
+    with fk.use_backend("triton"):
+        out = fk.gather_join(xs, rows)
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    expected = reference.gather_join(xs64, rows)
+    grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    assert out.shape == (BATCH, 4, 3, 5)
+    assert_close(out, expected, dtype)
+    assert torch.all(out[(rows < 0).all(0)] == 0)
+    for g, e in zip(grads(out, xs, grad), grads(expected, xs64, grad.double())):
+        assert g.shape == e.shape
+        assert_close(g, e, dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sizes", SIZES[:3], ids=str)
+def test_gather_join_bn_relu(sizes, dtype, channels_last):
+    k = len(sizes)
+    rows = make_rows(sizes, seed=1)
+    xs = make_inputs(sizes, dtype, channels_last, seed=1)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    ws = [(torch.rand(4, dtype=torch.float64) + 0.5).to(DEVICE, param).requires_grad_() for _ in range(k)]
+    bs = [torch.randn(4, dtype=torch.float64).to(DEVICE, param).requires_grad_() for _ in range(k)]
+    rms = [torch.randn(4, dtype=torch.float64).to(DEVICE, param) for _ in range(k)]
+    rvs = [(torch.rand(4, dtype=torch.float64) + 0.5).to(DEVICE, param) for _ in range(k)]
+    copies = [[t.detach().double().requires_grad_(t.requires_grad) for t in ts] for ts in (xs, ws, bs, rms, rvs)]
+    with fk.use_backend("triton"), fk.count_launches() as launches:
+        out = fk.gather_join_bn_relu(xs, rows, ws, bs, rms, rvs, True)
+    assert launches[0] == 3  # statistics, combine, apply
+    expected = reference.gather_join_bn_relu(copies[0], rows, *copies[1:], True)
+    grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(DEVICE)
+    scale = 4.0 if dtype in (torch.float16, torch.bfloat16) else 10.0
+    assert_close(out, expected, dtype, scale)
+    actual_grads = grads(out, xs + ws + bs, grad)
+    for g, e in zip(actual_grads, grads(expected, copies[0] + copies[1] + copies[2], grad.double())):
+        assert_close(g, e, dtype, scale * max(1.0, e.abs().max().item() if e.numel() else 1.0))
+    atol, rtol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else (1e-6, 1e-6)
+    for actual, ref in zip(rms + rvs, copies[3] + copies[4]):
+        torch.testing.assert_close(actual.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_fp64(training):
+    sizes = (2, 3, 0)
+    rows = make_rows(sizes)
+    xs = make_inputs(sizes, torch.float64, False, shape=(2, 2, 1))
+    ws = [torch.rand(2, dtype=torch.float64) + 0.5 for _ in sizes]
+    bs = [torch.randn(2, dtype=torch.float64, requires_grad=True) for _ in sizes]
+    running = [torch.zeros(2, dtype=torch.float64) for _ in sizes], [torch.ones(2, dtype=torch.float64) for _ in sizes]
+
+    def fn(*tensors):
+        with fk.use_backend("triton"):
+            joined = fk.gather_join(list(tensors[:3]), rows)
+            normalised = fk.gather_join_bn_relu(list(tensors[:3]), rows, list(tensors[3:6]), list(tensors[6:]),
+                                                *[[t.clone() for t in ts] for ts in running], training)
+        return joined + normalised
+
+    assert torch.autograd.gradcheck(fn, (*xs, *[w.requires_grad_() for w in ws], *bs))
+
+
+BAD = [
+    ("rows dtype", lambda xs, rows: (xs, rows.float()), TypeError, "int32 or int64"),
+    ("rows shape", lambda xs, rows: (xs, rows[:1]), ValueError, r"\[num_inputs, batch\]"),
+    ("row out of range", lambda xs, rows: (xs, rows + 10), ValueError, "must be -1 or a row"),
+    ("trailing shape", lambda xs, rows: ([xs[0], xs[1][:, :2]], rows), ValueError, r"inputs\[1\] has shape"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_arguments(case, backend):
+    _, change, error, message = case
+    xs, rows = change([torch.randn(3, 4, 2, 2), torch.randn(5, 4, 2, 2)], make_rows((3, 5)))
+    with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
+        fk.gather_join(xs, rows)
+    assert launches[0] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The skip_dropped model
+# ----------------------------------------------------------------------------------------------
+
+SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.0, 0.0))
+
+
+def model_pair(fused=True, **overrides):
+    torch.manual_seed(0)
+    dense = FractalNet(10, **{**SMALL, **overrides}, fused=fused).to(DEVICE)
+    skipping = FractalNet(10, **{**SMALL, **overrides}, fused=fused, skip_dropped=True).to(DEVICE)
+    skipping.load_state_dict(dense.state_dict())
+    return dense, skipping
+
+
+def step(model, x, seed=3):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def batch(n=12, seed=1):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def test_skipping_with_frozen_bn_equals_the_dense_model():
+    dense, skipping = model_pair()
+    for model in (dense, skipping):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    x = batch()
+    with fk.use_backend("triton"):
+        out_d, grads_d = step(dense, x)
+        out_s, grads_s = step(skipping, x)
+    torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
+    for name, g in grads_d.items():
+        torch.testing.assert_close(grads_s.get(name, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_skipping_with_training_bn_matches_the_plain_pytorch_reference():
+    _, fused = model_pair(fused=True)
+    _, plain = model_pair(fused=False)  # reference ops: each segment on its surviving subset
+    x = batch()
+    with fk.use_backend("triton"):
+        out_f, grads_f = step(fused, x)
+    out_p, grads_p = step(plain, x)
+    torch.testing.assert_close(out_f, out_p, atol=1e-4, rtol=1e-4)
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_f[name], g, atol=1e-4, rtol=1e-3, msg=name)
+    for (name, a), b in zip(fused.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_convolution_work_skipped_matches_the_drop_path_probabilities():
+    """Samples each conv processes, over many steps, against the expected survival of the
+    segment it belongs to: global samples keep one column of C, local ones keep each of a
+    k-input join's inputs with probability (1 - p) + p^k / k."""
+    model = FractalNet(10, widths=(4, 4), columns=3, dropout=(0.0, 0.0), skip_dropped=True, fused=False)
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda m, inputs, out, name=name: counts.__setitem__(
+                name, counts.get(name, 0) + inputs[0].shape[0]))
+    batch_size, steps, p, g, C = 64, 40, 0.15, 0.5, 3
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(batch_size, 3, 8, 8))
+    block = model.blocks[0]
+    join_size = {row: len(ending) for row, ending in block.endings([1, 2, 3]) if len(ending) > 1}
+    for column in (1, 2, 3):
+        for u in range(len(block.columns[column - 1])):
+            end_row = next(r for r in sorted(join_size) if r >= (u + 1) * block.span(column))
+            k = join_size[end_row]
+            expected = g / C + (1 - g) * ((1 - p) + p**k / k)
+            for b in range(2):
+                seen = counts[f"blocks.{b}.columns.{column - 1}.{u}.conv"] / (steps * batch_size)
+                assert abs(seen - expected) < 0.06, (b, column, u, seen, expected)
+
+
+def test_eval_is_dense_and_unchanged():
+    dense, skipping = model_pair()
+    dense.eval(), skipping.eval()
+    x = batch(4)
+    with fk.use_backend("triton"):
+        torch.testing.assert_close(skipping(x), dense(x))
