@@ -20,8 +20,10 @@ from fractalnet import create_model
 
 from .measure import count_kernels, cpu_time_ms, device_name, fake_mode, gpu_time_ms, peak_memory, saved_bytes
 
-#: network -> (batch, image size, classes)
-NETWORKS = {"fractalnet20_cifar": (100, 32, 10), "fractalnet34_imagenet": (32, 224, 1000)}
+#: network -> (batch, image size, classes); the first and last are the benchmarked ones.
+NETWORKS = {"fractalnet20_cifar": (100, 32, 10), "fractalnet40_cifar": (100, 32, 10),
+            "fractalnet34_imagenet": (32, 224, 1000)}
+BENCHMARKED = ("fractalnet20_cifar", "fractalnet34_imagenet")
 #: implementation -> (fused, compiled, recompute, skip_dropped)
 IMPLEMENTATIONS = {
     "eager": (False, False, False, False),
