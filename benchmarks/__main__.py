@@ -27,7 +27,7 @@ from .measure import device_name
 RESULTS = Path(__file__).resolve().parent / "results"
 
 NO_GPU_NOTE = (
-    "No GPU in this run: the tables hold what a CPU measures exactly (bytes saved for backward, "
+    "No GPU used in this run: the tables hold what a CPU measures exactly (bytes saved for backward, "
     "kernel launches, minimal bytes) and CPU wall times of the eager reference, labelled CPU. "
     "No Triton timing is reported: the interpreter is not a performance measure."
 )
@@ -44,11 +44,11 @@ def environment(device) -> dict:
     )
 
 
-def run(quick: bool, out: Path) -> dict:
-    device = torch.device("cuda") if torch.cuda.is_available() else None
+def run(quick: bool, out: Path, cpu: bool = False) -> dict:
+    device = torch.device("cuda") if torch.cuda.is_available() and not cpu else None
     result = dict(environment=environment(device), quick=quick)
     if device is None:
-        print(NO_GPU_NOTE, flush=True)
+        print(NO_GPU_NOTE, flush=True)  # also with --cpu
         result["note"] = NO_GPU_NOTE
 
     exact_cases = cases.op_cases(quick, dtypes=(torch.float32,))
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset of the shapes, dtypes and models")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    parser.add_argument("--cpu", action="store_true", help="the CPU measurements only, even with a GPU present")
     args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    run(args.quick, args.out, args.cpu)
     return 0
 
 

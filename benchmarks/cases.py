@@ -143,7 +143,12 @@ def op_cases(quick: bool, dtypes=(torch.float32, torch.bfloat16)) -> list[OpCase
 
 @functools.lru_cache(maxsize=None)
 def _compiled(op: str) -> Callable:
-    return torch.compile(getattr(reference, op))
+    """torch.compile of the reference op, specialised to each case's shapes: the limits on
+    recompilation are raised so that no case silently falls back to eager."""
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4096))
+    return torch.compile(getattr(reference, op), dynamic=False)
 
 
 def _fused(op: str) -> Callable:

@@ -47,3 +47,20 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+def train_step(model, x, seed=5, **kwargs):
+    """Output and parameter gradients of one training forward/backward with a seeded RNG."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(x, **kwargs)
+    out.square().mean().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def freeze_batchnorm(model):
+    """Training mode, but every BatchNorm uses (and keeps) its running statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()

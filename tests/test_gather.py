@@ -3,7 +3,7 @@ skip_dropped model they serve."""
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, to_layout
+from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, freeze_batchnorm, to_layout, train_step
 from torch import nn
 
 import fractal_kernels as fk
@@ -117,7 +117,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_arguments(case, backend):
     _, change, error, message = case
-    xs, rows = change([torch.randn(3, 4, 2, 2), torch.randn(5, 4, 2, 2)], make_rows((3, 5)))
+    xs, rows = change([torch.randn(3, 4, 2, 2, device=DEVICE), torch.randn(5, 4, 2, 2, device=DEVICE)], make_rows((3, 5)))
     with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
         fk.gather_join(xs, rows)
     assert launches[0] == 0
@@ -138,29 +138,17 @@ def model_pair(fused=True, **overrides):
     return dense, skipping
 
 
-def step(model, x, seed=3):
-    model.zero_grad()
-    torch.manual_seed(seed)
-    out = model(x)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def batch(n=12, seed=1):
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def test_skipping_with_frozen_bn_equals_the_dense_model():
     dense, skipping = model_pair()
-    for model in (dense, skipping):
-        model.train()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+    freeze_batchnorm(dense), freeze_batchnorm(skipping)
     x = batch()
     with fk.use_backend("triton"):
-        out_d, grads_d = step(dense, x)
-        out_s, grads_s = step(skipping, x)
+        out_d, grads_d = train_step(dense, x)
+        out_s, grads_s = train_step(skipping, x)
     torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
     for name, g in grads_d.items():
         torch.testing.assert_close(grads_s.get(name, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4, msg=name)
@@ -171,8 +159,8 @@ def test_skipping_with_training_bn_matches_the_plain_pytorch_reference():
     _, plain = model_pair(fused=False)  # reference ops: each segment on its surviving subset
     x = batch()
     with fk.use_backend("triton"):
-        out_f, grads_f = step(fused, x)
-    out_p, grads_p = step(plain, x)
+        out_f, grads_f = train_step(fused, x)
+    out_p, grads_p = train_step(plain, x)
     torch.testing.assert_close(out_f, out_p, atol=1e-4, rtol=1e-4)
     for name, g in grads_p.items():
         torch.testing.assert_close(grads_f[name], g, atol=1e-4, rtol=1e-3, msg=name)

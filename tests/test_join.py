@@ -149,12 +149,13 @@ def test_saves_only_the_mask():
     assert saved_bytes(lambda: triton_join(xs, None)) == 0
 
 
-def test_reference_backend_is_the_default_on_cpu():
-    xs = [torch.randn(2, 3) for _ in range(2)]
-    with fk.count_launches() as launches:
-        fk.masked_join(xs)
-    assert fk.get_backend() in fk.BACKENDS
-    assert launches[0] == (1 if DEVICE == "cuda" and fk.get_backend() != "reference" else 0)
+def test_auto_backend_runs_triton_on_cuda_and_the_reference_on_cpu():
+    assert fk.get_backend() == "auto"
+    for device in {"cpu", DEVICE}:
+        xs = [torch.randn(2, 3, device=device) for _ in range(2)]
+        with fk.count_launches() as launches:
+            fk.masked_join(xs)
+        assert launches[0] == (1 if device == "cuda" else 0)
 
 
 def test_use_backend_rejects_unknown_names():

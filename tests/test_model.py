@@ -3,7 +3,7 @@ extraction, layouts, autocast, activation memory."""
 
 import pytest
 import torch
-from conftest import DEVICE, saved_bytes
+from conftest import DEVICE, freeze_batchnorm, saved_bytes, train_step
 from torch import nn
 
 import fractal_kernels as fk
@@ -23,15 +23,6 @@ def small_pair(seed=0, **overrides):
 
 def batch(n=8, size=16, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def train_step(model, x, seed=5, **kwargs):
-    """Output and parameter gradients of one training forward/backward with a seeded RNG."""
-    model.zero_grad()
-    torch.manual_seed(seed)
-    out = model(x, **kwargs)
-    out.square().mean().backward()
-    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def test_configurations():
@@ -69,10 +60,7 @@ def test_fused_and_eager_models_agree_in_training(backend):
 
 def test_global_drop_path_with_frozen_bn_runs_one_column_per_sample():
     model, _ = small_pair(dropout=(0.0, 0.0, 0.0), global_ratio=1.0)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    freeze_batchnorm(model)
     x = batch()
     with fk.use_backend("triton"):
         out = model(x)
