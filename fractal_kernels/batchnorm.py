@@ -36,11 +36,12 @@ from .common import (
     define_op,
     dense_inputs,
     groups,
-    is_channels_last,
     join_args,
     join_row,
     join_scale,
     launch,
+    memory_format,
+    new_rows,
     pad,
     pick,
     placeholder,
@@ -488,10 +489,6 @@ def _per_input_args(group: range, *lists: list) -> list:
     return [t for items in lists for t in pad([items[i] for i in group])]
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
 @define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars"))
 def bn_stats(
     inputs: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor], momentum: float
@@ -529,9 +526,7 @@ def bn_stats(
 
 def _output(xs: list[torch.Tensor], rows: Optional[torch.Tensor]) -> torch.Tensor:
     """An uninitialised join output: one row per sample, the inputs' layout."""
-    if rows is None:
-        return torch.empty_like(xs[0])
-    return xs[0].new_empty((rows.shape[1],) + xs[0].shape[1:]).contiguous(memory_format=_layout(xs[0]))
+    return torch.empty_like(xs[0]) if rows is None else new_rows(xs[0], rows.shape[1])
 
 
 def _common_args(group, xs, weights, biases, means, variances, join, first, k, eps):
@@ -619,7 +614,8 @@ def bn_backward_dx(grad, xs, join, mode, weights, biases, means, variances, eps,
     grad_inputs = [torch.empty_like(x) for x in xs]
     grad_params = torch.empty(2, k, grad.shape[1], dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
     if rows is None:
-        launches = [(group, channel_tiling(xs[0], k), grad) for group in groups(k)]
+        tiling = channel_tiling(xs[0], k)
+        launches = [(group, tiling, grad) for group in groups(k)]
     else:
         samples = _row_samples(rows, [x.shape[0] for x in xs])
         launches = [(range(i, i + 1), channel_tiling(xs[i], 1), samples[i]) for i in range(k)]
@@ -655,7 +651,7 @@ def bn_backward(
     affine parameters); a gather join launches the input-gradient kernel once per input.
     """
     xs = dense_inputs(inputs)
-    grad = grad.contiguous(memory_format=_layout(xs[0]))
+    grad = grad.contiguous(memory_format=memory_format(xs[0]))
     join, mode = join_args(grad, mask, rows)
     args = (grad, xs, join, mode, weights, biases, means, variances, eps, relu)
     if batch_stats or any(present(t) for t in (*weights, *biases)):

@@ -135,18 +135,25 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() or is_channels_last(x) else x.contiguous()
 
 
-def like_layout(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """x with the strides of ``reference`` (same shape), copied only when they differ."""
-    if x.stride() == reference.stride():
-        return x
-    return torch.empty_like(reference, dtype=x.dtype).copy_(x)
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a dense x: channels-last (4-D or 5-D) or contiguous."""
+    if is_channels_last(x):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def new_rows(x: torch.Tensor, rows: int, zero: bool = False) -> torch.Tensor:
+    """A tensor like dense x (dtype, device, layout) but with ``rows`` rows; uninitialised unless ``zero``."""
+    shape = (rows,) + tuple(x.shape[1:])
+    out = x.new_zeros(shape) if zero else x.new_empty(shape)
+    return out.contiguous(memory_format=memory_format(x))
 
 
 def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The inputs in one dense layout: the first input's if it is contiguous or channels-last
     (inputs may differ in their batch size)."""
     first = dense(inputs[0])
-    layout = torch.channels_last if is_channels_last(first) else torch.contiguous_format
+    layout = memory_format(first)
     return [first] + [x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout) for x in inputs[1:]]
 
 

@@ -33,6 +33,7 @@ from .common import (
     join_row,
     join_scale,
     launch,
+    new_rows,
     pad,
     pick,
 )
@@ -161,9 +162,7 @@ def masked_join_backward(grad: torch.Tensor, mask: Optional[torch.Tensor], num_i
 @define_op("fractal_kernels::gather_join")
 def gather_join_forward(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """Launcher of the gather join: the output has one row per column of ``rows``."""
-    first = dense(inputs[0])
-    out = first.new_empty((rows.shape[1],) + first.shape[1:]).to(memory_format=_format(first))
-    return _join_forward(inputs, out, rows=rows)
+    return _join_forward(inputs, new_rows(dense(inputs[0]), rows.shape[1]), rows=rows)
 
 
 @define_op("fractal_kernels::gather_join_backward")
@@ -171,12 +170,7 @@ def gather_join_backward(grad: torch.Tensor, rows: torch.Tensor, sizes: list[int
     """Launcher of the gather join's backward: compact gradients of ``sizes`` rows each, in the
     gradient's layout; rows that hold no sample get 0 (a zero fill of each gradient first)."""
     grad = dense(grad)
-    grads = [grad.new_zeros((size,) + grad.shape[1:]).contiguous(memory_format=_format(grad)) for size in sizes]
-    return _join_backward(grad, grads, rows=rows)
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    return _join_backward(grad, [new_rows(grad, size, zero=True) for size in sizes], rows=rows)
 
 
 def _mask_setup_context(ctx, inputs, output):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .batchnorm import _library, batch_norm_join, bn_apply, bn_backward_dx, bn_backward_sums, bn_stats
-from .common import dense_inputs, join_args, like_layout, placeholder, present
+from .common import dense_inputs, join_args, memory_format, placeholder, present
 
 _library.define(
     "join_bn_relu(Tensor[] inputs, Tensor? mask, Tensor?[] weights, Tensor?[] biases, "
@@ -89,7 +89,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
         k, eps, relu, process_group, count = ctx.options
         mask, *saved = ctx.saved_tensors
         xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
-        grad = like_layout(grad, xs[0])
+        grad = grad.contiguous(memory_format=memory_format(xs[0]))
         join, mode = join_args(grad, mask)
         args = (grad, xs, join, mode, weights, biases, means, variances, eps, relu)
         local_sums = bn_backward_sums(*args).sum(2, keepdim=True)

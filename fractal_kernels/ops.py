@@ -20,7 +20,7 @@ import torch
 
 import torch.distributed as dist
 
-from . import batchnorm, join, reference
+from . import batchnorm, join, reference  # noqa: F401  (batchnorm registers the bn_relu op)
 from .common import check_bn_input, check_channel_param, check_launchable, check_mask, check_rows, check_tensor_list
 from .join_bn_relu import sync_batch_norm_join
 

@@ -9,7 +9,6 @@ from torch import nn
 import fractal_kernels as fk
 from fractal_kernels import reference
 from fractalnet import FractalNet
-from fractalnet.drop_path import DropPath
 
 BATCH = 7
 

@@ -1,6 +1,5 @@
 """masked_join: the Triton kernels (interpreted on CPU) against the fp64 reference."""
 
-import math
 import os
 import subprocess
 import sys
