@@ -43,8 +43,12 @@ class ConvUnit(nn.Module):
         """The conv output after dropout: what the BatchNorm normalises."""
         return self.dropout(self.conv(x))
 
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """BatchNorm and ReLU of a raw output, unfused (nn.BatchNorm2d, then ReLU)."""
+        return F.relu(self.bn(raw))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.raw(x)))
+        return self.activate(self.raw(x))
 
     def layers(self) -> list[nn.Module]:
         """Copies of the unit's layers, as a plain network would hold them."""
@@ -62,7 +66,7 @@ def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], 
         if raw.shape[0] == 0:  # a skipped segment: nothing to normalise
             return raw
         if not fused:
-            return F.relu(unit.bn(raw))
+            return unit.activate(raw)
         return fk.bn_relu(raw, **fk.batchnorm_arguments(unit.bn), process_group=process_group)
     if rows is not None:
         # A segment no sample survives contributes nothing: leave it out of the join.
@@ -71,7 +75,7 @@ def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], 
             return raws[0].new_zeros((rows.shape[1],) + raws[0].shape[1:])
         units, raws, rows = [units[j] for j in present], [raws[j] for j in present], rows[present]
     if not fused:
-        activations = [F.relu(unit.bn(raw)) for unit, raw in zip(units, raws)]
+        activations = [unit.activate(raw) for unit, raw in zip(units, raws)]
         if rows is not None:
             return reference.gather_join(activations, rows)
         return reference.masked_join(activations, mask)

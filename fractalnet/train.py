@@ -339,7 +339,7 @@ def run(argv=None) -> dict:
         history, best, start_epoch = checkpoint["history"], checkpoint["best_accuracy"], checkpoint["epoch"]
         generators["data"].set_state(checkpoint["rng"]["data"])
         if rank == 0:  # the other ranks' streams were not saved: they restart from their seeds
-            generators["augment"].set_state(checkpoint["rng"]["augment"].to(generators["augment"].get_state().device))
+            generators["augment"].set_state(checkpoint["rng"]["augment"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
             if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)

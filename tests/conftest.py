@@ -36,19 +36,6 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.to(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves while running ``fn`` (by storage, no double count)."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def train_step(model, x, seed=5, **kwargs):
     """Output and parameter gradients of one training forward/backward with a seeded RNG."""
     model.zero_grad()

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, saved_bytes, to_layout
+from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, to_layout
 from torch import nn
 
 import fractal_kernels as fk
+from benchmarks.measure import saved_bytes
 
 SHAPES = [(4, 3, 5, 6), (3, 7, 5, 9), (6, 16, 2, 2), (5, 24, 1, 1), (6, 5), (2, 4, 3), (2, 3, 2, 3, 2)]
 #: (shape, channels_last): channels-last is a 4-D layout.

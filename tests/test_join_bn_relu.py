@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, saved_bytes, to_layout
+from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, to_layout
 
 import fractal_kernels as fk
+from benchmarks.measure import saved_bytes
 from fractal_kernels import reference
 
 
