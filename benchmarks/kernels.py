@@ -12,8 +12,10 @@ from typing import Callable
 
 import torch
 
+from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
+
 from .cases import DIRECTIONS, IMPLEMENTATIONS, OpCase, OpInputs
-from .measure import copy_gbps, count_kernels, cpu_time_ms, fake_mode, gpu_time_ms, saved_bytes
+from .measure import copy_gbps, cpu_time_ms, gpu_time_ms
 
 
 def timed_function(case: OpCase, implementation: str, inputs: OpInputs, direction: str) -> Callable[[], object]:

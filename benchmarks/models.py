@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import fractal_kernels as fk
+from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
 from fractalnet import create_model
 
-from .measure import count_kernels, cpu_time_ms, device_name, fake_mode, gpu_time_ms, peak_memory, saved_bytes
+from .measure import cpu_time_ms, device_name, gpu_time_ms, peak_memory
 
 #: network -> (batch, image size, classes); the first and last are the benchmarked ones.
 NETWORKS = {"fractalnet20_cifar": (100, 32, 10), "fractalnet40_cifar": (100, 32, 10),

@@ -1,7 +1,7 @@
 """Triton kernels for FractalNet: drop-path-aware masked join, fused BatchNorm+ReLU and the fused
 join+BatchNorm+ReLU that ends every fractal column."""
 
-from .common import count_launches
+from .launch import count_launches
 from .modules import FusedBatchNormReLU2d, batchnorm_arguments, fuse_batchnorm_relu
 from .ops import (
     BACKENDS,

@@ -21,22 +21,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .common import (
-    MAX_REGISTERS,
-    audit_cases,
-    define_op,
-    dense,
-    dense_inputs,
-    groups,
-    join_args,
-    join_row,
-    join_scale,
-    launch,
-    new_rows,
-    pad,
-    pick,
-)
+from .join_modes import JOIN_GATHER, join_args, join_row, join_scale
+from .launch import MAX_REGISTERS, audit_cases, define_op, input_groups, launch, slots
+from .tensors import accumulation_type, dense, dense_inputs, like_rows
 
 
 @triton.jit
@@ -49,14 +38,15 @@ def masked_join_fwd_kernel(
 ):
     """Joins inputs first_input .. first_input+K-1 of a num_inputs-input join into out.
 
-    Pointers: ``out_ptr`` and ``x0``..``x7`` (the first K used) share one layout with
-    ``sample_numel`` elements per sample (row); ``join_ptr`` is the [num_inputs, batch] mask or
-    gather table with its strides, as JOIN says (common.join_row). Program p covers block
-    p % blocks_per_sample of sample p // blocks_per_sample. ACCUMULATE adds to out (the groups
-    after the first when k > 8). A dropped input is never loaded, so its NaN or Inf cannot
-    reach the output.
+    Pointers: ``out_ptr`` and ``x0``..``x7`` (the first K given, the others None) share one
+    layout with ``sample_numel`` elements per sample (row); ``join_ptr`` is the [num_inputs,
+    batch] mask or gather table with its strides, or None, as JOIN says (join_modes). Program p
+    covers block p % blocks_per_sample of sample p // blocks_per_sample. ACCUMULATE adds to out
+    (the groups after the first when k > 8). A dropped input is never loaded, so its NaN or Inf
+    cannot reach the output.
     """
-    ACC: tl.constexpr = tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32
+    ACC: tl.constexpr = accumulation_type(out_ptr.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
     pid = tl.program_id(0)
     n = pid // blocks_per_sample
     offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
@@ -65,8 +55,7 @@ def masked_join_fwd_kernel(
     acc = tl.zeros([BLOCK], ACC)
     for i in tl.static_range(K):
         keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, True, JOIN)
-        x_ptr = pick(i, x0, x1, x2, x3, x4, x5, x6, x7) + row.to(tl.int64) * sample_numel
-        acc += tl.load(x_ptr + offs, mask=in_sample & keep, other=0.0).to(ACC)
+        acc += tl.load(xs[i] + row.to(tl.int64) * sample_numel + offs, mask=in_sample & keep, other=0.0).to(ACC)
     out = acc * scale
     out_ptr += n.to(tl.int64) * sample_numel
     if ACCUMULATE:
@@ -77,20 +66,21 @@ def masked_join_fwd_kernel(
 @triton.jit
 def masked_join_bwd_kernel(
     grad_ptr,
-    g0, g1, g2, g3, g4, g5, g6, g7,
+    dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7,
     join_ptr, join_stride_k, join_stride_n,
     first_input, num_inputs, sample_numel, blocks_per_sample,
     K: tl.constexpr, JOIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Writes the gradients of inputs first_input .. first_input+K-1: grad * keep / count.
 
-    Pointers: ``grad_ptr`` (the output gradient, [batch] rows) and ``g0``..``g7`` (input
-    gradients, first K written) share one layout; the join table and grid are as in
-    masked_join_fwd_kernel. With a mask, dropped inputs and samples without a survivor get exact
-    zeros, whatever the output gradient holds; with a gather table, only the rows that hold a
-    sample are written (the launcher zeroes the others).
+    Pointers: ``grad_ptr`` (the output gradient, [batch] rows) and ``dx0``..``dx7`` (input
+    gradients, the first K given, the others None) share one layout; the join and the grid are
+    as in masked_join_fwd_kernel. With a mask, dropped inputs and samples without a survivor get
+    exact zeros, whatever the output gradient holds; with a gather table, only the rows that
+    hold a sample are written (the launcher zeroes the others).
     """
-    ACC: tl.constexpr = tl.float64 if grad_ptr.dtype.element_ty == tl.float64 else tl.float32
+    ACC: tl.constexpr = accumulation_type(grad_ptr.dtype.element_ty)
+    dxs = (dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7)
     pid = tl.program_id(0)
     n = pid // blocks_per_sample
     offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
@@ -98,13 +88,16 @@ def masked_join_bwd_kernel(
     scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, True, num_inputs, JOIN, ACC)
     grad = tl.load(grad_ptr + n.to(tl.int64) * sample_numel + offs, mask=in_sample, other=0.0).to(ACC) * scale
     for i in tl.static_range(K):
-        keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, True, JOIN)
-        g_ptr = pick(i, g0, g1, g2, g3, g4, g5, g6, g7)
-        g_ptr += row.to(tl.int64) * sample_numel + offs
-        if JOIN == 2:
-            tl.store(g_ptr, grad.to(g_ptr.dtype.element_ty), mask=in_sample & keep)
+        dx_ptr = dxs[i]
+        if JOIN == JOIN_GATHER:
+            # Loaded here, not by join_row: this row is a store address (see join_row).
+            row = tl.load(join_ptr + (first_input + i) * join_stride_k + n * join_stride_n)
+            tl.store(dx_ptr + row.to(tl.int64) * sample_numel + offs, grad.to(dx_ptr.dtype.element_ty),
+                     mask=in_sample & (row >= 0))
         else:
-            tl.store(g_ptr, tl.where(keep, grad, 0.0).to(g_ptr.dtype.element_ty), mask=in_sample)
+            keep, _ = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, True, JOIN)
+            tl.store(dx_ptr + n.to(tl.int64) * sample_numel + offs,
+                     tl.where(keep, grad, 0.0).to(dx_ptr.dtype.element_ty), mask=in_sample)
 
 
 def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int]:
@@ -121,11 +114,11 @@ def _join_forward(inputs: list[torch.Tensor], out: torch.Tensor, mask=None, rows
     if out.numel() == 0:
         return out
     sample_numel, block, blocks = _launch_geometry(out)
-    join, mode = join_args(out, mask, rows)
-    for g, group in enumerate(groups(len(xs))):
+    join, mode = join_args(mask, rows)
+    for g, group in enumerate(input_groups(len(xs))):
         launch(
-            masked_join_fwd_kernel, (out.shape[0] * blocks,),
-            out, *pad([xs[i] for i in group]), *join, group.start, len(xs), sample_numel, blocks,
+            wrap_triton(masked_join_fwd_kernel), (out.shape[0] * blocks,),
+            out, *slots(xs, group), *join, group.start, len(xs), sample_numel, blocks,
             K=len(group), JOIN=mode, ACCUMULATE=g > 0, BLOCK=block, num_warps=4, maxnreg=MAX_REGISTERS,
         )
     return out
@@ -136,11 +129,11 @@ def _join_backward(grad: torch.Tensor, grads: list[torch.Tensor], mask=None, row
     if grad.numel() == 0:
         return grads
     sample_numel, block, blocks = _launch_geometry(grad)
-    join, mode = join_args(grad, mask, rows)
-    for group in groups(len(grads)):
+    join, mode = join_args(mask, rows)
+    for group in input_groups(len(grads)):
         launch(
-            masked_join_bwd_kernel, (grad.shape[0] * blocks,),
-            grad, *pad([grads[i] for i in group]), *join, group.start, len(grads), sample_numel, blocks,
+            wrap_triton(masked_join_bwd_kernel), (grad.shape[0] * blocks,),
+            grad, *slots(grads, group), *join, group.start, len(grads), sample_numel, blocks,
             K=len(group), JOIN=mode, BLOCK=block, num_warps=4, maxnreg=MAX_REGISTERS,
         )
     return grads
@@ -162,7 +155,7 @@ def masked_join_backward(grad: torch.Tensor, mask: Optional[torch.Tensor], num_i
 @define_op("fractal_kernels::gather_join")
 def gather_join_forward(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """Launcher of the gather join: the output has one row per column of ``rows``."""
-    return _join_forward(inputs, new_rows(dense(inputs[0]), rows.shape[1]), rows=rows)
+    return _join_forward(inputs, like_rows(dense(inputs[0]), rows.shape[1]), rows=rows)
 
 
 @define_op("fractal_kernels::gather_join_backward")
@@ -170,7 +163,7 @@ def gather_join_backward(grad: torch.Tensor, rows: torch.Tensor, sizes: list[int
     """Launcher of the gather join's backward: compact gradients of ``sizes`` rows each, in the
     gradient's layout; rows that hold no sample get 0 (a zero fill of each gradient first)."""
     grad = dense(grad)
-    return _join_backward(grad, [new_rows(grad, size, zero=True) for size in sizes], rows=rows)
+    return _join_backward(grad, [like_rows(grad, size, zero=True) for size in sizes], rows=rows)
 
 
 def _mask_setup_context(ctx, inputs, output):

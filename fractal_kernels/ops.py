@@ -17,12 +17,12 @@ import os
 from typing import Iterator, Optional, Sequence
 
 import torch
-
 import torch.distributed as dist
 
-from . import batchnorm, join, reference  # noqa: F401  (batchnorm registers the bn_relu op)
-from .common import check_bn_input, check_channel_param, check_launchable, check_mask, check_rows, check_tensor_list
-from .join_bn_relu import sync_batch_norm_join
+from . import join, library, reference
+from .checks import check_bn_input, check_bn_params, check_mask, check_rows, check_tensor_list
+from .launch import check_launchable
+from .sync_batchnorm import sync_batch_norm_join
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -84,19 +84,6 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
     return reference.masked_join(inputs, mask)
 
 
-def _check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var):
-    """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature."""
-    for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        check_channel_param(name, t, x.shape[1], x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{names[2]} and {names[3]} must both be tensors or both be None")
-    if not training and running_mean is None:
-        raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
-    for name, value in (("momentum", momentum), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-
-
 def _synchronised(training: bool, process_group) -> bool:
     if not training or process_group is None or not dist.is_initialized():
         return False
@@ -129,14 +116,14 @@ def bn_relu(
     check_tensor_list("x", [x])
     check_bn_input("x", x, training)
     names = ("weight", "bias", "running_mean", "running_var")
-    _check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var)
+    check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var)
     if not _use_triton(x):
         if _synchronised(training, process_group):
             raise ValueError("process_group: synchronised statistics run on the Triton backend only")
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
     if _synchronised(training, process_group):
         return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu, process_group)
-    return torch.ops.fractal_kernels.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+    return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
 
 
 def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps):
@@ -148,7 +135,7 @@ def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, tr
         if len(values) != len(inputs):
             raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
     for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        _check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists], *params)
+        check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists], *params)
 
 
 def join_bn_relu(
@@ -184,18 +171,21 @@ def join_bn_relu(
         return sync_batch_norm_join(
             inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True, process_group
         )
-    return torch.ops.fractal_kernels.join_bn_relu(
+    return library.join_bn_relu(
         list(inputs), mask, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
     )
 
 
-def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Optional[bool] = None) -> torch.Tensor:
     """The join of compact inputs: input i holds only B_i samples (a column segment computed for
     the samples that survive), ``rows[i, b]`` being the row of input i that holds sample b, or -1.
 
     Args:
         inputs: k tensors [B_i, ...] of one trailing shape, dtype and device (B_i may be 0).
         rows: int32/int64 [k, B]; each row of an input holds at most one sample.
+        validate: check the values of ``rows`` (in range, no row named twice) with a ValueError.
+            None (default) checks them where that costs no device-to-host read (CPU tensors);
+            on a GPU pass True to pay one synchronisation for the check.
 
     Returns:
         [B, ...]: per sample, the mean over the inputs that hold it; 0 (and a 0 gradient) for a
@@ -204,7 +194,7 @@ def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Ten
     inputs = check_tensor_list("inputs", inputs, same_batch=False)
     if inputs[0].dim() < 1:
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
-    check_rows(rows, inputs)
+    check_rows(rows, inputs, validate)
     if _use_triton(inputs[0]):
         return join.gather_join_forward(inputs, rows)
     return reference.gather_join(inputs, rows)
@@ -220,20 +210,21 @@ def gather_join_bn_relu(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    validate: Optional[bool] = None,
 ) -> torch.Tensor:
     """Fused ``gather_join([bn_relu(x_i, ...) for each input], rows)`` over compact inputs (see
-    gather_join): the BatchNorm statistics of input i cover its B_i rows; an input with no rows
-    has no statistics and leaves its running statistics unchanged. One statistics launch and one
-    apply launch in training."""
+    gather_join, also for ``validate``): the BatchNorm statistics of input i cover its B_i rows;
+    an input with no rows has no statistics and leaves its running statistics unchanged. One
+    statistics launch and one apply launch in training."""
     inputs = check_tensor_list("inputs", inputs, same_batch=False)
     for i, x in enumerate(inputs):
         if x.shape[0]:
             check_bn_input(f"inputs[{i}]", x, training)
-    check_rows(rows, inputs)
+    check_rows(rows, inputs, validate)
     _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps)
     if not _use_triton(inputs[0]):
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
                                              momentum, eps)
-    return torch.ops.fractal_kernels.gather_join_bn_relu(
+    return library.gather_join_bn_relu(
         list(inputs), rows, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
     )

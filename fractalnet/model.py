@@ -203,7 +203,7 @@ class FractalNet(nn.Module):
             fused ops keep anyway. Costs one extra read of the raw outputs and one write per
             activation in backward (memory-bound, no convolution rerun, no statistics recomputed);
             saves the activations the next convolutions and pools would keep. Eager mode, Triton
-            backend.
+            backend; ignored under torch.compile, whose partitioner decides what to recompute.
         imagenet_stem: a 7x7/2 conv + BN + ReLU + 3x3/2 max-pool stem, and no pool after the
             last block (FractalNet-34); otherwise no stem and a pool after every block (CIFAR).
         skip_dropped: in training, run each column segment only on the samples that survive at
@@ -289,7 +289,8 @@ class FractalNet(nn.Module):
         if self.training and len(active) > 1:
             drop_path = DropPath(x.shape[0], active, self.local_drop, self.global_ratio, x.device, generator)
         self.last_drop_path = drop_path
-        recompute = self.recompute and self.fused and self.training
+        # Under torch.compile the partitioner makes its own recomputation choices.
+        recompute = self.recompute and self.fused and self.training and not torch.compiler.is_compiling()
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
             h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
             for i, block in enumerate(self.blocks):

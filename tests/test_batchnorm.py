@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, to_layout
+from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, to_layout
 from torch import nn
 
 import fractal_kernels as fk
-from benchmarks.measure import saved_bytes
+from fractal_kernels.testing import saved_bytes
 
 SHAPES = [(4, 3, 5, 6), (3, 7, 5, 9), (6, 16, 2, 2), (5, 24, 1, 1), (6, 5), (2, 4, 3), (2, 3, 2, 3, 2)]
 #: (shape, channels_last): channels-last is a 4-D layout.
@@ -65,7 +65,7 @@ def check_running(params, ref_params, dtype):
     for name in ("running_mean", "running_var"):
         if params[name] is not None:
             # Statistics are fp32 for every storage dtype but fp64; the momentum is an fp32 scalar.
-            atol, rtol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else (1e-6, 1e-6)
+            atol, rtol = STAT_TOLERANCES[dtype]
             torch.testing.assert_close(params[name].double(), ref_params[name], atol=atol, rtol=rtol)
 
 

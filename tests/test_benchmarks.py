@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import cases
-from benchmarks.measure import count_kernels, fake_mode, saved_bytes
+from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ skip_dropped model they serve."""
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, freeze_batchnorm, to_layout, train_step
+from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, freeze_batchnorm, to_layout, train_step
 from torch import nn
 
 import fractal_kernels as fk
@@ -80,7 +80,7 @@ def test_gather_join_bn_relu(sizes, dtype, channels_last):
     actual_grads = grads(out, xs + ws + bs, grad)
     for g, e in zip(actual_grads, grads(expected, copies[0] + copies[1] + copies[2], grad.double())):
         assert_close(g, e, dtype, scale * max(1.0, e.abs().max().item() if e.numel() else 1.0))
-    atol, rtol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else (1e-6, 1e-6)
+    atol, rtol = STAT_TOLERANCES[dtype]
     for actual, ref in zip(rms + rvs, copies[3] + copies[4]):
         torch.testing.assert_close(actual.double(), ref, atol=atol, rtol=rtol)
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, assert_close, to_layout
+from helpers import DEVICE, DTYPES, assert_close, to_layout
 
 import fractal_kernels as fk
-from benchmarks.measure import saved_bytes
+from fractal_kernels.testing import saved_bytes
 from fractal_kernels import reference
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, TOLERANCES, assert_close, to_layout
+from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, to_layout
 
 import fractal_kernels as fk
-from benchmarks.measure import saved_bytes
+from fractal_kernels.testing import saved_bytes
 from fractal_kernels import reference
 
 
@@ -71,7 +71,7 @@ def test_matches_reference_composition(k, dtype, channels_last, training):
     assert torch.all(out[0] == 0), "a sample with no survivor must be 0"
     for g, e in zip(grads, expected_grads):
         assert_close(g, e, dtype, scale * max(1.0, e.abs().max().item()))
-    atol, rtol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else (1e-6, 1e-6)
+    atol, rtol = STAT_TOLERANCES[dtype]
     for actual, ref in zip((*case[4], *case[5]), (*means64, *vars64)):
         if actual is not None:
             torch.testing.assert_close(actual.double(), ref, atol=atol, rtol=rtol)

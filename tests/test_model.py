@@ -3,11 +3,11 @@ extraction, layouts, autocast, activation memory."""
 
 import pytest
 import torch
-from conftest import DEVICE, freeze_batchnorm, train_step
+from helpers import DEVICE, freeze_batchnorm, train_step
 from torch import nn
 
 import fractal_kernels as fk
-from benchmarks.measure import saved_bytes
+from fractal_kernels.testing import saved_bytes
 from fractalnet import FractalNet, create_model, list_models
 
 SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.1, 0.2))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from helpers import DEVICE
 
 import fractal_kernels as fk
 from fractal_kernels import batchnorm, join, reference

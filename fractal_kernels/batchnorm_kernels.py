@@ -1,0 +1,395 @@
+"""BatchNorm(+ReLU) kernels over up to eight inputs, with a join: statistics, combine, apply,
+backward sums and input gradients.
+
+Each kernel takes up to eight inputs of one shape (eight slots per per-input argument, the first
+K given and the others None), each with its own affine parameters and statistics, and a join of
+their outputs (join_modes): ``bn_relu`` is the case of one input and no join, ``join_bn_relu``
+k inputs and a drop-path mask, ``gather_join_bn_relu`` compact inputs and a gather table. Inputs
+are viewed as [N, C, HW] and tiled as channel_tiling describes.
+
+Training forward: bn_stats_kernel + bn_combine_kernel (which also updates the running
+statistics), then bn_apply_kernel. Eval: bn_apply_kernel on the running statistics. Backward:
+bn_backward_reduce_kernel (per-channel sums of g and g * x_hat) and bn_backward_dx_kernel. The
+backward recomputes x_hat and the ReLU mask from the raw input and the per-channel mean and
+variance, so the ops save their inputs and O(C) statistics, never their output.
+
+Tensors a kernel writes are whole: per-input results go to [k, ...] tensors at row
+``first_input + i``, so that a launch for the inputs after the eighth writes the same tensor.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .channel_tiling import chunk_tiles, element_offsets, merge_lanes, tile_indices, welford_merge
+from .join_modes import JOIN_GATHER, join_row, join_scale
+from .tensors import accumulation_type
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def channel_params(i: tl.constexpr, c, c_ok, eps, weights, biases, means, variances, ACC: tl.constexpr):
+    """Input i's per-channel mean, 1/sqrt(var + eps), weight and bias, shaped [1, BLOCK_C, 1]
+    (weight 1 and bias 0 where the input has none)."""
+    mean = tl.load(means[i] + c, mask=c_ok, other=0.0).to(ACC)
+    var = tl.load(variances[i] + c, mask=c_ok, other=1.0).to(ACC)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if weights[i] is not None:
+        w = tl.load(weights[i] + c, mask=c_ok, other=0.0).to(ACC)
+    else:
+        w = tl.full(c.shape, 1.0, ACC)
+    if biases[i] is not None:
+        b = tl.load(biases[i] + c, mask=c_ok, other=0.0).to(ACC)
+    else:
+        b = tl.zeros(c.shape, ACC)
+    return mean[None, :, None], rstd[None, :, None], w[None, :, None], b[None, :, None]
+
+
+@triton.jit
+def normalize(x, mean, rstd, w, b):
+    """The affine-normalised value; forward and backward compute it identically, so the
+    recomputed ReLU mask always matches the forward's."""
+    return (x - mean) * (rstd * w) + b
+
+
+@triton.jit
+def relu(y):
+    """max(y, 0) that keeps NaN, as F.relu does (a plain max would turn NaN into 0)."""
+    return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def add_at(i: tl.constexpr, value, accumulators):
+    """The tuple ``accumulators`` with ``value`` added to its entry i."""
+    return accumulators[:i] + (accumulators[i] + value,) + accumulators[i + 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def bn_stats_kernel(
+    x0, x1, x2, x3, x4, x5, x6, x7,
+    rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7,
+    mean_part_ptr, m2_part_ptr, count_part_ptr, first_input,
+    C, HW, hw_blocks, tiles_per_chunk,
+    K: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Welford partials (mean, sum of squared deviations, count) of each channel of K inputs.
+
+    Pointers: ``x0``..``x7`` are the inputs, [rows_i, C, HW] contiguous or channels-last
+    (CHANNELS_LAST), with ``rows0``..``rows7`` rows. ``mean_part_ptr``, ``m2_part_ptr`` and
+    ``count_part_ptr`` are [k, num_chunks, C] in the accumulation dtype; input i's partials go to
+    row first_input + i. Program (cb, chunk) covers channels cb*BLOCK_C.. and, of each input,
+    tiles chunk*tiles_per_chunk.. of [BLOCK_N, BLOCK_C, BLOCK_HW].
+    """
+    ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    input_rows = (rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7)
+    cb = tl.program_id(0)
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    for i in tl.static_range(K):
+        N = input_rows[i]
+        first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
+        # Each lane runs Welford over the elements it sees; lanes merge once, at the end.
+        mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        for t in range(first, last):
+            n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+            offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+            x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
+            count += valid.to(ACC)
+            delta = tl.where(valid, x - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * (x - mean)
+        mean, m2, count = merge_lanes(mean, m2, count)
+        part = ((first_input + i) * num_chunks + chunk) * C + c_block
+        tl.store(mean_part_ptr + part, mean, mask=c_block < C)
+        tl.store(m2_part_ptr + part, m2, mask=c_block < C)
+        tl.store(count_part_ptr + part, count, mask=c_block < C)
+
+
+@triton.jit
+def bn_combine_kernel(
+    mean_part_ptr, m2_part_ptr, count_part_ptr,
+    mean_ptr, var_ptr,
+    running_mean0, running_mean1, running_mean2, running_mean3,
+    running_mean4, running_mean5, running_mean6, running_mean7,
+    running_var0, running_var1, running_var2, running_var3,
+    running_var4, running_var5, running_var6, running_var7,
+    momentum, first_input, C, num_chunks,
+    K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merges the chunk partials in chunk order into batch mean and biased variance, and updates
+    the running statistics in place (unbiased variance, ``momentum``), as torch does; an input
+    with no rows leaves its running statistics unchanged.
+
+    Pointers: partials as written by bn_stats_kernel; ``mean_ptr``/``var_ptr`` are [k, C] outputs
+    in the accumulation dtype (row first_input + i for input i); ``running_mean0``..7 and
+    ``running_var0``..7 are each input's running statistics, None where it has none. One program
+    per BLOCK_C channels.
+    """
+    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    running_means = (running_mean0, running_mean1, running_mean2, running_mean3,
+                     running_mean4, running_mean5, running_mean6, running_mean7)
+    running_vars = (running_var0, running_var1, running_var2, running_var3,
+                    running_var4, running_var5, running_var6, running_var7)
+    momentum = tl.cast(momentum, tl.float32)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    for i in tl.static_range(K):
+        mean = tl.zeros([BLOCK_C], ACC)
+        m2 = tl.zeros([BLOCK_C], ACC)
+        count = tl.zeros([BLOCK_C], ACC)
+        for s in range(num_chunks):
+            part = ((first_input + i) * num_chunks + s) * C + c
+            mean, m2, count = welford_merge(
+                mean, m2, count,
+                tl.load(mean_part_ptr + part, mask=c_ok, other=0.0),
+                tl.load(m2_part_ptr + part, mask=c_ok, other=0.0),
+                tl.load(count_part_ptr + part, mask=c_ok, other=0.0),
+            )
+        tl.store(mean_ptr + (first_input + i) * C + c, mean, mask=c_ok)
+        tl.store(var_ptr + (first_input + i) * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
+        if running_means[i] is not None:
+            rm_ptr = running_means[i]
+            rv_ptr = running_vars[i]
+            running_mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
+            running_var = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
+            unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+            seen = count > 0
+            running_mean = tl.where(seen, running_mean + momentum * (mean - running_mean), running_mean)
+            running_var = tl.where(seen, running_var + momentum * (unbiased - running_var), running_var)
+            tl.store(rm_ptr + c, running_mean.to(rm_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(rv_ptr + c, running_var.to(rv_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def bn_apply_kernel(
+    out_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7,
+    w0, w1, w2, w3, w4, w5, w6, w7,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
+    var0, var1, var2, var3, var4, var5, var6, var7,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
+    N, C, HW, hw_blocks, tiles_per_chunk,
+    K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """out = join over inputs of act((x_i - mean_i) * rstd_i * w_i + b_i), in one pass.
+
+    Pointers: ``out_ptr`` is [N, C, HW]; ``x0``..``x7`` share its layout, each with its own
+    rows; ``w``/``b`` are per-input weights and biases (None where absent); ``mean``/``var``
+    per-input mean and variance (batch statistics in training, running statistics in eval);
+    ``join_ptr`` with its strides is the join of inputs first_input.. of a num_inputs-input join
+    (join_modes). RELU applies the ReLU; ACCUMULATE adds to out (groups after the first when
+    k > 8). Rows of a dropped input are not read.
+    """
+    ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    weights = (w0, w1, w2, w3, w4, w5, w6, w7)
+    biases = (b0, b1, b2, b3, b4, b5, b6, b7)
+    means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
+    variances = (var0, var1, var2, var3, var4, var5, var6, var7)
+    eps = tl.cast(eps, tl.float32)
+    cb = tl.program_id(0)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n_ok = n < N
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        for i in tl.static_range(K):
+            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
+            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
+            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
+                        mask=valid & keep, other=0.0).to(ACC)
+            y = normalize(x, mean, rstd, w, b)
+            if RELU:
+                y = relu(y)
+            acc += tl.where(keep, y, 0.0)
+        out = acc * scale
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        if ACCUMULATE:
+            out += tl.load(out_ptr + offs, mask=valid, other=0.0).to(ACC)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def bn_backward_reduce_kernel(
+    grad_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7,
+    w0, w1, w2, w3, w4, w5, w6, w7,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
+    var0, var1, var2, var3, var4, var5, var6, var7,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
+    sum_g_part_ptr, sum_gxhat_part_ptr,
+    N, C, HW, hw_blocks, tiles_per_chunk,
+    K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Per-chunk sums over each channel of g_i and g_i * x_hat_i for K inputs, where g_i is the
+    output gradient routed to input i (join weight, ReLU mask) and x_hat_i the normalised input.
+
+    Pointers as in bn_apply_kernel, with ``grad_ptr`` the [N, C, HW] output gradient;
+    ``sum_g_part_ptr`` and ``sum_gxhat_part_ptr`` are [k, num_chunks, C] outputs (accumulation
+    dtype, row first_input + i for input i). The output gradient is read once for all K inputs;
+    rows of a dropped input are not read (their g is 0), nor rows of a gathered input that hold
+    no sample.
+    """
+    ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    weights = (w0, w1, w2, w3, w4, w5, w6, w7)
+    biases = (b0, b1, b2, b3, b4, b5, b6, b7)
+    means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
+    variances = (var0, var1, var2, var3, var4, var5, var6, var7)
+    eps = tl.cast(eps, tl.float32)
+    cb = tl.program_id(0)
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    # Per-lane sums of each input, reduced across lanes once at the end.
+    zero = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+    sums_g = (zero, zero, zero, zero, zero, zero, zero, zero)
+    sums_gxhat = (zero, zero, zero, zero, zero, zero, zero, zero)
+    first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n_ok = n < N
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
+        for i in tl.static_range(K):
+            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
+            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
+            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
+                        mask=valid & keep, other=0.0).to(ACC)
+            g = tl.where(keep & valid, grad, 0.0)
+            if RELU:
+                g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
+            sums_g = add_at(i, g, sums_g)
+            sums_gxhat = add_at(i, g * ((x - mean) * rstd), sums_gxhat)
+    for i in tl.static_range(K):
+        part = ((first_input + i) * num_chunks + chunk) * C + c_block
+        tl.store(sum_g_part_ptr + part, tl.sum(tl.sum(sums_g[i], 2), 0), mask=c_ok)
+        tl.store(sum_gxhat_part_ptr + part, tl.sum(tl.sum(sums_gxhat[i], 2), 0), mask=c_ok)
+
+
+@triton.jit
+def channel_totals(i: tl.constexpr, sum_g_ptr, sum_gxhat_ptr, num_partials, first_input, c, c_ok, C,
+                   ACC: tl.constexpr):
+    """Input i's per-channel sums of g and g * x_hat over its partials, shaped [1, BLOCK_C, 1]."""
+    total_g = tl.zeros(c.shape, ACC)
+    total_gxhat = tl.zeros(c.shape, ACC)
+    for s in range(num_partials):
+        offs = ((first_input + i) * num_partials + s) * C + c
+        total_g += tl.load(sum_g_ptr + offs, mask=c_ok, other=0.0)
+        total_gxhat += tl.load(sum_gxhat_ptr + offs, mask=c_ok, other=0.0)
+    return total_g[None, :, None], total_gxhat[None, :, None]
+
+
+@triton.jit
+def bn_backward_dx_kernel(
+    grad_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7,
+    dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7,
+    w0, w1, w2, w3, w4, w5, w6, w7,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
+    var0, var1, var2, var3, var4, var5, var6, var7,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps, sample_ptr,
+    sum_g_part_ptr, sum_gxhat_part_ptr, num_partials, grad_weight_ptr, grad_bias_ptr, count,
+    N, C, HW, hw_blocks, tiles_per_chunk,
+    K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Input gradients of K inputs, and the weight and bias gradients.
+
+    dx_i = w_i * rstd_i * (g_i - (sum g_i + x_hat_i * sum g_i x_hat_i) / count) with batch
+    statistics (BATCH_STATS), w_i * rstd_i * g_i with running statistics. Pointers as in
+    bn_backward_reduce_kernel plus ``dx0``..``dx7`` (outputs in the inputs' layouts); the sums
+    come as ``num_partials`` partials per channel ([k, num_partials, C]); programs of chunk 0
+    write the totals to ``grad_weight_ptr`` (sum g x_hat) and ``grad_bias_ptr`` (sum g), each
+    [k, C], unless they are None. ``count`` is the number of elements per channel the sums
+    cover.
+
+    The tile rows are the N rows of the inputs. For a gather join (JOIN_GATHER, one input per
+    launch) ``sample_ptr`` [N] maps each row to the output sample it holds (-1 for none), whose
+    gradient it reads; otherwise a row is a sample and ``sample_ptr`` is None.
+    """
+    ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    dxs = (dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7)
+    weights = (w0, w1, w2, w3, w4, w5, w6, w7)
+    biases = (b0, b1, b2, b3, b4, b5, b6, b7)
+    means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
+    variances = (var0, var1, var2, var3, var4, var5, var6, var7)
+    eps = tl.cast(eps, tl.float32)
+    inv_count = 1.0 / tl.maximum(tl.cast(count, ACC), 1.0)
+    cb = tl.program_id(0)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    # Totals per input, loaded once: the tile loop needs all K.
+    totals_g = ()
+    totals_gxhat = ()
+    for i in tl.static_range(K):
+        total_g, total_gxhat = channel_totals(i, sum_g_part_ptr, sum_gxhat_part_ptr, num_partials, first_input,
+                                              c_block, c_ok, C, ACC)
+        totals_g = totals_g + (total_g,)
+        totals_gxhat = totals_gxhat + (total_gxhat,)
+    if grad_weight_ptr is not None:
+        if tl.program_id(1) == 0:
+            for i in tl.static_range(K):
+                offs = (first_input + i) * C + c_block[None, :, None]
+                tl.store(grad_weight_ptr + offs, totals_gxhat[i], mask=c_ok[None, :, None])
+                tl.store(grad_bias_ptr + offs, totals_g[i], mask=c_ok[None, :, None])
+    first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n_ok = n < N
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        if JOIN == JOIN_GATHER:
+            sample = tl.load(sample_ptr + n, mask=n_ok, other=-1)
+            held = sample >= 0
+        else:
+            sample = n
+            held = n_ok
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, sample, held, num_inputs, JOIN, ACC)
+        grad_offs = element_offsets(sample, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        grad = tl.load(grad_ptr + grad_offs, mask=valid & held, other=0.0).to(ACC) * scale
+        for i in tl.static_range(K):
+            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
+            if JOIN == JOIN_GATHER:
+                keep = held
+            else:
+                keep, _ = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
+            # With batch statistics every row has a gradient (through the mean and variance).
+            if BATCH_STATS:
+                x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
+            else:
+                x = tl.load(xs[i] + offs, mask=valid & keep, other=0.0).to(ACC)
+            g = tl.where(keep & valid, grad, 0.0)
+            if RELU:
+                g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
+            if BATCH_STATS:
+                g = g - (totals_g[i] + (x - mean) * rstd * totals_gxhat[i]) * inv_count
+            dx_ptr = dxs[i]
+            tl.store(dx_ptr + offs, (w * rstd * g).to(dx_ptr.dtype.element_ty), mask=valid)

@@ -1,0 +1,200 @@
+"""How the per-channel (BatchNorm) kernels cover their inputs, and Welford merging.
+
+An input is viewed as [N, C, HW], contiguous or channels-last. Programs form a (channel blocks) x
+(chunks) grid of 3-D tiles [BLOCK_N, BLOCK_C, BLOCK_HW]: no program per (n, c) plane, and no
+per-element division. The tiles of one channel block, numbered n-block-major, are dealt to chunks
+in runs of ``tiles_per_chunk``; every per-channel kernel of one call uses the same tiling, so
+partial statistics line up chunk for chunk. Statistics are per-lane Welford partials merged once
+per program, then across chunks in a fixed order: no atomics, results bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import MAX_INPUTS, MAX_REGISTERS
+from .tensors import is_channels_last
+
+#: Elements per tile (8 warps: 8 values a thread).
+TILE = 2048
+#: The interpreter runs programs one after another: fewer, larger ones are faster.
+_INTERPRETER_PROGRAMS = 8
+#: SMs of the GPU to tile for when tensors are on no GPU (the compile audit); None: the interpreter.
+_simulated_sm_count: Optional[int] = None
+
+
+@contextlib.contextmanager
+def tile_for_gpu(sm_count: int) -> Iterator[None]:
+    """Within the block, CPU tensors are tiled as a GPU with ``sm_count`` SMs would tile them."""
+    global _simulated_sm_count
+    previous, _simulated_sm_count = _simulated_sm_count, sm_count
+    try:
+        yield
+    finally:
+        _simulated_sm_count = previous
+
+
+@dataclass(frozen=True)
+class ChannelTiling:
+    """The tiling of [N, C, HW] tensors for one op call (see the module docstring)."""
+
+    N: int
+    C: int
+    HW: int
+    channels_last: bool
+    index_64: bool
+    fixed_hw: int
+    BLOCK_N: int
+    BLOCK_C: int
+    BLOCK_HW: int
+    num_warps: int
+    hw_blocks: int
+    tiles_per_chunk: int
+    num_chunks: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (triton.cdiv(self.C, self.BLOCK_C), self.num_chunks)
+
+    @property
+    def count(self) -> int:
+        """Elements per channel."""
+        return self.N * self.HW
+
+    def block_args(self) -> tuple[int, ...]:
+        """Kernel arguments after the row count: (C, HW, hw_blocks, tiles_per_chunk)."""
+        return (self.C, self.HW, self.hw_blocks, self.tiles_per_chunk)
+
+    def meta(self) -> dict:
+        """The tiling's constexprs and launch options."""
+        return dict(
+            CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, FIXED_HW=self.fixed_hw,
+            BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps,
+            maxnreg=MAX_REGISTERS,
+        )
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def channel_tiling(x: torch.Tensor, num_inputs: int = 1) -> ChannelTiling:
+    """The tiling of [N, C, *spatial] tensors like x, contiguous or channels-last, for a kernel
+    that handles ``num_inputs`` of them at once (more than four get half-size tiles: registers)."""
+    N, C = x.shape[0], x.shape[1]
+    HW = math.prod(x.shape[2:])
+    channels_last = is_channels_last(x)
+    # Kernels over more than four inputs keep more per-input state, and fp64 values take two
+    # registers: half the elements a thread.
+    per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 and x.element_size() <= 4 else 4
+    tile = TILE * per_thread // 8
+    if channels_last:
+        # Channels are the contiguous axis: a tile spans 128 bytes of them (wider costs
+        # registers for the per-channel parameters), then positions, then samples.
+        BLOCK_C = _pow2_at_most(C, 128 // x.element_size())
+        BLOCK_HW = _pow2_at_most(HW, tile // BLOCK_C)
+        BLOCK_N = _pow2_at_most(N, tile // (BLOCK_C * BLOCK_HW))
+    else:
+        # Positions are the contiguous axis. Small planes (late blocks: 2x2, 1x1) keep runs of
+        # 32 elements per sample by stacking channels; a small batch leaves room for more.
+        BLOCK_HW = _pow2_at_most(HW, tile)
+        BLOCK_N = _pow2_at_most(N, tile // (BLOCK_HW * max(1, 32 // BLOCK_HW)))
+        BLOCK_C = _pow2_at_most(C, tile // (BLOCK_HW * BLOCK_N))
+    # A small tile gets fewer warps rather than idle lanes.
+    num_warps = max(1, min(8, BLOCK_N * BLOCK_C * BLOCK_HW // (32 * per_thread)))
+    hw_blocks = triton.cdiv(HW, BLOCK_HW)
+    tiles = max(1, triton.cdiv(N, BLOCK_N) * hw_blocks)
+    c_blocks = triton.cdiv(C, BLOCK_C)
+    chunks = max(1, min(tiles, triton.cdiv(_target_programs(x.device), c_blocks)))
+    tiles_per_chunk = triton.cdiv(tiles, chunks)
+    num_chunks = triton.cdiv(tiles, tiles_per_chunk)
+    index_64 = x.numel() >= 2**31
+    # Small NCHW planes (1x1, 2x2 in late blocks) are compile-time constants: aligned wide loads.
+    fixed_hw = HW if not channels_last and HW in (1, 2, 4, 8) else 0
+    return ChannelTiling(
+        N, C, HW, channels_last, index_64, fixed_hw, BLOCK_N, BLOCK_C, BLOCK_HW, num_warps, hw_blocks,
+        tiles_per_chunk, num_chunks,
+    )
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for: the grid covers the GPU's SMs four times over."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_PROGRAMS if _simulated_sm_count is None else 4 * _simulated_sm_count
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Tile t (n-block-major) of channel block cb: rows n [BLOCK_N, 1, 1], channels c
+    [1, BLOCK_C, 1], positions hw [1, 1, BLOCK_HW] and the in-bounds mask."""
+    if FIXED_HW > 0:
+        HW = FIXED_HW
+    nb = t // hw_blocks
+    hb = t % hw_blocks
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)[:, None, None]
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None]
+    hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)[None, None, :]
+    return n, c, hw, (n < N) & (c < C) & (hw < HW)
+
+
+@triton.jit
+def element_offsets(row, c, hw, C, HW, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+                    FIXED_HW: tl.constexpr):
+    """Element offsets of (row, c, hw) in a [rows, C, HW] tensor, contiguous or channels-last
+    (int64 only for tensors of 2**31 elements or more). A nonzero FIXED_HW is HW as a
+    compile-time constant (small NCHW planes), which lets the compiler prove the alignment of
+    wide loads."""
+    if FIXED_HW > 0:
+        HW = FIXED_HW
+    row = row.to(tl.int64) if INDEX_64 else row.to(tl.int32)
+    if CHANNELS_LAST:
+        return row * (HW * C) + hw * C + c
+    else:
+        return row * (C * HW) + c * HW + hw
+
+
+@triton.jit
+def chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N: tl.constexpr):
+    """The first and one-past-last tile of this program's chunk among the tiles of N rows."""
+    first = tl.program_id(1) * tiles_per_chunk
+    last = tl.minimum(first + tiles_per_chunk, tl.cdiv(N, BLOCK_N) * hw_blocks)
+    return first, last
+
+
+@triton.jit
+def welford_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, sum of squared deviations, count) partials; counts are floats."""
+    n = n_a + n_b
+    frac_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * frac_b, m2_a + m2_b + delta * delta * n_a * frac_b, n
+
+
+@triton.jit
+def merge_lanes(mean, m2, count):
+    """Merges per-lane Welford partials over axes 0 and 2 of a tile into one per channel, with
+    plain sums: count-weighted mean, then m2 plus each lane's spread around that mean."""
+    total = tl.sum(tl.sum(count, 2), 0)
+    merged_mean = tl.sum(tl.sum(count * mean, 2), 0) / tl.maximum(total, 1.0)
+    spread = mean - merged_mean[None, :, None]
+    return merged_mean, tl.sum(tl.sum(m2 + count * spread * spread, 2), 0), total

@@ -1,0 +1,113 @@
+"""Argument checks of the public ops: a ValueError or TypeError naming the argument and what was
+expected, raised before any launch."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+#: Storage dtypes the kernels accept (fp64 is for gradcheck; it accumulates in fp64).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor_list(name: str, tensors, *, min_len: int = 1, same_batch: bool = True) -> list[torch.Tensor]:
+    """Checks that ``tensors`` is a list/tuple of at least ``min_len`` tensors of one shape (but
+    for the batch size when not ``same_batch``), dtype and device."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    if len(tensors) < min_len:
+        raise ValueError(f"{name} must hold at least {min_len} tensor(s), got {len(tensors)}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    if not tensors:
+        return []
+    first = tensors[0]
+    if first.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {first.dtype}")
+    skip = int(not same_batch)
+    for i, t in enumerate(tensors[1:], 1):
+        if t.dim() != first.dim() or t.shape[skip:] != first.shape[skip:]:
+            like = f"[B_{i}, {', '.join(map(str, first.shape[1:]))}]" if not same_batch else str(tuple(first.shape))
+            raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {like} like {name}[0]")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {first.dtype} like {name}[0]")
+        if t.device != first.device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, expected {first.device} like {name}[0]")
+    return list(tensors)
+
+
+def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device: torch.device) -> None:
+    """Checks a drop-path mask: None, or a [num_inputs, batch] bool or 0/1 float tensor on ``device``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"mask must be bool or a 0/1 floating tensor, got {mask.dtype}")
+    if tuple(mask.shape) != (num_inputs, batch):
+        raise ValueError(f"mask must have shape [num_inputs, batch] = {[num_inputs, batch]}, got {list(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, expected {device} like the inputs")
+
+
+def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -> None:
+    """Checks a gather table: integer [k, B] on the inputs' device; with ``validate`` also its
+    values: rows[i, b] in [-1, B_i), and no row of an input named twice (two samples stored to
+    one row would race). ``validate=None`` validates where that reads nothing back from a device
+    (CPU tensors); on a GPU it costs a synchronisation, so it is done only when asked."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a tensor, got {type(rows).__name__}")
+    if rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rows must be an int32 or int64 tensor, got {rows.dtype}")
+    if rows.dim() != 2 or rows.shape[0] != len(inputs):
+        raise ValueError(f"rows must have shape [num_inputs, batch] = [{len(inputs)}, B], got {list(rows.shape)}")
+    if rows.device != inputs[0].device:
+        raise ValueError(f"rows is on {rows.device}, expected {inputs[0].device} like the inputs")
+    if validate is None:
+        validate = rows.device.type == "cpu"
+    if not validate or torch.compiler.is_compiling() or rows.numel() == 0:
+        return
+    sizes = torch.tensor([x.shape[0] for x in inputs], device=rows.device)[:, None]
+    if bool(((rows < -1) | (rows >= sizes)).any()):
+        raise ValueError("rows[i, b] must be -1 or a row of inputs[i] (0 <= row < inputs[i].shape[0])")
+    ordered = rows.sort(dim=1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError("rows must name each row of an input at most once (rows[i] has a repeated row)")
+
+
+def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, x: torch.Tensor) -> None:
+    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{name} must have shape [{channels}] (one value per channel), got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device}, expected {x.device} like the input")
+
+
+def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
+    """Checks a BatchNorm input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]."""
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(f"{name} must have 2 to 5 dimensions [N, C, ...], got shape {list(x.shape)}")
+    if training and x.numel() // max(x.shape[1], 1) <= 1:
+        # The same message F.batch_norm gives.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var) -> None:
+    """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature."""
+    for name, t in zip(names, (weight, bias, running_mean, running_var)):
+        check_channel_param(name, t, x.shape[1], x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{names[2]} and {names[3]} must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")

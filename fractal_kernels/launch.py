@@ -1,0 +1,174 @@
+"""Op registration and the one place every kernel of the package is launched.
+
+Under TRITON_INTERPRET=1 the ops are opaque ``custom_op``s (an interpreted kernel cannot be traced
+into a graph); otherwise they are ``triton_op``s, whose launches torch.compile traces as graph nodes
+(``wrap_triton``) and analyses for the tensors each kernel writes. For that analysis to be exact,
+every tensor a kernel writes is passed whole (an offset argument says where an input's rows
+start, never a slice), no tensor fills two written slots, and unused slots are None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+import triton
+
+#: Inputs per kernel launch; ops with more inputs launch once per group of this many.
+MAX_INPUTS = 8
+#: The register limit given to ptxas, which otherwise may cap a 256-thread program so low
+#: (40 registers) that it spills.
+MAX_REGISTERS = 255
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+#: True when TRITON_INTERPRET=1 was set before triton was imported: kernels run on CPU tensors.
+INTERPRETING = not isinstance(_probe_kernel, triton.runtime.jit.JITFunction)
+#: Compiled kernels use triton_op where torch has it (torch >= 2.6), so that torch.compile sees
+#: and schedules the Triton kernels themselves.
+USE_TRITON_OP = hasattr(torch.library, "triton_op") and not INTERPRETING
+#: Whether kernels run on CPU tensors: under the interpreter, or a fake GPU (fractal_kernels.testing).
+_runs_on_cpu = INTERPRETING
+
+
+def define_op(name: str, mutates_args: Sequence[str] = ()) -> Callable:
+    """Registers ``fn`` as the torch.library op ``name``; ``fn`` also serves as its fake kernel.
+
+    The launchers only allocate and launch, so on fake tensors they compute output metadata.
+    Launchers name each kernel in ``wrap_triton(kernel)`` where they launch it: torch.library
+    finds the kernels of a triton_op that way, and torch.compile's cache key includes their source.
+    """
+
+    def register(fn):
+        if USE_TRITON_OP:
+            return torch.library.triton_op(name, fn, mutates_args=tuple(mutates_args))
+        op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
+        op.register_fake(fn)
+        return op
+
+    return register
+
+
+def input_groups(n: int) -> list[range]:
+    """Splits range(n) into consecutive groups of at most MAX_INPUTS inputs (one launch each)."""
+    return [range(start, min(start + MAX_INPUTS, n)) for start in range(0, n, MAX_INPUTS)]
+
+
+def slots(items: Sequence, group: range) -> list:
+    """The group's entries of a per-input kernel argument, padded with None to MAX_INPUTS slots."""
+    return [items[i] for i in group] + [None] * (MAX_INPUTS - len(group))
+
+
+def optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """None for an absent tensor: None, or the empty placeholder the ops take for it."""
+    return None if t is None or t.numel() == 0 else t
+
+
+@dataclass
+class LaunchRecord:
+    """One kernel launch as the audit sees it: the kernel, its grid and arguments."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+#: Functions ``cases(quick) -> iterable of (label, thunk)`` whose thunks run op launchers on
+#: representative inputs; the compile audit records and compiles what they launch.
+AUDIT_CASES: list[Callable[[bool], Iterable[tuple[str, Callable[[], object]]]]] = []
+
+
+def audit_cases(fn):
+    """Registers an op file's audit cases (see AUDIT_CASES)."""
+    AUDIT_CASES.append(fn)
+    return fn
+
+
+_recorders: list[list[LaunchRecord]] = []
+_counters: list[list[int]] = []
+
+
+@contextlib.contextmanager
+def record_launches(run: bool = False) -> Iterator[list[LaunchRecord]]:
+    """Records the launches made within the block; they run only with ``run`` (the compile
+    audit records without running; the GPU-path checks run them too)."""
+    records: list[LaunchRecord] = []
+    _recorders.append((records, run))
+    try:
+        yield records
+    finally:
+        _recorders.pop()
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[list[int]]:
+    """Counts the Triton kernel launches made within the block: ``with count_launches() as n: ...; n[0]``.
+    Launches on fake tensors count too (they would run on real ones)."""
+    counter = [0]
+    _counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _counters.pop()
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
+
+
+def _has_no_data(t: torch.Tensor) -> bool:
+    return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
+
+
+def check_launchable(x: torch.Tensor) -> None:
+    """Raises unless the Triton kernels can run on x's device."""
+    if x.is_cuda or _recorders or torch.compiler.is_compiling() or not _is_plain(x):
+        return
+    if x.device.type == "cpu" and _runs_on_cpu:
+        return
+    if x.device.type == "cpu":
+        raise RuntimeError(
+            "the Triton backend runs CPU tensors only under the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported, or use the 'reference' or 'auto' backend"
+        )
+    raise RuntimeError(f"the Triton backend needs CUDA tensors, got a tensor on {x.device}")
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launches ``kernel[grid](*args, **kwargs)``, where ``kernel`` is ``wrap_triton(jit_kernel)``.
+
+    While torch traces (fake or functional tensors) a traceable wrapper records the launch as a
+    graph node; otherwise the kernel is launched directly (no higher-order-op dispatch, nothing
+    added to torch's kernel side table), on the device of its tensors.
+    """
+    # wrap_triton gives the kernel itself, or while torch traces a wrapper that holds it.
+    jit_kernel = kernel if isinstance(kernel, triton.runtime.KernelInterface) else kernel.kernel
+    if _recorders:
+        records, run = _recorders[-1]
+        records.append(LaunchRecord(jit_kernel, grid, args, kwargs))
+        if not run:
+            return
+    for counter in _counters:
+        counter[0] += 1
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if not _is_plain(first):
+        if jit_kernel is not kernel:
+            # Inductor launches user kernels with num_warps but no register limit.
+            kwargs.pop("maxnreg", None)
+            kernel[grid](*args, **kwargs)
+            return
+        if _has_no_data(first):
+            return  # a custom op's fake kernel: only the output metadata matters
+    if first.is_cuda:
+        # Triton launches on the current device: make it the tensors' one.
+        with torch.cuda.device(first.device):
+            jit_kernel[grid](*args, **kwargs)
+    else:
+        jit_kernel[grid](*args, **kwargs)

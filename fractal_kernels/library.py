@@ -1,0 +1,52 @@
+"""The composite torch.library ops of the public BatchNorm ops, their schemas in one place.
+
+``bn_relu``, ``join_bn_relu`` and ``gather_join_bn_relu`` are CompositeImplicitAutograd ops over
+batchnorm.py's ``bn_stats`` (which mutates the running statistics) and ``bn_apply`` (which has
+the autograd): torch.library does not allow an autograd formula on an op that mutates its inputs.
+The kernel ops themselves are registered next to their launchers (join.py, batchnorm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batchnorm import batch_norm_join
+
+_library = torch.library.Library("fractal_kernels", "FRAGMENT")
+_library.define(
+    "bn_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+    "bool training, float momentum=0.1, float eps=1e-05, bool relu=True) -> Tensor"
+)
+_library.define(
+    "join_bn_relu(Tensor[] inputs, Tensor? mask, Tensor?[] weights, Tensor?[] biases, "
+    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float momentum=0.1, "
+    "float eps=1e-05) -> Tensor"
+)
+_library.define(
+    "gather_join_bn_relu(Tensor[] inputs, Tensor rows, Tensor?[] weights, Tensor?[] biases, "
+    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float momentum=0.1, "
+    "float eps=1e-05) -> Tensor"
+)
+
+
+def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True):
+    return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu)
+
+
+def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5):
+    return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True)
+
+
+def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
+                         eps=1e-5):
+    return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps, True,
+                           rows=rows)
+
+
+_library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")
+_library.impl("join_bn_relu", _join_bn_relu, "CompositeImplicitAutograd")
+_library.impl("gather_join_bn_relu", _gather_join_bn_relu, "CompositeImplicitAutograd")
+
+bn_relu = torch.ops.fractal_kernels.bn_relu.default
+join_bn_relu = torch.ops.fractal_kernels.join_bn_relu.default
+gather_join_bn_relu = torch.ops.fractal_kernels.gather_join_bn_relu.default

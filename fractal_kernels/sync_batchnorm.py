@@ -1,0 +1,87 @@
+"""Synchronised BatchNorm for bn_relu and join_bn_relu: batch statistics over a process group.
+
+Each rank computes its statistics with the same kernels; they are all-gathered and merged before
+the apply pass (and the running statistics updated from the global ones), and the backward's
+per-channel sums are all-reduced before the input-gradient pass, so DDP training normalises with
+global batch statistics as nn.SyncBatchNorm does. Nothing is read back to the host: the global
+element count stays on the device (fp64, exact), and the backward divides the reduced sums by it
+there. Eager only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .batchnorm import bn_apply, bn_backward_dx, bn_backward_sums, bn_stats, param_grads, placeholder
+from .tensors import acc_dtype, dense_inputs, memory_format
+
+
+class SyncBatchNormJoin(torch.autograd.Function):
+    """Training-mode batch_norm_join with statistics synchronised over a process group."""
+
+    @staticmethod
+    def forward(ctx, mask, process_group, running, momentum, eps, relu, k, *tensors):
+        xs = dense_inputs(tensors[:k])
+        weights, biases = tensors[k:2 * k], tensors[2 * k:]
+        running_means, running_vars = running
+        absent = [placeholder(xs[0])] * k
+        mean, var = bn_stats(xs, absent, absent, 0.0)  # [k, C] each, biased variance
+        # fp64 keeps the element count exact (fp32 is exact only to 2**24).
+        count = mean.new_full(mean.shape, xs[0].numel() // xs[0].shape[1], dtype=torch.float64)
+        local = torch.stack([mean.double(), var.double(), count])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(gathered, local, group=process_group)
+        means, variances, counts = torch.stack(gathered).unbind(1)  # each [ranks, k, C]
+        total = counts.sum(0)
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+        for i in range(k):
+            if running_means[i] is not None:
+                running_means[i].lerp_(mean[i].to(running_means[i].dtype), momentum)
+                running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), momentum)
+        means = list(mean.to(acc_dtype(xs[0].dtype)).unbind(0))
+        variances = list(var.to(acc_dtype(xs[0].dtype)).unbind(0))
+        out = bn_apply(xs, mask, None, list(weights), list(biases), means, variances, True, eps, relu)
+        ctx.save_for_backward(mask, total, *xs, *weights, *biases, *means, *variances)
+        ctx.options = (k, eps, relu, process_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, eps, relu, process_group = ctx.options
+        mask, total, *saved = ctx.saved_tensors
+        xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
+        grad = grad.contiguous(memory_format=memory_format(xs[0]))
+        args = (grad, xs, mask, None, weights, biases, means, variances, eps, relu)
+        local_g, local_gxhat = (s.sum(1, keepdim=True) for s in bn_backward_sums(*args))
+        sums = torch.cat([local_g, local_gxhat], 1)
+        dist.all_reduce(sums, group=process_group)
+        # The global sums divided by the global count on the device: the kernel's count is 1.
+        sums = (sums / total[:, None, :]).to(local_g.dtype)
+        grad_inputs, _, _ = bn_backward_dx(*args, True, (sums[:, :1], sums[:, 1:]), count=1, param_grads=False)
+        # Parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them across ranks.
+        grad_weights = param_grads(local_gxhat[:, 0], weights)
+        grad_biases = param_grads(local_g[:, 0], biases)
+        return (None,) * 7 + (*grad_inputs, *grad_weights, *grad_biases)
+
+
+def sync_batch_norm_join(
+    inputs: Sequence[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    weights: Sequence[Optional[torch.Tensor]],
+    biases: Sequence[Optional[torch.Tensor]],
+    running_means: Sequence[Optional[torch.Tensor]],
+    running_vars: Sequence[Optional[torch.Tensor]],
+    momentum: float,
+    eps: float,
+    relu: bool,
+    process_group,
+) -> torch.Tensor:
+    """Training-mode batch_norm_join with statistics synchronised over ``process_group``."""
+    absent = placeholder(inputs[0])
+    params = [absent if t is None else t for t in (*weights, *biases)]
+    running = (tuple(running_means), tuple(running_vars))
+    return SyncBatchNormJoin.apply(mask, process_group, running, momentum, eps, relu, len(inputs), *inputs, *params)

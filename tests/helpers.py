@@ -1,0 +1,60 @@
+"""Shared test code: the device, per-dtype tolerances against fp64 references, small builders."""
+
+import pytest
+import torch
+
+from fractal_kernels.testing import fake_gpu
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: Whether the ops take the GPU's registration path (triton_op): on a GPU or the fake GPU.
+GPU_PATH = torch.cuda.is_available() or fake_gpu.installed()
+
+#: Absolute and relative tolerances against an fp64 reference, per storage dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+#: Tolerances of per-channel statistics (running mean and variance): fp32 for every storage
+#: dtype but fp64, with an fp32 momentum.
+STAT_TOLERANCES = {
+    torch.float64: (1e-6, 1e-6),
+    torch.float32: (1e-6, 1e-6),
+    torch.float16: TOLERANCES[torch.float16],
+    torch.bfloat16: TOLERANCES[torch.bfloat16],
+}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_gpu_path = pytest.mark.skipif(
+    not GPU_PATH, reason="runs on a GPU or the fake GPU (FRACTAL_KERNELS_FAKE_GPU=1: the second half of make test)"
+)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """Compares a result stored in ``dtype`` with an fp64 reference, within that dtype's tolerance."""
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def train_step(model, x, seed=5, **kwargs):
+    """Output and parameter gradients of one training forward/backward with a seeded RNG."""
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(x, **kwargs)
+    out.square().mean().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def freeze_batchnorm(model):
+    """Training mode, but every BatchNorm uses (and keeps) its running statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()

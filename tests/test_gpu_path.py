@@ -1,0 +1,338 @@
+"""The path every GPU user runs, checked on a GPU or on the fake GPU (FRACTAL_KERNELS_FAKE_GPU=1,
+the second half of `make test`): ops registered with triton_op, torch.compile(fullgraph=True)
+forward and backward against the reference, torch's own kernel-mutation analysis on every launch
+the package makes, the kernels torch.library finds for each op, and direct eager launches."""
+
+import re
+
+import pytest
+import torch
+from helpers import DEVICE, GPU_PATH, STAT_TOLERANCES, TOLERANCES, requires_gpu_path, to_layout
+from torch.utils._pytree import tree_flatten, tree_map
+
+import fractal_kernels as fk
+from fractal_kernels import launch
+from fractalnet import FractalNet
+
+pytestmark = requires_gpu_path
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each case compiles anew (the cases share code objects, so caches would hit recompile limits)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True) of every public op against the fp64 reference
+# ----------------------------------------------------------------------------------------------
+
+BATCH, CHANNELS = 5, 3
+
+
+def make_inputs(k, dtype, channels_last, sizes=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = sizes or [BATCH] * k
+    return [
+        to_layout((torch.randn(n, CHANNELS, 3, 4, generator=gen, dtype=torch.float64) * (i + 1) + i).to(dtype),
+                  channels_last).to(DEVICE).requires_grad_()
+        for i, n in enumerate(sizes)
+    ]
+
+
+def make_params(k, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def vector(offset, spread, grad=False):
+        t = torch.rand(CHANNELS, generator=gen, dtype=torch.float64) * spread + offset
+        return t.to(DEVICE, param).requires_grad_(grad)
+
+    return dict(
+        weights=[vector(0.5, 1, True) for _ in range(k)], biases=[vector(-0.5, 1, True) for _ in range(k)],
+        running_means=[vector(-1, 2) for _ in range(k)], running_vars=[vector(0.5, 1) for _ in range(k)],
+    )
+
+
+def make_mask(k, seed=2):
+    mask = torch.rand(k, BATCH, generator=torch.Generator().manual_seed(seed)) < 0.6
+    mask[:, 0] = False  # a sample without a survivor
+    mask[:, 1] = True
+    return mask.to(DEVICE)
+
+
+def make_rows(sizes, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.full((len(sizes), BATCH), -1, dtype=torch.int64)
+    for i, size in enumerate(sizes):
+        rows[i, torch.randperm(BATCH, generator=gen)[:size]] = torch.arange(size)
+    return rows.to(DEVICE)
+
+
+def fp64_copy(args):
+    def copy(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.detach().double().requires_grad_(t.requires_grad)
+        return t
+
+    return tree_map(copy, args)
+
+
+def check_compiled(op, args: dict, dtype, scale=4.0):
+    """``op(**args)`` compiled on the Triton backend against the reference op on an fp64 copy:
+    the output, the gradient of every leaf, and every tensor argument afterwards (the running
+    statistics the op updates, and the inputs it must leave alone)."""
+    expected_args = fp64_copy(args)
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager", dynamic=False)
+    with fk.use_backend("triton"):
+        out = compiled(**args)
+    with fk.use_backend("reference"):
+        expected = op(**expected_args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+    leaves = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    expected_leaves = [t for t in tree_flatten(expected_args)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype), allow_unused=True, materialize_grads=True)
+    expected_grads = torch.autograd.grad(expected, expected_leaves, grad, allow_unused=True, materialize_grads=True)
+    atol, rtol = TOLERANCES[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=atol * scale, rtol=rtol * scale)
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        size = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(g.double(), e, atol=atol * scale * size, rtol=rtol * scale, msg=f"gradient {i}")
+    atol, rtol = STAT_TOLERANCES[dtype]
+    for a, e in zip(tree_flatten(args)[0], tree_flatten(expected_args)[0]):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            torch.testing.assert_close(a.detach().double(), e.detach(), atol=atol, rtol=rtol)
+
+
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+KS = [1, 2, 3, 4, 9]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("masked", [False, True], ids=["mean", "mask"])
+@pytest.mark.parametrize("k", KS)
+def test_compiled_masked_join(k, masked, dtype, channels_last):
+    args = dict(inputs=make_inputs(k, dtype, channels_last), mask=make_mask(k) if masked else None)
+    check_compiled(fk.masked_join, args, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
+def test_compiled_bn_relu(dtype, channels_last, training):
+    (x,) = make_inputs(1, dtype, channels_last)
+    params = make_params(1, dtype)
+    args = dict(x=x, weight=params["weights"][0], bias=params["biases"][0], running_mean=params["running_means"][0],
+                running_var=params["running_vars"][0], training=training)
+    check_compiled(fk.bn_relu, args, dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("masked", [False, True], ids=["mean", "mask"])
+@pytest.mark.parametrize("k", KS)
+def test_compiled_join_bn_relu(k, masked, dtype, channels_last, training):
+    args = dict(inputs=make_inputs(k, dtype, channels_last), mask=make_mask(k) if masked else None,
+                **make_params(k, dtype), training=training)
+    check_compiled(fk.join_bn_relu, args, dtype)
+
+
+def gather_sizes(k):
+    return [(BATCH - i) % (BATCH + 1) or 2 for i in range(k)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("k", KS)
+def test_compiled_gather_join(k, dtype, channels_last):
+    sizes = gather_sizes(k)
+    args = dict(inputs=make_inputs(k, dtype, channels_last, sizes), rows=make_rows(sizes))
+    check_compiled(fk.gather_join, args, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("k", KS)
+def test_compiled_gather_join_bn_relu(k, dtype, channels_last, training):
+    sizes = gather_sizes(k)
+    args = dict(inputs=make_inputs(k, dtype, channels_last, sizes), rows=make_rows(sizes), **make_params(k, dtype),
+                training=training)
+    check_compiled(fk.gather_join_bn_relu, args, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# A compiled FractalNet training step against the eager reference model
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["fused", "recompute"])
+def test_compiled_training_step(variant):
+    torch.manual_seed(0)
+    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0))
+    model = FractalNet(10, **config, fused=True, recompute=variant == "recompute").to(DEVICE)
+    reference = FractalNet(10, **config, fused=False).to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with fk.use_backend("triton"):
+        torch.manual_seed(5)
+        out = compiled(x)
+        out.square().mean().backward()
+    torch.manual_seed(5)
+    expected = reference(x)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch's kernel-mutation analysis on every launch the package makes
+# ----------------------------------------------------------------------------------------------
+
+#: The parameters each kernel writes (a name, or a slot prefix followed by the slot's digit).
+WRITTEN = {
+    "masked_join_fwd_kernel": ("out_ptr",),
+    "masked_join_bwd_kernel": ("dx",),
+    "bn_stats_kernel": ("mean_part_ptr", "m2_part_ptr", "count_part_ptr"),
+    "bn_combine_kernel": ("mean_ptr", "var_ptr", "running_mean", "running_var"),
+    "bn_apply_kernel": ("out_ptr",),
+    "bn_backward_reduce_kernel": ("sum_g_part_ptr", "sum_gxhat_part_ptr"),
+    "bn_backward_dx_kernel": ("dx", "grad_weight_ptr", "grad_bias_ptr"),
+}
+
+
+def recorded_launches():
+    """One launch of every distinct configuration (kernel, constexprs, absent slots) the
+    compile audit's cases make."""
+    from fractal_kernels import batchnorm, join  # noqa: F401  (registers their audit cases)
+
+    distinct = {}
+    for cases in launch.AUDIT_CASES:
+        for label, thunk in cases(True):
+            with launch.record_launches() as records:
+                thunk()
+            for record in records:
+                kwargs = launch_kwargs(record)
+                constexprs = tuple((n, v) for n, v in kwargs.items() if n.isupper())
+                absent = tuple(n for n, v in kwargs.items() if v is None)
+                distinct.setdefault((record.kernel.fn.__name__, constexprs, absent), (label, record, kwargs))
+    return list(distinct.values())
+
+
+def launch_kwargs(record) -> dict:
+    options = {"num_warps", "num_stages", "maxnreg"}
+    kwargs = dict(zip(record.kernel.arg_names, record.args))
+    kwargs.update((k, v) for k, v in record.kwargs.items() if k not in options)
+    return kwargs
+
+
+def written_by_contract(kernel: str, kwargs: dict) -> set:
+    return {
+        name for name, value in kwargs.items()
+        if isinstance(value, torch.Tensor) and any(re.fullmatch(re.escape(p) + r"\d?", name) for p in WRITTEN[kernel])
+    }
+
+
+LAUNCHES = recorded_launches() if GPU_PATH else []
+
+
+def test_every_kernel_is_analysed():
+    assert {record.kernel.fn.__name__ for _, record, _ in LAUNCHES} == set(WRITTEN)
+
+
+@pytest.mark.parametrize("label,record,kwargs", LAUNCHES,
+                         ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(LAUNCHES)])
+def test_mutation_analysis_of_each_launch(label, record, kwargs):
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    name = record.kernel.fn.__name__
+    accesses = identify_accessed_tensors(record.kernel, dict(kwargs), {})
+    written = {dep.name for dep in accesses.read_writes.writes}
+    # Exactly what the kernel writes: a read-only argument reported as written would be cloned
+    # and copied back around every launch under torch.compile.
+    assert written == written_by_contract(name, kwargs), label
+    tensors = {n: v for n, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    for arg in written:
+        t = tensors[arg]
+        # Whole tensors: functionalization clones a written argument, so a written view would
+        # lose whatever the kernel writes beyond it.
+        assert t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes(), (label, arg)
+        others = [n for n, v in tensors.items()
+                  if n != arg and v.numel() and v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()]
+        assert not others, f"{label}: {arg} shares its memory with {others}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels torch.library finds for each op, and eager launches
+# ----------------------------------------------------------------------------------------------
+
+OP_KERNELS = {
+    "fractal_kernels::masked_join": {"masked_join_fwd_kernel"},
+    "fractal_kernels::masked_join_backward": {"masked_join_bwd_kernel"},
+    "fractal_kernels::gather_join": {"masked_join_fwd_kernel"},
+    "fractal_kernels::gather_join_backward": {"masked_join_bwd_kernel"},
+    "fractal_kernels::bn_stats": {"bn_stats_kernel", "bn_combine_kernel"},
+    "fractal_kernels::bn_apply": {"bn_apply_kernel"},
+    "fractal_kernels::bn_backward": {"bn_backward_reduce_kernel", "bn_backward_dx_kernel"},
+}
+
+
+@pytest.mark.parametrize("op", OP_KERNELS)
+def test_torch_library_finds_the_kernels_of_each_op(op):
+    """AOT autograd's compile cache keys on the source of these kernels: an op whose kernels are
+    not found could be served stale code from the cache after a kernel is edited."""
+    from torch._library.triton import get_triton_kernels_for_op
+
+    found = {kernel.fn.__name__ for kernel in get_triton_kernels_for_op(op)}
+    assert found == OP_KERNELS[op]
+
+
+def side_table_size() -> int:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return len(kernel_side_table.id_to_kernel) + len(kernel_side_table.constant_args)
+
+
+def test_eager_launches_are_direct():
+    """In eager mode a launch goes straight to the kernel: no higher-order-op dispatch, and
+    nothing added to torch's kernel side table, which would otherwise grow without bound."""
+    x, mask = make_inputs(3, torch.float32, False), make_mask(3)
+    params = make_params(3, torch.float32)
+    with fk.use_backend("triton"):
+        fk.join_bn_relu(x, mask, **params, training=True).sum().backward()
+        before = side_table_size()
+        for _ in range(200):
+            fk.masked_join([t.detach() for t in x], mask)
+        with launch.count_launches() as launches:
+            out = fk.join_bn_relu(x, mask, **params, training=True)
+            out.sum().backward()
+    assert launches[0] == 5
+    assert side_table_size() == before
+
+
+@pytest.mark.parametrize("op", ["bn_relu", "join_bn_relu"])
+def test_nan_input_gives_nan_output(op):
+    """F.relu keeps NaN; a plain max would turn it into 0 on the GPU (the interpreter keeps it)."""
+    xs = make_inputs(2, torch.float32, False)
+    x = [t.detach().clone() for t in xs]
+    for t in x:
+        t[1, 0, 0, 0] = float("nan")
+    params = make_params(2, torch.float32)
+    for backend in ("reference", "triton"):
+        with fk.use_backend(backend), torch.no_grad():
+            if op == "bn_relu":
+                out = fk.bn_relu(x[0], params["weights"][0], params["biases"][0], params["running_means"][0],
+                                 params["running_vars"][0], training=False)
+            else:
+                out = fk.join_bn_relu(x, None, **params, training=False)
+        assert torch.isnan(out[1, 0, 0, 0]), backend
+        assert torch.isfinite(out[0]).all(), backend
