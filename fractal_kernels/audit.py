@@ -1,15 +1,23 @@
 """Compile audit: builds every kernel configuration the package launches for sm_80 and sm_90, no GPU needed.
 
-    python -m fractal_kernels.audit [--arch 80 90] [--quick]
+    python -m fractal_kernels.audit [--arch 80 90] [--quick] [--json PATH]
 
-The op launchers run on small CPU tensors with launches recorded instead of run; each recorded
-launch is specialised exactly as Triton's JIT would specialise it on a GPU (16-byte-aligned
-pointers and integers divisible by 16 are marked, values of 1 folded), compiled to PTX and cubin,
-and passed through the ptxas that ships with Triton for registers and spills. The PTX gives the
-widths of global loads and stores. One row per configuration; the exit status is non-zero on a
-compile failure or any spill.
+The op launchers run on CPU tensors of the benchmarked networks' shapes, tiled as the GPU of each
+architecture would tile them (A100: 108 SMs, H100: 132), with launches recorded instead of run.
+Each recorded launch is specialised exactly as Triton's JIT would specialise it on a GPU
+(16-byte-aligned pointers and integers divisible by 16 are marked, values of 1 folded) and
+compiled to PTX and cubin twice, with the launch's register limit and without it (Inductor
+launches user kernels without one). A row reports
+registers, spills, shared memory, resident warps per SM, the widths of global loads and stores,
+and whether the PTX has the NaN-propagating max that ReLU needs. The exit status is non-zero on
+a compile failure, a spill (with or without the limit), a missed occupancy goal (streaming
+kernels two resident 256-thread blocks per SM, reductions one, with or without the limit, at
+the benchmarked shapes and up to four inputs a launch) or a ReLU without NaN propagation.
+Registers and spills are read from the cubin Triton builds (cuobjdump), shared memory from its
+metadata.
 
-The Triton interpreter makes kernels uncompilable, so TRITON_INTERPRET must be unset here.
+It uses Triton internals (the JIT's specialisation, create_function_from_signature); a Triton
+without them fails at import. TRITON_INTERPRET must be unset (the interpreter compiles nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -31,31 +40,94 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import launch as common
+from .channel_tiling import tile_for_gpu
+from .launch import AUDIT_CASES, INTERPRETING, LaunchRecord, record_launches
+
+#: SMs of the GPU each architecture's tiling is for.
+SM_COUNT = {80: 108, 90: 132}
+#: (registers, shared memory bytes, threads) of one SM, and the most blocks it holds.
+SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32
+SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
+
+#: Kernels that stream activations through once: they need two resident 256-thread blocks per
+#: SM (16 warps) to hide memory latency; the others reduce, and need one (8 warps).
+STREAMING_KERNELS = {"masked_join_fwd_kernel", "masked_join_bwd_kernel", "bn_apply_kernel", "bn_backward_dx_kernel"}
+
+
+#: Kernels that apply the ReLU to values (the backward kernels only test its sign).
+RELU_KERNELS = {"bn_apply_kernel"}
+
+
+def occupancy_goal(kernel: str) -> int:
+    """Resident warps per SM a kernel must reach."""
+    return 16 if kernel in STREAMING_KERNELS else 8
+
+
+#: Benchmarked unit shapes: FractalNet-20 on CIFAR (batch 100), FractalNet-34 on ImageNet (batch
+#: 32), and an odd shape that no vector width divides.
+SHAPES = [(100, 64, 32, 32), (100, 128, 16, 16), (100, 256, 8, 8), (100, 512, 4, 4), (100, 512, 2, 2),
+          (32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7), (3, 7, 5, 9)]
+QUICK_SHAPES = [(100, 64, 32, 32), (100, 512, 2, 2), (32, 256, 14, 14), (3, 7, 5, 9)]
+#: The odd shape's label: outside the occupancy goals, which are for the benchmarked shapes.
+ODD_SHAPE = "3x7x5x9"
+
 
 @dataclasses.dataclass
 class AuditRow:
     kernel: str
     label: str
     arch: int
-    registers: int
-    spill_bytes: int
-    load_widths: list[int]
-    store_widths: list[int]
+    register_limit: int  # 0: none
+    num_warps: int
+    registers: int = 0
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    load_widths: list[int] = dataclasses.field(default_factory=list)
+    store_widths: list[int] = dataclasses.field(default_factory=list)
+    nan_max: bool = False
+    relu: bool = False
+    #: Whether the occupancy goal applies: the benchmarked shapes, at most four inputs a launch.
+    occupancy_goal_applies: bool = True
     error: str = ""
 
-    def format(self) -> str:
+    @property
+    def resident_warps(self) -> int:
+        """Warps of this kernel resident on one SM: registers are allocated per warp in units of
+        256, shared memory per block with 1 KB reserved."""
         if self.error:
-            return f"{self.kernel:<28} {self.label:<52} sm_{self.arch}  COMPILE FAILED: {self.error}"
+            return 0
+        per_warp = -(-self.registers * 32 // 256) * 256
+        blocks = min(SM_REGISTERS // per_warp // self.num_warps, SM_THREADS // (32 * self.num_warps), SM_BLOCKS)
+        if self.shared_bytes:
+            blocks = min(blocks, SM_SHARED[self.arch] // (self.shared_bytes + 1024))
+        return blocks * self.num_warps
+
+    @property
+    def problems(self) -> list[str]:
+        if self.error:
+            return [f"compile failed: {self.error}"]
+        found = []
+        if self.spill_bytes:
+            found.append(f"{self.spill_bytes} bytes spilled")
+        if self.occupancy_goal_applies and self.resident_warps < occupancy_goal(self.kernel):
+            found.append(f"{self.resident_warps} resident warps < {occupancy_goal(self.kernel)}")
+        if self.relu and not self.nan_max:
+            found.append("ReLU without a NaN-propagating max")
+        return found
+
+    def format(self) -> str:
+        limit = str(self.register_limit or "-")
+        if self.error:
+            return f"{self.kernel:<26} {self.label:<58} sm_{self.arch} {limit:>4}  COMPILE FAILED: {self.error}"
         loads = ",".join(map(str, self.load_widths)) or "-"
         stores = ",".join(map(str, self.store_widths)) or "-"
-        return (
-            f"{self.kernel:<28} {self.label:<52} sm_{self.arch}  {self.registers:>4}  {self.spill_bytes:>6}  "
-            f"{loads:<14} {stores}"
-        )
+        flag = "  <- " + "; ".join(self.problems) if self.problems else ""
+        return (f"{self.kernel:<26} {self.label:<58} sm_{self.arch} {limit:>4} {self.registers:>4} {self.spill_bytes:>6} "
+                f"{self.shared_bytes:>6} {self.resident_warps:>3} {loads:<10} {stores:<6}{flag}")
 
 
-HEADER = f"{'kernel':<28} {'configuration':<52} arch    regs  spills  ld bits        st bits"
+HEADER = (f"{'kernel':<26} {'configuration':<58} arch  lim regs spills  smem  wps ld bits    st bits\n"
+          "(lim: register limit, - for none; wps: resident warps per SM)")
 
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[a-z0-9]+)*)")
 
@@ -71,17 +143,19 @@ def access_widths(ptx: str) -> tuple[list[int], list[int]]:
     return sorted(widths["ld"]), sorted(widths["st"])
 
 
-def ptxas_usage(ptx: str, ptxas: str) -> tuple[int, int]:
-    """(registers, spill store + load bytes) of the one kernel in ``ptx``, from ``ptxas -v``."""
-    arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    result = subprocess.run(
-        [ptxas, f"-arch={arch}", "-v", "-", "-o", "/dev/null"], input=ptx, capture_output=True, text=True
-    )
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local-memory bytes per thread) of the one kernel in ``cubin``, the binary
+    Triton would load, from the cuobjdump that ships with Triton. The kernels keep no local
+    arrays, so local memory is spilled registers."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        result = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                                capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip())
-    registers = int(re.search(r"Used (\d+) registers", result.stderr).group(1))
-    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr))
-    return registers, spills
+    usage = re.search(r"REG:(\d+).*LOCAL:(\d+)", result.stdout)
+    return int(usage.group(1)), int(usage.group(2))
 
 
 def _specialise(kernel, backend, args, kwargs):
@@ -92,7 +166,7 @@ def _specialise(kernel, backend, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-def _config_label(label: str, record: common.LaunchRecord) -> str:
+def _config_label(label: str, record: LaunchRecord) -> str:
     flags = ",".join(
         f"{k}={int(v) if isinstance(v, bool) else v}"
         for k, v in record.kwargs.items()
@@ -101,46 +175,65 @@ def _config_label(label: str, record: common.LaunchRecord) -> str:
     return f"{label} {flags}".strip()
 
 
-def collect(quick: bool) -> list[tuple[str, common.LaunchRecord]]:
-    """Runs every registered case with launches recorded; one (label, record) per distinct launch."""
+def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
+    """Runs every registered case, tiled for ``arch``'s GPU, with launches recorded; one (label,
+    record) per distinct compiled kernel."""
     from . import batchnorm, join  # noqa: F401  (registers their cases)
 
-    distinct: dict[tuple, tuple[str, common.LaunchRecord]] = {}
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    for cases in common.AUDIT_CASES:
-        for label, thunk in cases(quick):
-            with common.record_launches() as records:
-                thunk()
-            for record in records:
-                signature, constexprs, attrs, _ = _specialise(record.kernel, backend, record.args, record.kwargs)
-                key = (
-                    record.kernel.fn.__name__,
-                    tuple(signature.items()),
-                    tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
-                    tuple(sorted((str(k), str(v)) for k, v in attrs.items())),
-                    record.kwargs.get("num_warps"),
-                )
-                distinct.setdefault(key, (_config_label(label, record), record))
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    distinct: dict[tuple, tuple[str, LaunchRecord]] = {}
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    with tile_for_gpu(SM_COUNT[arch]):
+        for shape in QUICK_SHAPES if quick else SHAPES:
+            for dtype in dtypes:
+                for channels_last in (False, True):
+                    kind = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} {'nhwc' if channels_last else 'nchw'}"
+                    for cases in AUDIT_CASES:
+                        for label, thunk in cases(shape, dtype, channels_last, quick):
+                            label = f"{kind} {label}"
+                            with record_launches() as records:
+                                thunk()
+                            for record in records:
+                                signature, constexprs, attrs, _ = _specialise(record.kernel, backend, record.args,
+                                                                              record.kwargs)
+                                key = (
+                                    record.kernel.fn.__name__,
+                                    tuple(signature.items()),
+                                    tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
+                                    tuple(sorted((str(k), str(v)) for k, v in attrs.items())),
+                                    record.kwargs.get("num_warps"),
+                                    record.kwargs.get("maxnreg"),
+                                )
+                                distinct.setdefault(key, (_config_label(label, record), record))
     return list(distinct.values())
 
 
-def compile_row(label: str, record: common.LaunchRecord, arch: int) -> AuditRow:
-    """Compiles one recorded launch for one arch and measures it."""
+def compile_row(label: str, record: LaunchRecord, arch: int, register_limit: bool) -> AuditRow:
+    """Compiles one recorded launch for one arch, with or without its register limit, and measures it."""
     target = GPUTarget("cuda", arch, 32)
     name = record.kernel.fn.__name__
+    kwargs = dict(record.kwargs)
+    limit = kwargs.pop("maxnreg", None) if not register_limit else kwargs.get("maxnreg")
+    row = AuditRow(name, label, arch, limit if register_limit and limit else 0, kwargs.get("num_warps", 4),
+                   relu=name in RELU_KERNELS and bool(kwargs.get("RELU", False)),
+                   occupancy_goal_applies=kwargs.get("K", 1) <= 4 and ODD_SHAPE not in label)
     try:
-        signature, constexprs, attrs, options = _specialise(record.kernel, make_backend(target), record.args, record.kwargs)
+        signature, constexprs, attrs, options = _specialise(record.kernel, make_backend(target), record.args, kwargs)
         compiled = triton.compile(
             ASTSource(record.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
         )
         ptx = compiled.asm["ptx"]
-        registers, spills = ptxas_usage(ptx, triton.knobs.nvidia.ptxas.path)
-        return AuditRow(name, label, arch, registers, spills, *access_widths(ptx))
+        row.registers, row.spill_bytes = resource_usage(compiled.asm["cubin"])
+        row.shared_bytes = compiled.metadata.shared
+        row.load_widths, row.store_widths = access_widths(ptx)
+        # PTX has no max.NaN.f64: in fp64 Triton tests for NaN and selects it.
+        row.nan_max = "max.NaN" in ptx or ("max.f64" in ptx and "setp.nan.f64" in ptx)
     except Exception as error:  # reported in the table and in the exit status
-        return AuditRow(name, label, arch, 0, 0, [], [], error=str(error).strip().splitlines()[-1][:200])
+        row.error = str(error).strip().splitlines()[-1][:200]
+    return row
 
 
-_JOBS: list[tuple[str, common.LaunchRecord, int]] = []
+_JOBS: list[tuple[str, LaunchRecord, int, bool]] = []
 
 
 def _compile_job(index: int) -> AuditRow:
@@ -148,13 +241,15 @@ def _compile_job(index: int) -> AuditRow:
 
 
 def audit(archs: list[int], quick: bool = False, only: str = "", jobs: int = 1, out=sys.stdout) -> list[AuditRow]:
-    """Compiles every distinct launch for every arch in ``jobs`` processes; prints and returns one
-    row per (launch, arch). ``only`` keeps the launches whose kernel name or label contains it."""
+    """Compiles every distinct launch for every arch, with and without its register limit, in
+    ``jobs`` processes; prints and returns one row each. ``only`` keeps the launches whose
+    kernel name or label contains it."""
     _JOBS[:] = [
-        (label, record, arch)
-        for label, record in collect(quick)
-        if only in f"{record.kernel.fn.__name__} {label}"
+        (label, record, arch, register_limit)
         for arch in archs
+        for label, record in collect(arch, quick)
+        if only in f"{record.kernel.fn.__name__} {label}"
+        for register_limit in (True, False)
     ]
     print(HEADER, file=out, flush=True)
     rows = []
@@ -168,27 +263,28 @@ def audit(archs: list[int], quick: bool = False, only: str = "", jobs: int = 1, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
-    parser.add_argument("--quick", action="store_true", help="fp32 and bf16 only")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_COUNT),
+                        help="compute capabilities (default 80 90)")
+    parser.add_argument("--quick", action="store_true", help="fp32 and bf16, four of the shapes, fewer join sizes")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--only", default="", metavar="TEXT", help="only launches whose kernel or label contains TEXT")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")
     args = parser.parse_args(argv)
-    if common.INTERPRETING:
+    if INTERPRETING:
         print("the audit compiles kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     start = time.perf_counter()
     rows = audit(args.arch, args.quick, args.only, args.jobs)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(row) for row in rows], f, indent=1)
-    failed = [r for r in rows if r.error]
-    spilled = [r for r in rows if r.spill_bytes]
+            json.dump([dict(dataclasses.asdict(row), resident_warps=row.resident_warps, problems=row.problems)
+                       for row in rows], f, indent=1)
+    flagged = [r for r in rows if r.problems]
     print(
-        f"\n{len(rows)} compiled configurations, {len(failed)} failed, {len(spilled)} with spills "
+        f"\n{len(rows)} compiled configurations, {len(flagged)} flagged "
         f"({time.perf_counter() - start:.0f} s; triton {triton.__version__}, torch {torch.__version__})"
     )
-    return 1 if failed or spilled else 0
+    return 1 if flagged else 0
 
 
 if __name__ == "__main__":

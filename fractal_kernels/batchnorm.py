@@ -25,7 +25,7 @@ from .batchnorm_kernels import (
 )
 from .channel_tiling import channel_tiling
 from .join_modes import join_args
-from .launch import MAX_REGISTERS, audit_cases, define_op, input_groups, launch, optional, slots
+from .launch import REDUCTION_REGISTERS, audit_cases, define_op, input_groups, launch, optional, slots
 from .tensors import acc_dtype, dense_inputs, like_rows, memory_format
 
 #: Channels per program of the combine stage.
@@ -62,12 +62,12 @@ def bn_stats(
         launch(
             wrap_triton(bn_stats_kernel), tiling.grid,
             *slots(xs, group), *slots([x.shape[0] for x in xs], group), mean_part, m2_part, count_part, group.start,
-            *tiling.block_args(), K=len(group), **tiling.meta(),
+            *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
         )
         launch(
             wrap_triton(bn_combine_kernel), (triton.cdiv(C, block_c),),
             mean_part, m2_part, count_part, mean, var, *slots(running_means, group), *slots(running_vars, group),
-            float(momentum), group.start, C, chunks, K=len(group), BLOCK_C=block_c, num_warps=4, maxnreg=MAX_REGISTERS,
+            float(momentum), group.start, C, chunks, K=len(group), BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
         )
     return mean, var
 
@@ -111,7 +111,7 @@ def bn_apply(
         launch(
             wrap_triton(bn_apply_kernel), tiling.grid,
             out, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, len(xs), eps),
-            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, ACCUMULATE=g > 0, **tiling.meta(),
+            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, ACCUMULATE=g > 0, **tiling.meta(streaming=True),
         )
     return out
 
@@ -130,7 +130,7 @@ def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, ep
         launch(
             wrap_triton(bn_backward_reduce_kernel), tiling.grid,
             grad, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, k, eps),
-            sum_g, sum_gxhat, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, **tiling.meta(),
+            sum_g, sum_gxhat, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, **tiling.meta(streaming=False),
         )
     return sum_g, sum_gxhat
 
@@ -172,7 +172,7 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
             *_channel_args(group, weights, biases, means, variances, join, k, eps), sample,
             sum_g, sum_gxhat, sum_g.shape[1], grad_weight, grad_bias, tiling.count if count is None else count,
             tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, BATCH_STATS=batch_stats,
-            **tiling.meta(),
+            **tiling.meta(streaming=True),
         )
     return grad_inputs, grad_weight, grad_bias
 
@@ -272,24 +272,23 @@ def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=N
 
 
 @audit_cases
-def _audit_cases(quick: bool):
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    for dtype in dtypes:
-        for shape in ((32, 64, 32, 32), (32, 512, 2, 2), (3, 7, 5, 9)):
-            for layout in (torch.contiguous_format, torch.channels_last):
-                def inputs(k):
-                    return [torch.empty(shape, dtype=dtype).to(memory_format=layout) for _ in range(k)]
+def _audit_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
+    """bn_relu in training and eval, joins of 3 inputs by mask and by gather table (compact
+    inputs of all, 1/2 and 1/4 of the samples), and unless ``quick`` for fp32 the bare batch norm
+    and a join of 9."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
-                name = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} {'nhwc' if layout == torch.channels_last else 'nchw'}"
-                mask = torch.ones(3, shape[0], dtype=torch.bool)
-                # A gather join over compact inputs of 1/2 and 1/4 of the samples.
-                compact = [torch.empty((n,) + shape[1:], dtype=dtype).to(memory_format=layout)
-                           for n in (shape[0], shape[0] // 2, shape[0] // 4)]
-                rows = torch.zeros(3, shape[0], dtype=torch.int64)
-                yield f"{name} bn_relu train", lambda: _forward_backward(inputs(1), None, True, True, True)
-                yield f"{name} bn_relu eval", lambda: _forward_backward(inputs(1), None, True, False, True)
-                yield f"{name} join k=3", lambda: _forward_backward(inputs(3), mask, True, True, True)
-                yield f"{name} gather k=3", lambda: _forward_backward(compact, None, True, True, True, rows=rows)
-                if dtype == torch.float32:
-                    yield f"{name} batch_norm", lambda: _forward_backward(inputs(1), None, False, True, False)
-                    yield f"{name} join k=9", lambda: _forward_backward(inputs(9), None, True, True, True)
+    def inputs(k):
+        return [torch.empty(shape, dtype=dtype).to(memory_format=layout) for _ in range(k)]
+
+    mask = torch.ones(3, shape[0], dtype=torch.bool)
+    compact = [torch.empty((n,) + shape[1:], dtype=dtype).to(memory_format=layout)
+               for n in (shape[0], shape[0] // 2, shape[0] // 4)]
+    rows = torch.zeros(3, shape[0], dtype=torch.int64)
+    yield "bn_relu train", lambda: _forward_backward(inputs(1), None, True, True, True)
+    yield "bn_relu eval", lambda: _forward_backward(inputs(1), None, True, False, True)
+    yield "join k=3", lambda: _forward_backward(inputs(3), mask, True, True, True)
+    yield "gather k=3", lambda: _forward_backward(compact, None, True, True, True, rows=rows)
+    if dtype == torch.float32 and not quick:
+        yield "batch_norm", lambda: _forward_backward(inputs(1), None, False, True, False)
+        yield "join k=9", lambda: _forward_backward(inputs(9), None, True, True, True)

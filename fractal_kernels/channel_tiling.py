@@ -20,13 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_INPUTS, MAX_REGISTERS
+from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS
 from .tensors import is_channels_last
 
 #: Elements per tile (8 warps: 8 values a thread).
 TILE = 2048
 #: The interpreter runs programs one after another: fewer, larger ones are faster.
 _INTERPRETER_PROGRAMS = 8
+#: The largest NCHW plane compiled as a constant (one kernel variant per such plane size).
+_MAX_FIXED_HW = 4096
 #: SMs of the GPU to tile for when tensors are on no GPU (the compile audit); None: the interpreter.
 _simulated_sm_count: Optional[int] = None
 
@@ -73,12 +75,12 @@ class ChannelTiling:
         """Kernel arguments after the row count: (C, HW, hw_blocks, tiles_per_chunk)."""
         return (self.C, self.HW, self.hw_blocks, self.tiles_per_chunk)
 
-    def meta(self) -> dict:
-        """The tiling's constexprs and launch options."""
+    def meta(self, streaming: bool) -> dict:
+        """The tiling's constexprs and launch options, for a streaming kernel or a reduction."""
         return dict(
             CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, FIXED_HW=self.fixed_hw,
             BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps,
-            maxnreg=MAX_REGISTERS,
+            maxnreg=STREAMING_REGISTERS if streaming else REDUCTION_REGISTERS,
         )
 
 
@@ -117,8 +119,10 @@ def channel_tiling(x: torch.Tensor, num_inputs: int = 1) -> ChannelTiling:
     tiles_per_chunk = triton.cdiv(tiles, chunks)
     num_chunks = triton.cdiv(tiles, tiles_per_chunk)
     index_64 = x.numel() >= 2**31
-    # Small NCHW planes (1x1, 2x2 in late blocks) are compile-time constants: aligned wide loads.
-    fixed_hw = HW if not channels_last and HW in (1, 2, 4, 8) else 0
+    # An NCHW plane size the JIT cannot prove aligned (it marks only multiples of 16) is a
+    # compile-time constant: 14x14 planes then take 128-bit fp32 loads, 2x2 and 1x1 planes
+    # stack channels into wide loads. (7x7 planes are odd-sized: NCHW allows no vectors there.)
+    fixed_hw = HW if not channels_last and HW % 16 and HW <= _MAX_FIXED_HW else 0
     return ChannelTiling(
         N, C, HW, channels_last, index_64, fixed_hw, BLOCK_N, BLOCK_C, BLOCK_HW, num_warps, hw_blocks,
         tiles_per_chunk, num_chunks,

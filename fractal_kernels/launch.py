@@ -18,9 +18,11 @@ import triton
 
 #: Inputs per kernel launch; ops with more inputs launch once per group of this many.
 MAX_INPUTS = 8
-#: The register limit given to ptxas, which otherwise may cap a 256-thread program so low
-#: (40 registers) that it spills.
-MAX_REGISTERS = 255
+#: Register limits given to ptxas. Streaming kernels (one pass over the activations) keep two
+#: 256-thread blocks resident per SM to hide memory latency: 128 registers. Reductions may take
+#: all 255 (one block).
+STREAMING_REGISTERS = 128
+REDUCTION_REGISTERS = 255
 
 
 @triton.jit
@@ -80,9 +82,10 @@ class LaunchRecord:
     kwargs: dict
 
 
-#: Functions ``cases(quick) -> iterable of (label, thunk)`` whose thunks run op launchers on
-#: representative inputs; the compile audit records and compiles what they launch.
-AUDIT_CASES: list[Callable[[bool], Iterable[tuple[str, Callable[[], object]]]]] = []
+#: Functions ``cases(shape, dtype, channels_last, quick) -> iterable of (label, thunk)`` whose
+#: thunks run op launchers on inputs of that kind (fewer variants when ``quick``); the compile
+#: audit records and compiles what they launch.
+AUDIT_CASES: list[Callable[..., Iterable[tuple[str, Callable[[], object]]]]] = []
 
 
 def audit_cases(fn):

@@ -1,5 +1,6 @@
-"""The compile audit: every kernel compiles for sm_80 and sm_90 with no spills, and the streaming
-kernels use 128-bit global loads and stores on aligned fp32/bf16 inputs."""
+"""The compile audit: every kernel compiles for sm_80 and sm_90 with the tiling a real GPU gets,
+with and without its register limit, with no spills, the occupancy goals met, NaN-propagating
+ReLU, and global accesses as wide as the layout allows."""
 
 import json
 import os
@@ -9,9 +10,10 @@ import sys
 import pytest
 import triton
 
-from fractal_kernels import batchnorm, join
+from fractal_kernels import batchnorm_kernels, join
+from fractal_kernels.audit import ODD_SHAPE, SM_COUNT, STREAMING_KERNELS, AuditRow, occupancy_goal
 
-KERNEL_MODULES = [join, batchnorm]
+KERNEL_MODULES = [join, batchnorm_kernels]
 #: Kernels that read activations (the combine kernel touches only statistics), and of those the
 #: ones that also write activations (the others write per-channel partials).
 READING_KERNELS = {
@@ -23,20 +25,20 @@ READING_KERNELS = {
     "bn_backward_dx_kernel",
 }
 WRITING_KERNELS = READING_KERNELS - {"bn_stats_kernel", "bn_backward_reduce_kernel"}
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @pytest.fixture(scope="module")
 def audit_rows(tmp_path_factory):
-    """The quick audit (fp32 and bf16; `make audit` adds fp16 and fp64), sm_80 and sm_90."""
+    """The quick audit (fp32 and bf16, four shapes; `make audit` does every dtype and shape), sm_80 and sm_90."""
     path = tmp_path_factory.mktemp("audit") / "audit.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-m", "fractal_kernels.audit", "--quick", "--json", str(path)],
         capture_output=True, text=True, env=env, timeout=1800,
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.stdout.startswith("kernel")
-    return json.loads(path.read_text())
+    assert result.stdout.startswith("kernel"), result.stdout[-4000:] + result.stderr[-4000:]
+    return json.loads(path.read_text()), result
 
 
 def package_kernels():
@@ -48,31 +50,71 @@ def package_kernels():
     }
 
 
-def test_every_kernel_compiles_for_both_architectures(audit_rows):
-    compiled = {(row["kernel"], row["arch"]) for row in audit_rows if not row["error"]}
+def test_nothing_flagged(audit_rows):
+    rows, result = audit_rows
+    flagged = [(r["kernel"], r["label"], r["arch"], r["register_limit"], r["problems"]) for r in rows if r["problems"]]
+    assert not flagged
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
+def test_every_kernel_compiles_for_both_architectures_with_and_without_the_limit(audit_rows):
+    rows, _ = audit_rows
+    compiled = {(row["kernel"], row["arch"], bool(row["register_limit"])) for row in rows if not row["error"]}
     for name in package_kernels():
-        assert {(name, 80), (name, 90)} <= compiled, name
+        for arch in SM_COUNT:
+            assert {(name, arch, True), (name, arch, False)} <= compiled, name
 
 
-def test_no_spills_and_sane_register_counts(audit_rows):
-    for row in audit_rows:
+def test_spills_and_occupancy_either_way(audit_rows):
+    rows, _ = audit_rows
+    for row in rows:
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, row
+        if ODD_SHAPE not in row["label"] and " K=8" not in row["label"] and ",K=8" not in row["label"]:
+            assert row["resident_warps"] >= occupancy_goal(row["kernel"]), row
+    streaming = [r for r in rows if r["kernel"] in STREAMING_KERNELS and r["register_limit"]]
+    assert streaming and all(r["resident_warps"] >= 16 for r in streaming)
 
 
-def expected_width(dtype, label):
-    """128-bit accesses, except bf16 NCHW 2x2 planes: a plane is 8 bytes and vectors stay within one."""
-    return 64 if dtype == "bfloat16" and "x2x2 nchw" in label else 128
+def test_relu_propagates_nan(audit_rows):
+    rows, _ = audit_rows
+    relu = [r for r in rows if r["kernel"] == "bn_apply_kernel" and "RELU=1" in r["label"]]
+    assert relu and all(r["nan_max"] for r in relu)
+
+
+def test_resident_warps_arithmetic():
+    # 128 registers, 8 warps: 32 KB a block of the 64 KB register file -> two blocks.
+    assert AuditRow("k", "", 90, 128, 8, registers=128).resident_warps == 16
+    assert AuditRow("k", "", 90, 255, 8, registers=166).resident_warps == 8
+    assert AuditRow("k", "", 90, 0, 4, registers=32).resident_warps == 64  # thread limit
+    assert AuditRow("k", "", 80, 0, 8, registers=32, shared_bytes=80 * 1024).resident_warps == 16
+
+
+def contiguous_run_bytes(label: str, kernel: str) -> int:
+    """Bytes of the longest run the kernel can read as one aligned vector: a sample for the
+    joins, a plane (NCHW) or a pixel's channels (NHWC) for the BatchNorm kernels."""
+    dtype, shape, layout = label.split()[:3]
+    n, c, h, w = map(int, shape.split("x"))
+    if kernel.startswith("masked_join"):
+        elements = c * h * w
+    else:
+        elements = h * w if layout == "nchw" else c
+    return elements * ELEMENT_BYTES[dtype]
+
+
+def expected_width(label: str, kernel: str) -> int:
+    """The widest access the alignment allows, up to 128 bits."""
+    run = contiguous_run_bytes(label, kernel)
+    return 8 * min(16, run & -run)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_aligned_streaming_kernels_use_wide_accesses(audit_rows, dtype):
-    rows = [
-        r for r in audit_rows
-        if r["kernel"] in READING_KERNELS and r["label"].startswith(dtype + " ") and "3x7x5x9" not in r["label"]
-    ]
+def test_streaming_kernels_use_the_widest_aligned_accesses(audit_rows, dtype):
+    rows, _ = audit_rows
+    rows = [r for r in rows if r["kernel"] in READING_KERNELS and r["label"].startswith(dtype + " ")
+            and ODD_SHAPE not in r["label"]]
     assert {r["kernel"] for r in rows} == READING_KERNELS
     for row in rows:
-        width = expected_width(dtype, row["label"])
+        width = expected_width(row["label"], row["kernel"])
         assert width in row["load_widths"], row
         if row["kernel"] in WRITING_KERNELS:
             assert width in row["store_widths"], row

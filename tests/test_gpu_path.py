@@ -336,3 +336,45 @@ def test_nan_input_gives_nan_output(op):
                 out = fk.join_bn_relu(x, None, **params, training=False)
         assert torch.isnan(out[1, 0, 0, 0]), backend
         assert torch.isfinite(out[0]).all(), backend
+
+
+def test_inductor_reinplacing_leaves_no_copy_around_kernels():
+    """Inductor's reinplace pass, run on the AOT graphs of a training step, removes every clone
+    that functionalization put around the kernels: no kernel argument is cloned, and no clone or
+    copy consumes or feeds a kernel node."""
+    from torch._functorch._aot_autograd.utils import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._higher_order_ops.triton_kernel_wrap import (
+        triton_kernel_wrapper_functional,
+        triton_kernel_wrapper_mutation,
+    )
+    from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+    from torch._inductor.fx_utils import FakeTensorUpdater
+
+    graphs = []
+
+    def reinplaced(gm, example_inputs):
+        reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+        gm.recompile()
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=reinplaced, bw_compiler=reinplaced,
+                                     keep_inference_input_mutations=True)
+
+    torch.manual_seed(0)
+    model = FractalNet(10, widths=(4, 8), columns=3, dropout=(0.0, 0.0)).to(DEVICE)
+    with fk.use_backend("triton"):
+        torch.compile(model, fullgraph=True, backend=backend)(torch.randn(6, 3, 8, 8, device=DEVICE)).sum().backward()
+    assert len(graphs) == 2  # forward and backward
+    kernel_ops = (triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation)
+    copy_ops = {"aten.clone.default", "aten.copy_.default", "aten.copy.default"}
+    for gm in graphs:
+        kernels = {n for n in gm.graph.nodes if n.target in kernel_ops}
+        assert kernels
+        cloned = [n.name for n in kernels if n.target is triton_kernel_wrapper_functional and n.kwargs["tensors_to_clone"]]
+        assert not cloned
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and str(node.target) in copy_ops:
+                assert not (set(node.all_input_nodes) | set(node.users)) & kernels, node.format_node()
