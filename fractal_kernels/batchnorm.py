@@ -153,7 +153,7 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
     input over its own rows. ``count``: the elements per channel the sums cover (default: the
     inputs' own)."""
     k = len(xs)
-    sum_g, sum_gxhat = sums
+    sum_g, sum_gxhat = (s.contiguous() for s in sums)  # the kernel indexes [k, P, C] densely
     join, mode = join_args(mask, rows)
     grad_inputs = [torch.empty_like(x) for x in xs]
     grad_weight = grad_bias = None

@@ -1,39 +1,51 @@
 """One rank of the two-process synchronised-BatchNorm test (test_batchnorm.py).
 
-Rank r normalises its half of a shared batch with bn_relu(process_group=WORLD) on the Triton
-backend (interpreted on CPU) and saves its output, gradients and running statistics.
+    python sync_bn_worker.py OUT_DIR {interpreter,fake_gpu}
+
+Rank r normalises its shard of a shared batch with bn_relu, and of two shared inputs with
+join_bn_relu and a drop-path mask, with process_group=WORLD on the Triton backend (on CPU: in
+the interpreter, or on the fake GPU), forward and backward without a device-to-host read, and
+saves its outputs, gradients and running statistics.
 """
 
 import os
 import sys
 
 if __name__ == "__main__":
-    # gloo on CPU tensors: the Triton kernels run in the interpreter, GPU or not.
-    os.environ["TRITON_INTERPRET"] = "1"
+    out_dir, mode = sys.argv[1], sys.argv[2]
+    if mode == "interpreter":
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import torch.distributed as dist
 
+    if mode == "fake_gpu":
+        from fractal_kernels.testing import fake_gpu
+
+        fake_gpu.install()
     import fractal_kernels as fk
+    from fractal_kernels.testing import no_host_reads
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(0)
+    sizes = (3, 2)  # uneven shards
     data = {
-        "x0": torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64) * 2 + 1,
-        "x1": torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64) - 1,  # uneven shards
-        "g0": torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64),
-        "g1": torch.randn(2, 4, 5, 5, generator=gen, dtype=torch.float64),
+        "x": [torch.randn(n, 4, 5, 5, generator=gen, dtype=torch.float64) * 2 + 1 - 2 * r for r, n in enumerate(sizes)],
+        "y": [torch.randn(n, 4, 5, 5, generator=gen, dtype=torch.float64) for n in sizes],
+        "g": [torch.randn(n, 4, 5, 5, generator=gen, dtype=torch.float64) for n in sizes],
+        "mask": [torch.rand(2, n, generator=gen) < 0.6 for n in sizes],
         "weight": torch.rand(4, generator=gen, dtype=torch.float64) + 0.5,
         "bias": torch.randn(4, generator=gen, dtype=torch.float64),
     }
-    x = data[f"x{rank}"].clone().requires_grad_()
-    w = data["weight"].clone().requires_grad_()
-    b = data["bias"].clone().requires_grad_()
-    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    out = fk.bn_relu(x, w, b, rm, rv, True, 0.1, 1e-5, process_group=dist.group.WORLD)
-    dx, dw, db = torch.autograd.grad(out, [x, w, b], data[f"g{rank}"])
-    torch.save(
-        {"data": data, "out": out.detach(), "dx": dx, "dw": dw, "db": db, "running_mean": rm, "running_var": rv},
-        os.path.join(sys.argv[1], f"rank{rank}.pt"),
-    )
+    x, y = (data[name][rank].clone().requires_grad_() for name in ("x", "y"))
+    w, b = (data[name].clone().requires_grad_() for name in ("weight", "bias"))
+    running = [torch.zeros(4, dtype=torch.float64) if i % 2 == 0 else torch.ones(4, dtype=torch.float64) for i in range(6)]
+    group = dist.group.WORLD
+    with no_host_reads():
+        out = fk.bn_relu(x, w, b, running[0], running[1], True, 0.1, 1e-5, process_group=group)
+        joined = fk.join_bn_relu([x, y], data["mask"][rank], [w, None], [b, b], [running[2], running[4]],
+                                 [running[3], running[5]], True, 0.1, 1e-5, process_group=group)
+        grads = torch.autograd.grad([out, joined], [x, y, w, b], [data["g"][rank], data["g"][rank]])
+    torch.save({"data": data, "out": out.detach(), "joined": joined.detach(), "grads": grads, "running": running},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -12,6 +12,7 @@ from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, to_layout
 from torch import nn
 
 import fractal_kernels as fk
+from fractal_kernels import reference
 from fractal_kernels.testing import saved_bytes
 
 SHAPES = [(4, 3, 5, 6), (3, 7, 5, 9), (6, 16, 2, 2), (5, 24, 1, 1), (6, 5), (2, 4, 3), (2, 3, 2, 3, 2)]
@@ -254,29 +255,36 @@ def test_fuse_batchnorm_relu_swaps_pairs_and_keeps_weights():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_synchronised_statistics_across_two_processes(tmp_path):
-    """Two gloo ranks, each with half the batch, against one process on the whole batch."""
+@pytest.mark.parametrize("mode", ["interpreter", "fake_gpu"])
+def test_synchronised_statistics_across_two_processes(tmp_path, mode):
+    """Two gloo ranks, each with part of the batch, against one process on the whole batch:
+    bn_relu, and join_bn_relu of two inputs with a drop-path mask; neither reads a device value
+    on the host (the workers run under no_host_reads)."""
     worker = Path(__file__).with_name("sync_bn_worker.py")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
            "WORLD_SIZE": "2", "FRACTAL_KERNELS_BACKEND": "triton"}
+    env.pop("TRITON_INTERPRET", None)
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env={**env, "RANK": str(rank)})
+        subprocess.Popen([sys.executable, str(worker), str(tmp_path), mode], env={**env, "RANK": str(rank)})
         for rank in range(2)
     ]
     assert all(p.wait(timeout=600) == 0 for p in procs)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     data = ranks[0]["data"]
-    x = torch.cat([data["x0"], data["x1"]]).requires_grad_()
-    w = data["weight"].clone().requires_grad_()
-    b = data["bias"].clone().requires_grad_()
-    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    out = F.relu(F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
-    grad = torch.cat([data["g0"], data["g1"]])
-    dx, dw, db = torch.autograd.grad(out, [x, w, b], grad)
+    x, y = (torch.cat(data[name]).requires_grad_() for name in ("x", "y"))
+    w, b = (data[name].clone().requires_grad_() for name in ("weight", "bias"))
+    running = [torch.zeros(4, dtype=torch.float64) if i % 2 == 0 else torch.ones(4, dtype=torch.float64) for i in range(6)]
+    out = F.relu(F.batch_norm(x, running[0], running[1], w, b, True, 0.1, 1e-5))
+    joined = reference.join_bn_relu([x, y], torch.cat(data["mask"], 1), [w, None], [b, b], [running[2], running[4]],
+                                    [running[3], running[5]], True, 0.1, 1e-5)
+    grad = torch.cat(data["g"])
+    grads = torch.autograd.grad([out, joined], [x, y, w, b], [grad, grad])
     torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out)
-    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), dx)
-    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], dw)
-    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], db)
+    torch.testing.assert_close(torch.cat([r["joined"] for r in ranks]), joined)
+    for i in range(2):  # input gradients: each rank's shard
+        torch.testing.assert_close(torch.cat([r["grads"][i] for r in ranks]), grads[i])
+    for i in range(2, 4):  # parameter gradients stay local: DDP sums them
+        torch.testing.assert_close(ranks[0]["grads"][i] + ranks[1]["grads"][i], grads[i])
     for r in ranks:
-        torch.testing.assert_close(r["running_mean"], rm, atol=1e-7, rtol=1e-6)
-        torch.testing.assert_close(r["running_var"], rv, atol=1e-7, rtol=1e-6)
+        for actual, expected in zip(r["running"], running):
+            torch.testing.assert_close(actual, expected, atol=1e-7, rtol=1e-6)

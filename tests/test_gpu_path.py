@@ -3,6 +3,7 @@ the second half of `make test`): ops registered with triton_op, torch.compile(fu
 forward and backward against the reference, torch's own kernel-mutation analysis on every launch
 the package makes, the kernels torch.library finds for each op, and direct eager launches."""
 
+import itertools
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import fractal_kernels as fk
 from fractal_kernels import launch
+from fractal_kernels.audit import QUICK_SHAPES
 from fractalnet import FractalNet
 
 pytestmark = requires_gpu_path
@@ -216,8 +218,10 @@ def recorded_launches():
     from fractal_kernels import batchnorm, join  # noqa: F401  (registers their audit cases)
 
     distinct = {}
-    for cases in launch.AUDIT_CASES:
-        for label, thunk in cases(True):
+    kinds = [(shape, dtype, channels_last) for shape in QUICK_SHAPES for dtype in (torch.float32, torch.bfloat16)
+             for channels_last in (False, True)]
+    for cases, (shape, dtype, channels_last) in itertools.product(launch.AUDIT_CASES, kinds):
+        for label, thunk in cases(shape, dtype, channels_last, False):
             with launch.record_launches() as records:
                 thunk()
             for record in records:
@@ -349,12 +353,15 @@ def test_inductor_reinplacing_leaves_no_copy_around_kernels():
         triton_kernel_wrapper_mutation,
     )
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
+    from torch._guards import detect_fake_mode
     from torch._inductor.fx_utils import FakeTensorUpdater
+    from torch._inductor.virtualized import V
 
     graphs = []
 
     def reinplaced(gm, example_inputs):
-        reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+        with V.set_fake_mode(detect_fake_mode(example_inputs)):
+            reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
         gm.recompile()
         graphs.append(gm)
         return make_boxed_func(gm.forward)
@@ -378,3 +385,20 @@ def test_inductor_reinplacing_leaves_no_copy_around_kernels():
         for node in gm.graph.nodes:
             if node.op == "call_function" and str(node.target) in copy_ops:
                 assert not (set(node.all_input_nodes) | set(node.users)) & kernels, node.format_node()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_launches_run_on_the_device_of_their_tensors():
+    """Triton launches on the current device: with tensors on cuda:1 while cuda:0 is current,
+    an unguarded launch reads an illegal address."""
+    torch.cuda.set_device(0)
+    xs = [t.to("cuda:1") for t in make_inputs(2, torch.float32, False)]
+    params = {name: [t.to("cuda:1") for t in ts] for name, ts in make_params(2, torch.float32).items()}
+    with fk.use_backend("triton"):
+        joined = fk.masked_join(xs, None)
+        normalised = fk.join_bn_relu(xs, None, **params, training=True)
+        normalised.sum().backward()
+    torch.testing.assert_close(joined, (xs[0] + xs[1]) / 2)
+    with fk.use_backend("reference"):
+        expected = fk.join_bn_relu([x.detach() for x in xs], None, **make_params(2, torch.float32), training=True)
+    torch.testing.assert_close(normalised, expected.to("cuda:1"), atol=1e-5, rtol=1e-5)

@@ -69,3 +69,41 @@ def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
 def _storage_key(t: torch.Tensor) -> tuple:
     # The storage implementation's address: fake tensors have no data pointer.
     return (t.untyped_storage()._cdata,)
+
+
+class HostReadError(RuntimeError):
+    """A device value read on the host inside a block that must not synchronise."""
+
+
+#: ATen ops that read a device value on the host, or whose output size depends on data (so the
+#: host must wait for it): each is a device-to-host synchronisation on a GPU.
+_HOST_READS = {
+    "_local_scalar_dense", "is_nonzero", "item", "nonzero", "nonzero_static", "masked_select", "unique", "_unique",
+    "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "equal", "allclose",
+}
+
+
+class _HostReadDetector(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        if func.namespace == "aten":
+            if name in _HOST_READS or (name == "repeat_interleave" and kwargs.get("output_size") is None):
+                raise HostReadError(f"aten.{func.__name__} reads device data on the host (a synchronisation)")
+            if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()):
+                raise HostReadError("boolean indexing sizes its output from data (a synchronisation)")
+            if name in ("_to_copy", "copy_", "to"):
+                source = args[1] if name == "copy_" else args[0]
+                target_device = args[0].device if name == "copy_" else kwargs.get("device")
+                if (isinstance(source, torch.Tensor) and source.device.type != "cpu" and target_device is not None
+                        and torch.device(target_device).type == "cpu" and not kwargs.get("non_blocking", False)):
+                    raise HostReadError(f"aten.{func.__name__} copies device data to the host (a synchronisation)")
+        return func(*args, **kwargs)
+
+
+def no_host_reads():
+    """A block that raises HostReadError on any op that would make the host wait for the device:
+    ``.item()``, ``bool(tensor)``, data-dependent output sizes (``nonzero``, boolean indexing),
+    blocking copies to the CPU. The ops are recognised on any device, so a CPU run finds what
+    would synchronise on a GPU (except ``.tolist()`` of a CPU tensor, which dispatches no op)."""
+    return _HostReadDetector()
