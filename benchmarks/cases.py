@@ -75,8 +75,9 @@ class OpCase:
         the samples global), on the CPU; None for bn_relu."""
         if self.op == "bn_relu":
             return None
-        drop_path = DropPath(self.shape[0], [1, 2, 3, 4], 0.15, 0.5, torch.device("cpu"), torch.Generator().manual_seed(seed))
-        return drop_path.mask(list(range(5 - self.k, 5)))
+        drop_path = DropPath(self.shape[0], [1, 2, 3, 4], 4, 1, 0.15, 0.5, torch.device("cpu"),
+                             torch.Generator().manual_seed(seed))
+        return drop_path.mask(0, {2: 2, 3: 4, 4: 8}[self.k])
 
     def make(self, device: torch.device, mask: Optional[torch.Tensor], seed: int = 0) -> OpInputs:
         """Random inputs on ``device`` (fake ones inside a FakeTensorMode) with the given mask."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-from torch.library import wrap_triton
 
 from . import recompute
 from .batchnorm_kernels import (
@@ -25,7 +23,10 @@ from .batchnorm_kernels import (
 )
 from .channel_tiling import channel_tiling
 from .join_modes import join_args
-from .launch import REDUCTION_REGISTERS, audit_cases, define_op, input_groups, launch, optional, slots
+from .launch import (
+    REDUCTION_REGISTERS, audit_cases, cdiv, define_op, eager, input_groups, launch, next_power_of_2, optional, slots,
+    wrap_triton,
+)
 from .tensors import acc_dtype, dense_inputs, like_rows, memory_format
 
 #: Channels per program of the combine stage.
@@ -38,14 +39,12 @@ def placeholder(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-@define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars"))
-def bn_stats(
-    inputs: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor], momentum: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_stats(inputs: list[torch.Tensor], running_means: list, running_vars: list,
+                momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch mean and biased variance of every channel of every input, as two [k, C] tensors
     (fp32; fp64 for fp64 inputs). Inputs may differ in their number of rows (gathered column
-    segments). Updates the running statistics that are present (empty tensors stand for absent
-    ones) with ``momentum`` and the unbiased variance; an input with no rows updates nothing.
+    segments). Updates the running statistics that are present (None or empty tensors stand for
+    absent ones) with ``momentum`` and the unbiased variance; an input with no rows updates nothing.
 
     Launches bn_stats_kernel and bn_combine_kernel once for up to eight inputs.
     """
@@ -55,7 +54,7 @@ def bn_stats(
     dtype, device = acc_dtype(xs[0].dtype), xs[0].device
     mean, var = (torch.empty(k, C, dtype=dtype, device=device) for _ in range(2))
     mean_part, m2_part, count_part = (torch.empty(k, chunks, C, dtype=dtype, device=device) for _ in range(3))
-    block_c = min(_COMBINE_BLOCK_C, triton.next_power_of_2(C))
+    block_c = min(_COMBINE_BLOCK_C, next_power_of_2(C))
     running_means = [optional(t) for t in running_means]
     running_vars = [optional(t) for t in running_vars]
     for group in input_groups(k):
@@ -65,7 +64,7 @@ def bn_stats(
             *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
         )
         launch(
-            wrap_triton(bn_combine_kernel), (triton.cdiv(C, block_c),),
+            wrap_triton(bn_combine_kernel), (cdiv(C, block_c),),
             mean_part, m2_part, count_part, mean, var, *slots(running_means, group), *slots(running_vars, group),
             float(momentum), group.start, C, chunks, K=len(group), BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
         )
@@ -80,26 +79,11 @@ def _channel_args(group: range, weights, biases, means, variances, join: tuple, 
     )
 
 
-@define_op("fractal_kernels::bn_apply")
-def bn_apply(
-    inputs: list[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    rows: Optional[torch.Tensor],
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    means: list[torch.Tensor],
-    variances: list[torch.Tensor],
-    batch_stats: bool,
-    eps: float,
-    relu: bool,
-) -> torch.Tensor:
+def normalize_join(inputs: list[torch.Tensor], mask, rows, weights: list, biases: list, means: list,
+                   variances: list, eps: float, relu: bool) -> torch.Tensor:
     """The join (plain mean, ``mask`` or gather table ``rows``) over inputs of
-    act((x_i - mean_i) / sqrt(var_i + eps) * w_i + b_i).
-
-    Empty tensors stand for absent weights and biases. ``batch_stats`` says whether the means and
-    variances are the batch statistics of the inputs (training), which the backward then
-    differentiates through; otherwise they are constants (running statistics). One launch for
-    up to eight inputs.
+    act((x_i - mean_i) / sqrt(var_i + eps) * w_i + b_i). None or empty tensors stand for absent
+    weights and biases. One launch for up to eight inputs.
     """
     xs = dense_inputs(inputs)
     out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
@@ -177,21 +161,12 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
     return grad_inputs, grad_weight, grad_bias
 
 
-@define_op("fractal_kernels::bn_backward")
-def bn_backward(
-    grad: torch.Tensor,
-    inputs: list[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    rows: Optional[torch.Tensor],
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    means: list[torch.Tensor],
-    variances: list[torch.Tensor],
-    batch_stats: bool,
-    eps: float,
-    relu: bool,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Backward of bn_apply: the input gradients and the [k, C] weight and bias gradients.
+def normalize_join_backward(grad: torch.Tensor, inputs: list[torch.Tensor], mask, rows, weights: list, biases: list,
+                            means: list, variances: list, batch_stats: bool, eps: float,
+                            relu: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Backward of normalize_join: the input gradients and the [k, C] weight and bias gradients;
+    with ``batch_stats`` the means and variances are the inputs' batch statistics (training),
+    which it differentiates through, otherwise constants (running statistics).
 
     Two launches for up to eight inputs (one when no sums are needed: running statistics and no
     affine parameters); a gather join launches the input-gradient kernel once per input.
@@ -209,6 +184,55 @@ def bn_backward(
 def param_grads(grads: torch.Tensor, params: list) -> list[Optional[torch.Tensor]]:
     """Row i of the [k, C] ``grads`` in the dtype of the present ``params[i]``, None where absent."""
     return [None if optional(p) is None else grads[i].to(p.dtype) for i, p in enumerate(params)]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (what torch.compile traces) and the eager autograd.Function
+# ----------------------------------------------------------------------------------------------
+
+
+@define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars"))
+def bn_stats(
+    inputs: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor], momentum: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_stats as a torch.library op (empty tensors stand for absent running statistics)."""
+    return batch_stats(inputs, running_means, running_vars, momentum)
+
+
+@define_op("fractal_kernels::bn_apply")
+def bn_apply(
+    inputs: list[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    means: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    batch_stats: bool,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    """normalize_join as a torch.library op; ``batch_stats`` says whether its backward
+    differentiates through the means and variances (see normalize_join_backward)."""
+    return normalize_join(inputs, mask, rows, weights, biases, means, variances, eps, relu)
+
+
+@define_op("fractal_kernels::bn_backward")
+def bn_backward(
+    grad: torch.Tensor,
+    inputs: list[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    means: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    batch_stats: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """normalize_join_backward as a torch.library op."""
+    return normalize_join_backward(grad, inputs, mask, rows, weights, biases, means, variances, batch_stats, eps, relu)
 
 
 def _apply_setup_context(ctx, inputs, output):
@@ -231,44 +255,70 @@ def _apply_backward(ctx, grad):
 bn_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
 
 
+class NormalizeJoinFunction(torch.autograd.Function):
+    """bn_apply in eager mode: the same launcher and backward, without torch.library's Python
+    dispatch (which costs more host time than the launches themselves)."""
+
+    @staticmethod
+    def forward(ctx, mask, rows, batch_stats, eps, relu, k, *tensors):
+        xs, weights, biases, means, variances = (tensors[j * k:(j + 1) * k] for j in range(5))
+        ctx.options = (k, batch_stats, eps, relu)
+        ctx.save_for_backward(mask, rows, *tensors)
+        return normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu)
+
+    @staticmethod
+    def backward(ctx, grad):
+        k, batch_stats, eps, relu = ctx.options
+        mask, rows, *saved = ctx.saved_tensors
+        xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
+        grad_inputs, grad_weight, grad_bias = normalize_join_backward(grad, xs, mask, rows, weights, biases, means,
+                                                                      variances, batch_stats, eps, relu)
+        return ((None,) * 6 + tuple(grad_inputs) + tuple(param_grads(grad_weight, weights))
+                + tuple(param_grads(grad_bias, biases)) + (None,) * (2 * k))
+
+
 def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
                     rows=None):
-    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(x_i) for each input] on the
-    Triton ops: in training the statistics of all inputs (and the running-statistic updates),
-    then one apply pass."""
+    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(x_i) for each input]: in
+    training the statistics of all inputs (and the running-statistic updates), then one apply
+    pass. In eager mode the launchers run directly (NormalizeJoinFunction carries the
+    autograd); while torch traces, through the torch.library ops."""
     xs = dense_inputs(inputs)
     absent = placeholder(xs[0])
-
-    def filled(tensors):
-        return [absent if t is None else t for t in tensors]
-
+    weights, biases = [absent if t is None else t for t in weights], [absent if t is None else t for t in biases]
+    direct = eager(xs[0])
     if training:
-        # The statistics carry no autograd of their own: bn_apply's backward differentiates
+        # The statistics carry no autograd of their own: the apply's backward differentiates
         # through them (batch_stats=True).
-        mean, var = bn_stats([x.detach() for x in xs], filled(running_means), filled(running_vars), momentum)
+        stats = batch_stats if direct else bn_stats
+        mean, var = stats([x.detach() for x in xs], [absent if t is None else t for t in running_means],
+                          [absent if t is None else t for t in running_vars], momentum)
         means, variances = list(mean.unbind(0)), list(var.unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
-    args = (xs, mask, rows, filled(weights), filled(biases), means, variances, training, eps, relu)
-    out = bn_apply(*args)
+    if direct:
+        out = NormalizeJoinFunction.apply(mask, rows, training, eps, relu, len(xs), *xs, *weights, *biases, *means,
+                                          *variances)
+    else:
+        out = bn_apply(xs, mask, rows, weights, biases, means, variances, training, eps, relu)
     if recompute.recording():
-        recompute.register(out, lambda: bn_apply(*args))
+        recompute.register(out, lambda: normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu))
     return out
 
 
 def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=None) -> None:
     """Runs the statistics, apply and backward launchers once (the audit's cases)."""
     C, k = xs[0].shape[1], len(xs)
-    params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else placeholder(xs[0]) for _ in range(k)]
+    params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else None for _ in range(k)]
     running_means, running_vars = ([xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) for _ in range(k)] for _ in range(2))
     if training:
-        mean, var = bn_stats(xs, running_means, running_vars, 0.1)
+        mean, var = batch_stats(xs, running_means, running_vars, 0.1)
         means, variances = list(mean), list(var)
     else:
         means, variances = running_means, running_vars
-    bn_apply(xs, mask, rows, params, params, means, variances, training, 1e-5, relu)
-    grad = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
-    bn_backward(grad, xs, mask, rows, params, params, means, variances, training, 1e-5, relu)
+    out = normalize_join(xs, mask, rows, params, params, means, variances, 1e-5, relu)
+    normalize_join_backward(torch.empty_like(out), xs, mask, rows, params, params, means, variances, training, 1e-5,
+                            relu)
 
 
 @audit_cases

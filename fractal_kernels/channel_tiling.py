@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS
+from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS, cdiv, next_power_of_2
 from .tensors import is_channels_last
 
 #: Elements per tile (8 warps: 8 values a thread).
@@ -64,7 +64,7 @@ class ChannelTiling:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (triton.cdiv(self.C, self.BLOCK_C), self.num_chunks)
+        return self._grid
 
     @property
     def count(self) -> int:
@@ -77,31 +77,47 @@ class ChannelTiling:
 
     def meta(self, streaming: bool) -> dict:
         """The tiling's constexprs and launch options, for a streaming kernel or a reduction."""
-        return dict(
-            CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, FIXED_HW=self.fixed_hw,
-            BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps,
-            maxnreg=STREAMING_REGISTERS if streaming else REDUCTION_REGISTERS,
-        )
+        return self._streaming_meta if streaming else self._reduction_meta
+
+    def __post_init__(self):
+        object.__setattr__(self, "_grid", (cdiv(self.C, self.BLOCK_C), self.num_chunks))
+        common = dict(CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, FIXED_HW=self.fixed_hw,
+                      BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps)
+        object.__setattr__(self, "_streaming_meta", dict(common, maxnreg=STREAMING_REGISTERS))
+        object.__setattr__(self, "_reduction_meta", dict(common, maxnreg=REDUCTION_REGISTERS))
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(n, 1)), cap))
+    """The next power of two from n (at least 1), at most cap."""
+    return max(1, min(next_power_of_2(max(n, 1)), cap))
 
 
-def channel_tiling(x: torch.Tensor, num_inputs: int = 1) -> ChannelTiling:
+def channel_tiling(x: torch.Tensor, num_inputs: int = 1, index_64: bool = False) -> ChannelTiling:
     """The tiling of [N, C, *spatial] tensors like x, contiguous or channels-last, for a kernel
-    that handles ``num_inputs`` of them at once (more than four get half-size tiles: registers)."""
-    N, C = x.shape[0], x.shape[1]
-    HW = math.prod(x.shape[2:])
-    channels_last = is_channels_last(x)
+    that handles ``num_inputs`` of them at once (more than four get half-size tiles: registers).
+    ``index_64``: the kernel also indexes a tensor of 2**31 elements or more. Cached by shape:
+    the host work of a launch is a dictionary lookup."""
+    shape = tuple(x.shape)
+    args = (shape, is_channels_last(x), x.element_size(), num_inputs, _target_programs(x.device),
+            index_64 or x.numel() >= 2**31)
+    if any(isinstance(size, torch.SymInt) for size in shape):
+        return _tiling.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes) do not hash
+    return _tiling(*args)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiling(shape: tuple, channels_last: bool, element_size: int, num_inputs: int, target: int,
+            index_64: bool) -> ChannelTiling:
+    N, C = shape[0], shape[1]
+    HW = math.prod(shape[2:])
     # Kernels over more than four inputs keep more per-input state, and fp64 values take two
     # registers: half the elements a thread.
-    per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 and x.element_size() <= 4 else 4
+    per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 and element_size <= 4 else 4
     tile = TILE * per_thread // 8
     if channels_last:
         # Channels are the contiguous axis: a tile spans 128 bytes of them (wider costs
         # registers for the per-channel parameters), then positions, then samples.
-        BLOCK_C = _pow2_at_most(C, 128 // x.element_size())
+        BLOCK_C = _pow2_at_most(C, 128 // element_size)
         BLOCK_HW = _pow2_at_most(HW, tile // BLOCK_C)
         BLOCK_N = _pow2_at_most(N, tile // (BLOCK_C * BLOCK_HW))
     else:
@@ -112,13 +128,12 @@ def channel_tiling(x: torch.Tensor, num_inputs: int = 1) -> ChannelTiling:
         BLOCK_C = _pow2_at_most(C, tile // (BLOCK_HW * BLOCK_N))
     # A small tile gets fewer warps rather than idle lanes.
     num_warps = max(1, min(8, BLOCK_N * BLOCK_C * BLOCK_HW // (32 * per_thread)))
-    hw_blocks = triton.cdiv(HW, BLOCK_HW)
-    tiles = max(1, triton.cdiv(N, BLOCK_N) * hw_blocks)
-    c_blocks = triton.cdiv(C, BLOCK_C)
-    chunks = max(1, min(tiles, triton.cdiv(_target_programs(x.device), c_blocks)))
-    tiles_per_chunk = triton.cdiv(tiles, chunks)
-    num_chunks = triton.cdiv(tiles, tiles_per_chunk)
-    index_64 = x.numel() >= 2**31
+    hw_blocks = cdiv(HW, BLOCK_HW)
+    tiles = max(1, cdiv(N, BLOCK_N) * hw_blocks)
+    c_blocks = cdiv(C, BLOCK_C)
+    chunks = max(1, min(tiles, cdiv(target, c_blocks)))
+    tiles_per_chunk = cdiv(tiles, chunks)
+    num_chunks = cdiv(tiles, tiles_per_chunk)
     # An NCHW plane size the JIT cannot prove aligned (it marks only multiples of 16) is a
     # compile-time constant: 14x14 planes then take 128-bit fp32 loads, 2x2 and 1x1 planes
     # stack channels into wide loads. (7x7 planes are odd-sized: NCHW allows no vectors there.)

@@ -21,10 +21,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .join_modes import JOIN_GATHER, join_args, join_row, join_scale
-from .launch import STREAMING_REGISTERS, audit_cases, define_op, input_groups, launch, slots
+from .launch import (
+    STREAMING_REGISTERS, audit_cases, cdiv, define_op, eager, input_groups, launch, next_power_of_2, slots,
+    wrap_triton,
+)
 from .tensors import accumulation_type, dense, dense_inputs, like_rows
 
 
@@ -104,13 +106,15 @@ def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int]:
     """(sample_numel, BLOCK, blocks_per_sample) for a dense [batch, ...] tensor."""
     sample_numel = x[0].numel() if x.shape[0] else x.numel()
     # 16 values a thread (4 warps); fp64 takes two registers a value: half the block.
-    block = max(16, min(2048 if x.element_size() <= 4 else 1024, triton.next_power_of_2(sample_numel)))
-    return sample_numel, block, triton.cdiv(sample_numel, block)
+    block = max(16, min(2048 if x.element_size() <= 4 else 1024, next_power_of_2(sample_numel)))
+    return sample_numel, block, cdiv(sample_numel, block)
 
 
-def _join_forward(inputs: list[torch.Tensor], out: torch.Tensor, mask=None, rows=None) -> torch.Tensor:
-    """One launch per group of eight inputs, accumulating into ``out`` after the first."""
+def join_forward(inputs: list[torch.Tensor], mask=None, rows=None) -> torch.Tensor:
+    """The join's output: one launch per group of eight inputs, accumulating after the first.
+    With a gather table ``rows`` the output has one row per column of it."""
     xs = dense_inputs(inputs)
+    out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
     if out.numel() == 0:
         return out
     sample_numel, block, blocks = _launch_geometry(out)
@@ -124,8 +128,15 @@ def _join_forward(inputs: list[torch.Tensor], out: torch.Tensor, mask=None, rows
     return out
 
 
-def _join_backward(grad: torch.Tensor, grads: list[torch.Tensor], mask=None, rows=None) -> list[torch.Tensor]:
-    """Every input gradient from one read of ``grad`` (per group of eight)."""
+def join_backward(grad: torch.Tensor, sizes: list[int], mask=None, rows=None) -> list[torch.Tensor]:
+    """Every input gradient from one read of ``grad`` (per group of eight), in its layout. With a
+    gather table they are compact, ``sizes[i]`` rows each, and rows that hold no sample get 0
+    (a zero fill of each gradient first)."""
+    grad = dense(grad)
+    if rows is None:
+        grads = [torch.empty_like(grad) for _ in sizes]
+    else:
+        grads = [like_rows(grad, size, zero=True) for size in sizes]
     if grad.numel() == 0:
         return grads
     sample_numel, block, blocks = _launch_geometry(grad)
@@ -140,30 +151,27 @@ def _join_backward(grad: torch.Tensor, grads: list[torch.Tensor], mask=None, row
 
 
 @define_op("fractal_kernels::masked_join")
-def masked_join_forward(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Launcher of the masked join: one launch for up to 8 inputs (more: one per group of 8)."""
-    return _join_forward(inputs, torch.empty_like(dense(inputs[0])), mask=mask)
+def masked_join_op(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The masked join as a torch.library op: one launch for up to 8 inputs (more: one per group of 8)."""
+    return join_forward(inputs, mask=mask)
 
 
 @define_op("fractal_kernels::masked_join_backward")
-def masked_join_backward(grad: torch.Tensor, mask: Optional[torch.Tensor], num_inputs: int) -> list[torch.Tensor]:
-    """Launcher of the masked join's backward."""
-    grad = dense(grad)
-    return _join_backward(grad, [torch.empty_like(grad) for _ in range(num_inputs)], mask=mask)
+def masked_join_backward_op(grad: torch.Tensor, mask: Optional[torch.Tensor], num_inputs: int) -> list[torch.Tensor]:
+    """The masked join's backward as a torch.library op."""
+    return join_backward(grad, [grad.shape[0]] * num_inputs, mask=mask)
 
 
 @define_op("fractal_kernels::gather_join")
-def gather_join_forward(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """Launcher of the gather join: the output has one row per column of ``rows``."""
-    return _join_forward(inputs, like_rows(dense(inputs[0]), rows.shape[1]), rows=rows)
+def gather_join_op(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The gather join as a torch.library op: the output has one row per column of ``rows``."""
+    return join_forward(inputs, rows=rows)
 
 
 @define_op("fractal_kernels::gather_join_backward")
-def gather_join_backward(grad: torch.Tensor, rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Launcher of the gather join's backward: compact gradients of ``sizes`` rows each, in the
-    gradient's layout; rows that hold no sample get 0 (a zero fill of each gradient first)."""
-    grad = dense(grad)
-    return _join_backward(grad, [like_rows(grad, size, zero=True) for size in sizes], rows=rows)
+def gather_join_backward_op(grad: torch.Tensor, rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The gather join's backward as a torch.library op: compact gradients of ``sizes`` rows each."""
+    return join_backward(grad, sizes, rows=rows)
 
 
 def _mask_setup_context(ctx, inputs, output):
@@ -174,7 +182,7 @@ def _mask_setup_context(ctx, inputs, output):
 
 def _mask_backward(ctx, grad):
     (mask,) = ctx.saved_tensors
-    return masked_join_backward(grad, mask, ctx.num_inputs), None
+    return masked_join_backward_op(grad, mask, ctx.num_inputs), None
 
 
 def _gather_setup_context(ctx, inputs, output):
@@ -185,11 +193,41 @@ def _gather_setup_context(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     (rows,) = ctx.saved_tensors
-    return gather_join_backward(grad, rows, ctx.sizes), None
+    return gather_join_backward_op(grad, rows, ctx.sizes), None
 
 
-masked_join_forward.register_autograd(_mask_backward, setup_context=_mask_setup_context)
-gather_join_forward.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+masked_join_op.register_autograd(_mask_backward, setup_context=_mask_setup_context)
+gather_join_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+
+
+class JoinFunction(torch.autograd.Function):
+    """The joins in eager mode: the ops' launchers and backward, without torch.library's Python
+    dispatch (which costs more host time than the launches themselves)."""
+
+    @staticmethod
+    def forward(ctx, mask, rows, *inputs):
+        ctx.sizes = [x.shape[0] for x in inputs]
+        ctx.save_for_backward(mask, rows)
+        return join_forward(list(inputs), mask, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, rows = ctx.saved_tensors
+        return (None, None, *join_backward(grad, ctx.sizes, mask, rows))
+
+
+def masked_join(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The masked join: JoinFunction in eager mode, the torch.library op while torch traces."""
+    if eager(inputs[0]):
+        return JoinFunction.apply(mask, None, *inputs)
+    return masked_join_op(inputs, mask)
+
+
+def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The gather join: JoinFunction in eager mode, the torch.library op while torch traces."""
+    if eager(inputs[0]):
+        return JoinFunction.apply(None, rows, *inputs)
+    return gather_join_op(inputs, rows)
 
 
 @audit_cases
@@ -203,6 +241,6 @@ def _audit_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: b
         rows = torch.zeros(k, shape[0], dtype=torch.int64)
         for name, join in (("mean", {}), ("mask", dict(mask=mask)), ("gather", dict(rows=rows))):
             yield f"join k={k} {name}", lambda xs=xs, join=join: (
-                _join_forward(xs, torch.empty_like(xs[0]), **join),
-                _join_backward(xs[0], [torch.empty_like(x) for x in xs], **join),
+                join_forward(xs, **join),
+                join_backward(xs[0], [x.shape[0] for x in xs], **join),
             )

@@ -57,6 +57,16 @@ def define_op(name: str, mutates_args: Sequence[str] = ()) -> Callable:
     return register
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (triton.cdiv costs microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n, for n >= 1 (likewise a cheap triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length()
+
+
 def input_groups(n: int) -> list[range]:
     """Splits range(n) into consecutive groups of at most MAX_INPUTS inputs (one launch each)."""
     return [range(start, min(start + MAX_INPUTS, n)) for start in range(0, n, MAX_INPUTS)]
@@ -130,6 +140,14 @@ def _has_no_data(t: torch.Tensor) -> bool:
     return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
 
 
+def eager(x: torch.Tensor) -> bool:
+    """Whether an op on x may launch through a plain autograd.Function instead of its
+    torch.library op: plain tensors, and nothing tracing or intercepting ops (torch.compile, a
+    dispatch mode such as fake tensors or functionalization, a functorch transform)."""
+    return (_is_plain(x) and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._are_functorch_transforms_active())
+
+
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
     if x.is_cuda or _recorders or torch.compiler.is_compiling() or not _is_plain(x):
@@ -144,34 +162,43 @@ def check_launchable(x: torch.Tensor) -> None:
     raise RuntimeError(f"the Triton backend needs CUDA tensors, got a tensor on {x.device}")
 
 
-def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """Launches ``kernel[grid](*args, **kwargs)``, where ``kernel`` is ``wrap_triton(jit_kernel)``.
+def wrap_triton(kernel):
+    """The kernel, as launch() takes it. Launchers name each kernel they launch in a call of
+    this name, ``launch(wrap_triton(kernel), ...)``: torch.library finds a triton_op's kernels
+    by such calls (and torch.compile's cache key includes their source). The wrapping itself,
+    torch.library.wrap_triton, costs microseconds a call, so launch() applies it only while
+    torch traces."""
+    return kernel
 
-    While torch traces (fake or functional tensors) a traceable wrapper records the launch as a
-    graph node; otherwise the kernel is launched directly (no higher-order-op dispatch, nothing
-    added to torch's kernel side table), on the device of its tensors.
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launches ``kernel[grid](*args, **kwargs)`` on the device of its tensors; ``args[0]`` is a
+    tensor.
+
+    While torch traces (fake or functional tensors) the launch goes through
+    torch.library.wrap_triton, which records it as a graph node; otherwise it is direct (no
+    higher-order-op dispatch, nothing added to torch's kernel side table).
     """
-    # wrap_triton gives the kernel itself, or while torch traces a wrapper that holds it.
-    jit_kernel = kernel if isinstance(kernel, triton.runtime.KernelInterface) else kernel.kernel
     if _recorders:
         records, run = _recorders[-1]
-        records.append(LaunchRecord(jit_kernel, grid, args, kwargs))
+        records.append(LaunchRecord(kernel, grid, args, kwargs))
         if not run:
             return
     for counter in _counters:
         counter[0] += 1
-    first = next(a for a in args if isinstance(a, torch.Tensor))
+    first = args[0]
     if not _is_plain(first):
-        if jit_kernel is not kernel:
+        traceable = torch.library.wrap_triton(kernel)
+        if traceable is not kernel:
             # Inductor launches user kernels with num_warps but no register limit.
             kwargs.pop("maxnreg", None)
-            kernel[grid](*args, **kwargs)
+            traceable[grid](*args, **kwargs)
             return
         if _has_no_data(first):
             return  # a custom op's fake kernel: only the output metadata matters
     if first.is_cuda:
         # Triton launches on the current device: make it the tensors' one.
         with torch.cuda.device(first.device):
-            jit_kernel[grid](*args, **kwargs)
+            kernel.run(*args, grid=grid, warmup=False, **kwargs)
     else:
-        jit_kernel[grid](*args, **kwargs)
+        kernel.run(*args, grid=grid, warmup=False, **kwargs)

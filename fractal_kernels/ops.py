@@ -1,7 +1,9 @@
-"""The public ops: argument checks, backend dispatch and the torch.library composites.
+"""The public ops: argument checks and backend dispatch.
 
 Each public op checks its arguments (a ValueError or TypeError naming the argument, before any
-launch), then runs either the Triton ops registered by the op files or the plain-PyTorch reference.
+launch), then runs the Triton kernels or the plain-PyTorch reference. The Triton path goes through
+the op files' autograd.Functions in eager mode, and through the torch.library ops (library.py)
+while torch traces: torch.compile sees them without graph breaks.
 
 Backends (``FRACTAL_KERNELS_BACKEND`` or :func:`use_backend`):
   * ``auto`` (default): Triton for CUDA tensors, the reference otherwise;
@@ -20,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from . import join, library, reference
+from .batchnorm import batch_norm_join
 from .checks import check_bn_input, check_bn_params, check_mask, check_rows, check_tensor_list
-from .launch import check_launchable
+from .launch import check_launchable, eager
 from .sync_batchnorm import sync_batch_norm_join
 
 BACKENDS = ("auto", "triton", "reference")
@@ -80,7 +83,7 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
     check_mask(mask, len(inputs), x.shape[0], x.device)
     if _use_triton(x):
-        return join.masked_join_forward(inputs, mask)
+        return join.masked_join(inputs, mask)
     return reference.masked_join(inputs, mask)
 
 
@@ -123,6 +126,8 @@ def bn_relu(
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
     if _synchronised(training, process_group):
         return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu, process_group)
+    if eager(x):
+        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu)
     return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
 
 
@@ -171,6 +176,8 @@ def join_bn_relu(
         return sync_batch_norm_join(
             inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True, process_group
         )
+    if eager(x):
+        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True)
     return library.join_bn_relu(
         list(inputs), mask, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
     )
@@ -196,7 +203,7 @@ def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Op
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
     check_rows(rows, inputs, validate)
     if _use_triton(inputs[0]):
-        return join.gather_join_forward(inputs, rows)
+        return join.gather_join(inputs, rows)
     return reference.gather_join(inputs, rows)
 
 
@@ -225,6 +232,9 @@ def gather_join_bn_relu(
     if not _use_triton(inputs[0]):
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
                                              momentum, eps)
+    if eager(inputs[0]):
+        return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
+                               True, rows=rows)
     return library.gather_join_bn_relu(
         list(inputs), rows, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
     )

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .batchnorm import bn_apply, bn_backward_dx, bn_backward_sums, bn_stats, param_grads, placeholder
+from .batchnorm import batch_stats, bn_backward_dx, bn_backward_sums, normalize_join, param_grads, placeholder
 from .tensors import acc_dtype, dense_inputs, memory_format
 
 
@@ -27,8 +27,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
         xs = dense_inputs(tensors[:k])
         weights, biases = tensors[k:2 * k], tensors[2 * k:]
         running_means, running_vars = running
-        absent = [placeholder(xs[0])] * k
-        mean, var = bn_stats(xs, absent, absent, 0.0)  # [k, C] each, biased variance
+        mean, var = batch_stats(xs, [None] * k, [None] * k, 0.0)  # [k, C] each, biased variance
         # fp64 keeps the element count exact (fp32 is exact only to 2**24).
         count = mean.new_full(mean.shape, xs[0].numel() // xs[0].shape[1], dtype=torch.float64)
         local = torch.stack([mean.double(), var.double(), count])
@@ -44,7 +43,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
                 running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), momentum)
         means = list(mean.to(acc_dtype(xs[0].dtype)).unbind(0))
         variances = list(var.to(acc_dtype(xs[0].dtype)).unbind(0))
-        out = bn_apply(xs, mask, None, list(weights), list(biases), means, variances, True, eps, relu)
+        out = normalize_join(xs, mask, None, list(weights), list(biases), means, variances, eps, relu)
         ctx.save_for_backward(mask, total, *xs, *weights, *biases, *means, *variances)
         ctx.options = (k, eps, relu, process_group)
         return out

@@ -1,10 +1,13 @@
-"""Drop-path sampling (FractalNet section 3.1).
+"""Drop-path sampling (FractalNet section 3.1), drawn for the whole network at once.
 
 Per sample, in training only: with probability ``global_ratio`` the sample is *global* and follows
 one column, drawn uniformly and the same in every block; otherwise it is *local* and every join
 drops each of its inputs with probability ``local_drop``, keeping at least one (one input chosen
 uniformly is restored when all are dropped). A global sample has no survivor at the joins its
 column does not reach; the join gives it 0 there, which the later joins drop.
+
+Every join's mask comes from one random draw on the device, with no host round trip: about twenty
+small kernels a step for the whole network, where drawing join by join takes about a hundred.
 """
 
 from __future__ import annotations
@@ -14,43 +17,72 @@ from typing import Optional, Sequence
 import torch
 
 
-class DropPath:
-    """The drop-path draws of one forward pass over a batch.
+def join_rows(columns: Sequence[int], block_columns: int) -> list[int]:
+    """The rows (1-based) of a block of ``block_columns`` columns where two or more of the active
+    ``columns`` end, i.e. its joins: the multiples of the second-deepest column's span."""
+    if len(columns) < 2:
+        return []
+    span = 2 ** (block_columns - columns[-2])
+    return list(range(span, 2 ** (block_columns - 1) + 1, span))
 
-    Construction draws, per sample, whether it is global and which of ``columns`` it follows;
-    each :meth:`mask` call draws one join's local masks. All draws come from ``generator`` (or the
-    default torch RNG) in a fixed order, so two models fed the same seed draw the same masks.
+
+class DropPath:
+    """The drop-path draws of one training forward pass over a batch.
+
+    Args:
+        batch: samples.
+        columns: the active columns, consecutive and ascending (1..k for a truncation).
+        block_columns: C, the columns of each block.
+        num_blocks: blocks of the network.
+        local_drop, global_ratio: the rates above.
+        device: where the masks are used.
+        generator: all draws come from it (or the default RNG of ``device``), so two models fed
+            the same seed draw the same masks; its device is where they are drawn.
+
+    ``is_global`` [B] and ``global_column`` [B] (column numbers) describe the samples;
+    :meth:`mask` gives one join's [k, B] bool mask.
     """
 
     def __init__(
         self,
         batch: int,
         columns: Sequence[int],
+        block_columns: int,
+        num_blocks: int,
         local_drop: float,
         global_ratio: float,
         device: torch.device,
         generator: Optional[torch.Generator] = None,
     ):
-        self.columns = list(columns)
-        self.local_drop = local_drop
-        self.device = device
-        self.generator = generator
-        self.is_global = self._rand(batch) < global_ratio
-        choice = torch.randint(len(self.columns), (batch,), generator=generator, device=self._draw_device)
-        self.global_column = torch.tensor(self.columns, device=self._draw_device)[choice].to(device)
+        columns = list(columns)
+        if len(columns) < 2 or columns != list(range(columns[0], columns[0] + len(columns))) or columns[-1] > block_columns:
+            raise ValueError(f"columns must be two or more consecutive columns of 1..{block_columns}, got {columns}")
+        self.columns, self.block_columns = columns, block_columns
+        self.rows = join_rows(columns, block_columns)
+        n, joins = len(columns), len(self.rows)
+        draw_device = generator.device if generator is not None else torch.device(device)
+        draw = torch.rand(num_blocks * joins * n * batch + 2 * batch, generator=generator, device=draw_device)
+        keep_draw = draw[: num_blocks * joins * n * batch].view(num_blocks, joins, n, batch)
+        sample_draw = draw[num_blocks * joins * n * batch:].view(2, batch)
+        # ends[j, i]: active column i ends at join j (row rows[j]); a suffix of the columns.
+        span = 2 ** (block_columns - columns[-2])
+        rows = torch.arange(span, 2 ** (block_columns - 1) + 1, span, device=draw_device)
+        positions = torch.arange(n, device=draw_device)
+        ends = (rows[:, None] % (2 ** (block_columns - columns[0]) >> positions)[None, :] == 0)[None, :, :, None]
+        keep = (keep_draw >= local_drop) & ends
+        # Where all were dropped, restore the input with the largest draw: given that all draws
+        # fell below local_drop, that input is uniform among the join's inputs.
+        restored = positions[:, None] == torch.where(ends, keep_draw, -1.0).argmax(2, keepdim=True)
+        keep |= restored & ~keep.any(2, keepdim=True)
+        self.is_global = sample_draw[0] < global_ratio
+        chosen = (sample_draw[1] * n).long()
+        self.global_column = chosen + columns[0]
+        follows = positions[:, None] == chosen[None, :]
+        self._masks = torch.where(self.is_global, follows, keep).to(device)
+        self.is_global, self.global_column = self.is_global.to(device), self.global_column.to(device)
 
-    @property
-    def _draw_device(self) -> torch.device:
-        return self.generator.device if self.generator is not None else self.device
-
-    def _rand(self, *shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=self._draw_device).to(self.device)
-
-    def mask(self, join_columns: Sequence[int]) -> torch.Tensor:
-        """The [len(join_columns), batch] bool mask of one join whose inputs end these columns."""
-        k, batch = len(join_columns), self.is_global.shape[0]
-        keep = self._rand(k, batch) >= self.local_drop
-        restored = torch.randint(k, (batch,), generator=self.generator, device=self._draw_device).to(self.device)
-        keep |= ~keep.any(0, keepdim=True) & (torch.arange(k, device=self.device)[:, None] == restored)
-        follows = torch.tensor(list(join_columns), device=self.device)[:, None] == self.global_column
-        return torch.where(self.is_global, follows, keep)
+    def mask(self, block: int, row: int) -> torch.Tensor:
+        """The [k, B] bool mask of the join at ``row`` of block ``block`` (0-based), over the k
+        active columns ending there, ascending."""
+        first = sum(1 for c in self.columns if row % 2 ** (self.block_columns - c))
+        return self._masks[block, self.rows.index(row), first:]

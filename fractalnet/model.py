@@ -68,12 +68,6 @@ def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], 
         if not fused:
             return unit.activate(raw)
         return fk.bn_relu(raw, **fk.batchnorm_arguments(unit.bn), process_group=process_group)
-    if rows is not None:
-        # A segment no sample survives contributes nothing: leave it out of the join.
-        present = [j for j, raw in enumerate(raws) if raw.shape[0]]
-        if not present:
-            return raws[0].new_zeros((rows.shape[1],) + raws[0].shape[1:])
-        units, raws, rows = [units[j] for j in present], [raws[j] for j in present], rows[present]
     if not fused:
         activations = [unit.activate(raw) for unit, raw in zip(units, raws)]
         if rows is not None:
@@ -118,14 +112,11 @@ class FractalBlock(nn.Module):
         """The unit of ``column`` that ends at ``row``."""
         return self.columns[column - 1][row // self.span(column) - 1]
 
-    def forward(self, x: torch.Tensor, active: Sequence[int], drop_path: Optional[DropPath], fused: bool,
+    def forward(self, x: torch.Tensor, active: Sequence[int], masks: dict[int, torch.Tensor], fused: bool,
                 skip_dropped: bool = False, process_group=None):
-        """The block restricted to the ``active`` columns (ascending), with their drop-path; the
-        block draws all its joins' masks first, in row order."""
+        """The block restricted to the ``active`` columns (ascending), with the drop-path masks of
+        its joins by row (none outside training)."""
         endings = self.endings(active)
-        masks = {}
-        if drop_path is not None:
-            masks = {row: drop_path.mask(ending) for row, ending in endings if len(ending) > 1}
         if skip_dropped and masks:
             return self._forward_skipping_dropped(x, active, endings, masks, fused)
         inputs = {column: x for column in active}
@@ -139,29 +130,43 @@ class FractalBlock(nn.Module):
     def _forward_skipping_dropped(self, x, active, endings, masks, fused):
         """Each column segment (its units from one join to the next) runs only on the samples
         that survive at the join ending it: their rows are gathered at the segment's start, and
-        the join reads the compact outputs through a gather table."""
+        the join reads the compact outputs through a gather table. The masks are on the host, so
+        the compact sizes are known without reading anything back from the device."""
         ending_at = dict(endings)
         inputs = {column: x for column in active}
-        segments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> (compact tensor, samples)
+        segments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # column -> (compact tensor, host samples)
         for row, ending in endings:
             for column in ending:
                 if column not in segments:
                     end = next(r for r in masks if r >= row and column in ending_at[r])
                     samples = masks[end][ending_at[end].index(column)].nonzero().squeeze(1)
-                    segments[column] = (inputs[column].index_select(0, samples), samples)
+                    segments[column] = (inputs[column].index_select(0, _to_device(samples, x.device)), samples)
             units = [self.unit(column, row) for column in ending]
             raws = [unit.raw(segments[column][0]) for unit, column in zip(units, ending)]
             if row not in masks:  # a lone unit inside a segment
                 (column,) = ending
                 segments[column] = (normalize_and_join(units, raws, fused), segments[column][1])
                 continue
-            table = torch.full((len(ending), x.shape[0]), -1, dtype=torch.int64, device=x.device)
-            for j, column in enumerate(ending):
-                samples = segments.pop(column)[1]
-                table[j, samples] = torch.arange(len(samples), device=x.device)
-            out = normalize_and_join(units, raws, fused, rows=table)
+            samples = [segments.pop(column)[1] for column in ending]
+            # A segment no sample survives contributes nothing: it is left out of the join.
+            present = [j for j, s in enumerate(samples) if len(s)]
+            if not present:
+                out = x.new_zeros((x.shape[0],) + raws[0].shape[1:])
+            else:
+                table = torch.full((len(present), x.shape[0]), -1, dtype=torch.int64)
+                for j, i in enumerate(present):
+                    table[j, samples[i]] = torch.arange(len(samples[i]))
+                out = normalize_and_join([units[i] for i in present], [raws[i] for i in present], fused,
+                                         rows=_to_device(table, x.device))
             inputs.update((column, out) for column in ending)
         return out
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, copied asynchronously from pinned memory: the host does not wait."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class ImageNetStem(nn.Module):
@@ -209,8 +214,9 @@ class FractalNet(nn.Module):
         skip_dropped: in training, run each column segment only on the samples that survive at
             the join ending it (drop-path makes the rest wasted work), and join the compact
             outputs with gather_join_bn_relu. The BatchNorm statistics of a segment then cover
-            the samples that flow through it: the one difference from the dense model. Reads
-            which samples survive from the device once per segment (a synchronisation).
+            the samples that flow through it: the one difference from the dense model. Its
+            drop-path masks are drawn on the host (a CPU generator), so that the compact sizes
+            are known without reading anything back from the device.
 
     Setting ``model.process_group`` (a torch.distributed group of several ranks) makes the fused
     model's BatchNorms use batch statistics over those ranks in training, as nn.SyncBatchNorm.
@@ -287,14 +293,21 @@ class FractalNet(nn.Module):
         active = self.active_columns(columns, column)
         drop_path = None
         if self.training and len(active) > 1:
-            drop_path = DropPath(x.shape[0], active, self.local_drop, self.global_ratio, x.device, generator)
+            # skip_dropped sizes its segments from the masks: drawn on the host, they are known
+            # there without a synchronisation.
+            if self.skip_dropped and generator is not None and generator.device.type != "cpu":
+                raise ValueError("generator: skip_dropped draws drop-path on the host; pass a CPU generator")
+            device = torch.device("cpu") if self.skip_dropped else x.device
+            drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
+                                 self.global_ratio, device, generator)
         self.last_drop_path = drop_path
         # Under torch.compile the partitioner makes its own recomputation choices.
         recompute = self.recompute and self.fused and self.training and not torch.compiler.is_compiling()
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
             h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
-                h = block(h, active, drop_path, self.fused, self.skip_dropped, self.process_group)
+                masks = {row: drop_path.mask(i, row) for row in drop_path.rows} if drop_path is not None else {}
+                h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group)
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))

@@ -1,13 +1,26 @@
-"""Drop-path sampling statistics."""
+"""Drop-path sampling statistics, drawn for the whole network at once."""
 
 import pytest
 import torch
 
 from fractalnet import DropPath
+from fractalnet.drop_path import join_rows
 
 
-def sample(batch=4000, columns=(1, 2, 3), local_drop=0.15, global_ratio=0.5, seed=0):
-    return DropPath(batch, columns, local_drop, global_ratio, torch.device("cpu"), torch.Generator().manual_seed(seed))
+def sample(batch=4000, columns=(1, 2, 3), blocks=2, local_drop=0.15, global_ratio=0.5, seed=0):
+    return DropPath(batch, columns, max(columns), blocks, local_drop, global_ratio, torch.device("cpu"),
+                    torch.Generator().manual_seed(seed))
+
+
+def join_columns(dp, row):
+    return [c for c in dp.columns if row % 2 ** (dp.block_columns - c) == 0]
+
+
+def test_joins_of_a_block():
+    assert join_rows([1, 2, 3], 3) == [2, 4]
+    assert join_rows([1, 2, 3, 4], 4) == [2, 4, 6, 8]
+    assert join_rows([1, 2], 4) == [8]  # truncated to the two shallowest columns of C = 4
+    assert join_rows([1], 3) == []
 
 
 def test_global_fraction_and_uniform_columns():
@@ -20,30 +33,54 @@ def test_global_fraction_and_uniform_columns():
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_local_rate_with_one_survivor_restored(k):
     p = 0.15
-    dp = sample(columns=tuple(range(1, 5)), local_drop=p)
-    masks = torch.cat([dp.mask(list(range(5 - k, 5))) for _ in range(10)], dim=1)
+    dp = sample(columns=(1, 2, 3, 4), blocks=10, local_drop=p)
+    row = {2: 2, 3: 4, 4: 8}[k]  # a join of the k deepest columns
+    masks = torch.cat([dp.mask(block, row) for block in range(10)], dim=1)
+    assert masks.shape[0] == k
     local = ~dp.is_global.repeat(10)
     kept = masks[:, local]
     assert kept.any(0).all(), "every local sample keeps at least one input"
     expected = (1 - p) + p**k / k  # kept outright, or restored when all k were dropped
     assert abs(kept.float().mean().item() - expected) < 0.01
+    # Each input is the lone survivor equally often (the restored one is uniform among them).
+    alone = kept[:, kept.sum(0) == 1].float().mean(1)
+    assert torch.allclose(alone / alone.sum(), torch.full((k,), 1 / k), atol=0.06)
 
 
 def test_global_samples_follow_one_column_in_every_join():
     dp = sample(columns=(1, 2, 3, 4))
-    joins = [[3, 4], [2, 3, 4], [3, 4], [1, 2, 3, 4]]
     glob = dp.is_global
-    for columns in joins * 2:  # two blocks: the same column throughout
-        mask = dp.mask(columns)[:, glob]
-        expected = torch.tensor(columns)[:, None] == dp.global_column[glob]
-        assert torch.equal(mask, expected)
-        assert (mask.sum(0) <= 1).all()
+    for block in range(2):  # the same column throughout
+        for row in dp.rows:
+            columns = join_columns(dp, row)
+            mask = dp.mask(block, row)[:, glob]
+            expected = torch.tensor(columns)[:, None] == dp.global_column[glob]
+            assert torch.equal(mask, expected)
+            assert (mask.sum(0) <= 1).all()
     # A global sample whose column is missing from a join has no survivor there.
-    assert not dp.mask([3, 4])[:, glob & (dp.global_column <= 2)].any()
+    assert not dp.mask(0, 2)[:, glob & (dp.global_column <= 2)].any()
 
 
 def test_same_seed_same_masks():
     a, b = sample(batch=64, seed=7), sample(batch=64, seed=7)
     assert torch.equal(a.is_global, b.is_global) and torch.equal(a.global_column, b.global_column)
-    assert torch.equal(a.mask([1, 2, 3]), b.mask([1, 2, 3]))
-    assert not torch.equal(sample(batch=64, seed=8).mask([1, 2, 3]), a.mask([1, 2, 3]))
+    assert torch.equal(a.mask(1, 4), b.mask(1, 4))
+    assert not torch.equal(sample(batch=64, seed=8).mask(1, 4), a.mask(1, 4))
+
+
+def test_blocks_and_joins_draw_independently():
+    dp = sample(batch=4000, blocks=2)
+    local = ~dp.is_global
+    a, b = dp.mask(0, 4)[:, local].float(), dp.mask(1, 4)[:, local].float()
+    correlation = torch.corrcoef(torch.stack([a[0], b[0]]))[0, 1]
+    assert abs(correlation) < 0.05
+
+
+def test_one_draw_and_few_kernels():
+    from fractal_kernels.testing import count_kernels, fake_mode
+
+    with fake_mode():
+        counts = count_kernels(lambda: sample(batch=100, columns=(1, 2, 3), blocks=5))
+    assert counts["aten"] <= 25
+    with pytest.raises(ValueError, match="consecutive"):
+        sample(columns=(1, 3))

@@ -27,11 +27,15 @@ def running(n=3, dtype=torch.float64):
     return [torch.zeros(3, dtype=dtype, device=DEVICE) for _ in range(n)], [torch.ones(3, dtype=dtype, device=DEVICE) for _ in range(n)]
 
 
-def test_opcheck_masked_join():
+def test_opcheck_joins():
     xs, _, _, mask = block_inputs()
-    torch.library.opcheck(join.masked_join_forward, (xs, mask))
-    torch.library.opcheck(join.masked_join_forward, (xs, None))
-    torch.library.opcheck(join.masked_join_backward, (xs[0].detach(), mask, 3))
+    torch.library.opcheck(join.masked_join_op, (xs, mask))
+    torch.library.opcheck(join.masked_join_op, (xs, None))
+    torch.library.opcheck(join.masked_join_backward_op, (xs[0].detach(), mask, 3))
+    rows = torch.tensor([[0, -1, 1, 2], [2, 0, -1, 1], [-1, -1, 0, 1]], device=DEVICE)
+    compact = [x[:4 - i] for i, x in enumerate(xs)]
+    torch.library.opcheck(join.gather_join_op, (compact, rows))
+    torch.library.opcheck(join.gather_join_backward_op, (xs[0].detach(), rows, [4, 3, 2]))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -83,27 +83,31 @@ _HOST_READS = {
 }
 
 
+def _on_device(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+
 class _HostReadDetector(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         if func.namespace == "aten":
-            if name in _HOST_READS or (name == "repeat_interleave" and kwargs.get("output_size") is None):
-                raise HostReadError(f"aten.{func.__name__} reads device data on the host (a synchronisation)")
-            if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ()):
-                raise HostReadError("boolean indexing sizes its output from data (a synchronisation)")
-            if name in ("_to_copy", "copy_", "to"):
-                source = args[1] if name == "copy_" else args[0]
-                target_device = args[0].device if name == "copy_" else kwargs.get("device")
-                if (isinstance(source, torch.Tensor) and source.device.type != "cpu" and target_device is not None
-                        and torch.device(target_device).type == "cpu" and not kwargs.get("non_blocking", False)):
+            if name in _HOST_READS and _on_device(args[0]):
+                if name != "repeat_interleave" or kwargs.get("output_size") is None:
+                    raise HostReadError(f"aten.{func.__name__} reads device data on the host (a synchronisation)")
+            if name == "index" and any(_on_device(i) and i.dtype == torch.bool for i in args[1] or ()):
+                raise HostReadError("boolean indexing sizes its output from device data (a synchronisation)")
+            if name in ("_to_copy", "copy_"):
+                source, target = (args[1], args[0].device) if name == "copy_" else (args[0], kwargs.get("device"))
+                if _on_device(source) and target is not None and torch.device(target).type == "cpu":
                     raise HostReadError(f"aten.{func.__name__} copies device data to the host (a synchronisation)")
         return func(*args, **kwargs)
 
 
 def no_host_reads():
-    """A block that raises HostReadError on any op that would make the host wait for the device:
+    """A block that raises HostReadError on any op that makes the host wait for device data:
     ``.item()``, ``bool(tensor)``, data-dependent output sizes (``nonzero``, boolean indexing),
-    blocking copies to the CPU. The ops are recognised on any device, so a CPU run finds what
-    would synchronise on a GPU (except ``.tolist()`` of a CPU tensor, which dispatches no op)."""
+    copies to the CPU. CPU tensors are host data. Without a GPU, run the block on ``meta``
+    tensors: they hold no data, so any read of them fails too, and the block proves it reads
+    nothing back (except through ops this mode does not see, which meta tensors refuse anyway)."""
     return _HostReadDetector()
