@@ -1,5 +1,5 @@
-"""Benchmark cases: the real join and unit shapes of the paper's networks, and each op's
-implementations side by side (eager reference, torch.compile of the reference, fused Triton)."""
+"""Benchmark cases: the real join and unit shapes of the paper's networks, and one record per op
+(how to call it, how many inputs, its goals), so that adding an op touches one place."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import fractal_kernels as fk
 from fractal_kernels import reference
+from fractal_kernels.testing.traffic import minimal_bytes
 from fractalnet import DropPath
 
 #: (batch, [(channels, spatial size) of each block]) of the benchmarked networks.
@@ -20,12 +21,42 @@ NETWORKS = {
 }
 #: The --quick subset: the first and last CIFAR blocks and the first ImageNet block.
 QUICK_SHAPES = {(100, 64, 32, 32), (100, 512, 2, 2), (32, 64, 56, 56)}
-
-#: (op, number of inputs)
-OPS = [("masked_join", 2), ("masked_join", 3), ("masked_join", 4), ("bn_relu", 1),
-       ("join_bn_relu", 2), ("join_bn_relu", 3), ("join_bn_relu", 4)]
 IMPLEMENTATIONS = ("eager", "compile", "fused")
 DIRECTIONS = ("forward", "backward", "forward+backward")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op as the benchmarks see it.
+
+    ``call(fn, inputs)`` runs ``fn`` (the op of one implementation: fractal_kernels', the
+    reference's, or torch.compile of the reference) on an OpInputs, in training mode; ``ks``
+    are the input counts benchmarked; the goals are the least speedups over eager and over
+    torch.compile and the least fraction of copy bandwidth, forward+backward (None: no goal).
+    """
+
+    name: str
+    ks: tuple[int, ...]
+    batch_norm: bool
+    masked: bool
+    call: Callable
+    eager_goal: Optional[float] = None
+    compile_goal: Optional[float] = None
+    copy_goal: Optional[float] = None
+
+
+OPS = {
+    spec.name: spec
+    for spec in (
+        OpSpec("masked_join", (2, 3, 4), False, True, lambda fn, a: fn(a.xs, a.mask), 4.0, None, 0.90),
+        OpSpec("bn_relu", (1,), True, False,
+               lambda fn, a: fn(a.xs[0], a.weights[0], a.biases[0], a.running_means[0], a.running_vars[0], True),
+               1.5),
+        OpSpec("join_bn_relu", (2, 3, 4), True, True,
+               lambda fn, a: fn(a.xs, a.mask, a.weights, a.biases, a.running_means, a.running_vars, True),
+               3.0, 1.3, 0.80),
+    )
+}
 
 
 def shapes(quick: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -65,15 +96,19 @@ class OpCase:
     channels_last: bool
 
     @property
+    def spec(self) -> OpSpec:
+        return OPS[self.op]
+
+    @property
     def label(self) -> str:
         layout = "nhwc" if self.channels_last else "nchw"
-        name = self.op if self.op == "bn_relu" else f"{self.op} k={self.k}"
+        name = self.op if self.spec.ks == (1,) else f"{self.op} k={self.k}"
         return f"{name} {'x'.join(map(str, self.shape))} {str(self.dtype)[6:]} {layout}"
 
     def drop_path_mask(self, seed: int = 0) -> Optional[torch.Tensor]:
         """A real drop-path draw for a join of the deepest k of four columns (local rate 0.15, half
-        the samples global), on the CPU; None for bn_relu."""
-        if self.op == "bn_relu":
+        the samples global), on the CPU; None for an op without a join."""
+        if not self.spec.masked:
             return None
         drop_path = DropPath(self.shape[0], [1, 2, 3, 4], 4, 1, 0.15, 0.5, torch.device("cpu"),
                              torch.Generator().manual_seed(seed))
@@ -90,7 +125,7 @@ class OpCase:
             return t.requires_grad_(grad)
 
         xs = [tensor(*self.shape).to(memory_format=layout).requires_grad_() for _ in range(self.k)]
-        bn = self.op != "masked_join"
+        bn = self.spec.batch_norm
         weights = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
         biases = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
         running_means = [torch.zeros(channels, device=device) for _ in range(self.k)] if bn else []
@@ -100,43 +135,21 @@ class OpCase:
 
     def function(self, implementation: str, inputs: OpInputs) -> Callable[[], torch.Tensor]:
         """The op's forward (training mode for BatchNorm) with one implementation."""
-        if implementation == "eager":
-            fn = getattr(reference, self.op)
-        elif implementation == "compile":
-            fn = _compiled(self.op)
-        else:
-            fn = _fused(self.op)
-        a = inputs
-        if self.op == "masked_join":
-            return lambda: fn(a.xs, a.mask)
-        if self.op == "bn_relu":
-            return lambda: fn(a.xs[0], a.weights[0], a.biases[0], a.running_means[0], a.running_vars[0], True)
-        return lambda: fn(a.xs, a.mask, a.weights, a.biases, a.running_means, a.running_vars, True)
+        fn = {"eager": getattr(reference, self.op), "compile": _compiled(self.op), "fused": _fused(self.op)}[implementation]
+        return lambda: self.spec.call(fn, inputs)
 
     def minimal_bytes(self, direction: str, mask: Optional[torch.Tensor]) -> int:
-        """Bytes the fused design must move: reads of surviving rows only where the op allows it.
-
-        masked_join: forward reads the surviving inputs and writes the output; backward reads the
-        gradient and writes k gradients. BatchNorm ops are two-pass: forward reads every input for
-        the statistics, the surviving rows again to apply, and writes once; backward reads the
-        gradient and the surviving rows for the sums, then the gradient and every input again,
-        and writes every input gradient. Per-channel vectors are negligible and not counted.
-        """
-        size = torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
-        surviving = size * (mask.float().sum().item() / mask.shape[1] if mask is not None else self.k)
-        k = self.k
-        if self.op == "masked_join":
-            forward, backward = surviving + size, size + k * size
-        else:
-            forward, backward = k * size + surviving + size, (size + surviving) + (size + k * size) + k * size
-        return int({"forward": forward, "backward": backward, "forward+backward": forward + backward}[direction])
+        """Bytes the fused design must move (fractal_kernels.testing.traffic.minimal_bytes)."""
+        xs = [torch.empty(self.shape, dtype=self.dtype, device="meta") for _ in range(self.k)]
+        return minimal_bytes(self.op, xs, mask)[direction]
 
 
 def op_cases(quick: bool, dtypes=(torch.float32, torch.bfloat16)) -> list[OpCase]:
     return [
         OpCase(op, k, network, shape, dtype, channels_last)
         for network, shape in shapes(quick)
-        for op, k in OPS
+        for op, spec in OPS.items()
+        for k in spec.ks
         for dtype in dtypes
         for channels_last in (False, True)
     ]

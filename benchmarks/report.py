@@ -6,14 +6,9 @@ import json
 import math
 from pathlib import Path
 
-MB = 1 << 20
+from .cases import OPS
 
-#: (op, direction, least speedup over eager, least speedup over compile, least fraction of copy)
-GOALS = [
-    ("masked_join", "forward+backward", 4.0, None, 0.90),
-    ("bn_relu", "forward+backward", 1.5, None, None),
-    ("join_bn_relu", "forward+backward", 3.0, 1.3, 0.80),
-]
+MB = 1 << 20
 
 
 def write_json(report: dict, path: Path) -> None:
@@ -27,7 +22,9 @@ def _geomean(values: list[float]) -> float:
 def goal_rows(kernels: list[dict]) -> list[dict]:
     """Measured ratios against the project's goals, over every shape, dtype and layout."""
     rows = []
-    for op, direction, eager, compiled, copy in GOALS:
+    direction = "forward+backward"
+    for op, spec in OPS.items():
+        eager, compiled, copy = spec.eager_goal, spec.compile_goal, spec.copy_goal
         entries = [r[direction] for r in kernels if r["op"] == op and "speedup_vs_eager" in r.get(direction, {})]
         if not entries:
             continue

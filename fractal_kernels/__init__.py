@@ -1,6 +1,7 @@
 """Triton kernels for FractalNet: drop-path-aware masked join, fused BatchNorm+ReLU and the fused
 join+BatchNorm+ReLU that ends every fractal column."""
 
+from .batchnorm import dropout_mask
 from .launch import count_launches
 from .modules import FusedBatchNormReLU2d, batchnorm_arguments, fuse_batchnorm_relu
 from .ops import (
@@ -21,6 +22,7 @@ __all__ = [
     "batchnorm_arguments",
     "bn_relu",
     "count_launches",
+    "dropout_mask",
     "fuse_batchnorm_relu",
     "gather_join",
     "gather_join_bn_relu",

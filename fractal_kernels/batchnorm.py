@@ -22,12 +22,12 @@ from .batchnorm_kernels import (
     bn_stats_kernel,
 )
 from .channel_tiling import channel_tiling
-from .join_modes import join_args
+from .join_modes import join_args, row_samples
 from .launch import (
-    REDUCTION_REGISTERS, audit_cases, cdiv, define_op, eager, input_groups, launch, next_power_of_2, optional, slots,
+    REDUCTION_REGISTERS, audit_cases, define_op, eager, input_groups, launch, next_power_of_2, optional, slots,
     wrap_triton,
 )
-from .tensors import acc_dtype, dense_inputs, like_rows, memory_format
+from .tensors import acc_dtype, dense, dense_inputs, like_rows, memory_format
 
 #: Channels per program of the combine stage.
 _COMBINE_BLOCK_C = 128
@@ -39,12 +39,24 @@ def placeholder(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-def batch_stats(inputs: list[torch.Tensor], running_means: list, running_vars: list,
-                momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance of every channel of every input, as two [k, C] tensors
-    (fp32; fp64 for fp64 inputs). Inputs may differ in their number of rows (gathered column
-    segments). Updates the running statistics that are present (None or empty tensors stand for
-    absent ones) with ``momentum`` and the unbiased variance; an input with no rows updates nothing.
+def dropout_args(seeds: Optional[torch.Tensor], p: float) -> tuple:
+    """The kernels' dropout arguments (seeds, rate, scale): None without seeds (no dropout)."""
+    if seeds is None or p == 0:
+        return None, 0.0, 1.0
+    return seeds, float(p), 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+def batch_statistics(inputs: list[torch.Tensor], running_means: list, running_vars: list, num_batches: Optional[list],
+                momentum: Optional[float], seeds: Optional[torch.Tensor] = None,
+                dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance of every channel of every input (after its dropout, when
+    ``seeds`` [k] are given), as two [k, C] tensors (fp32; fp64 for fp64 inputs). Inputs may
+    differ in their number of rows (gathered column segments).
+
+    Counts the batch in each present ``num_batches`` (int64 num_batches_tracked) and updates the
+    present running statistics (None or empty tensors stand for absent ones) with ``momentum``,
+    or with momentum None by the cumulative average, and the unbiased variance; an input with no
+    rows leaves its running statistics unchanged.
 
     Launches bn_stats_kernel and bn_combine_kernel once for up to eight inputs.
     """
@@ -57,33 +69,40 @@ def batch_stats(inputs: list[torch.Tensor], running_means: list, running_vars: l
     block_c = min(_COMBINE_BLOCK_C, next_power_of_2(C))
     running_means = [optional(t) for t in running_means]
     running_vars = [optional(t) for t in running_vars]
+    num_batches = [optional(t) for t in num_batches] if num_batches else [None] * k
+    drop = dropout_args(seeds, dropout)
     for group in input_groups(k):
         launch(
             wrap_triton(bn_stats_kernel), tiling.grid,
             *slots(xs, group), *slots([x.shape[0] for x in xs], group), mean_part, m2_part, count_part, group.start,
-            *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
+            *drop, *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
         )
         launch(
-            wrap_triton(bn_combine_kernel), (cdiv(C, block_c),),
+            wrap_triton(bn_combine_kernel), (1,),
             mean_part, m2_part, count_part, mean, var, *slots(running_means, group), *slots(running_vars, group),
-            float(momentum), group.start, C, chunks, K=len(group), BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
+            *slots(num_batches, group), 0.0 if momentum is None else float(momentum), group.start, C, chunks,
+            K=len(group), CUMULATIVE=momentum is None, BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
         )
     return mean, var
 
 
-def _channel_args(group: range, weights, biases, means, variances, join: tuple, num_inputs: int, eps: float) -> tuple:
-    """The per-channel and join arguments of the apply and backward kernels, for one group of inputs."""
+def _channel_args(group: range, weights, biases, means, variances, join: tuple, num_inputs: int, eps: float,
+                  drop: tuple) -> tuple:
+    """The per-channel, join and dropout arguments of the apply and backward kernels, for one
+    group of inputs."""
     return (
         *slots([optional(w) for w in weights], group), *slots([optional(b) for b in biases], group),
-        *slots(means, group), *slots(variances, group), *join, group.start, num_inputs, float(eps),
+        *slots(means, group), *slots(variances, group), *join, group.start, num_inputs, float(eps), *drop,
     )
 
 
 def normalize_join(inputs: list[torch.Tensor], mask, rows, weights: list, biases: list, means: list,
-                   variances: list, eps: float, relu: bool) -> torch.Tensor:
+                   variances: list, eps: float, relu: bool, seeds: Optional[torch.Tensor] = None,
+                   dropout: float = 0.0) -> torch.Tensor:
     """The join (plain mean, ``mask`` or gather table ``rows``) over inputs of
-    act((x_i - mean_i) / sqrt(var_i + eps) * w_i + b_i). None or empty tensors stand for absent
-    weights and biases. One launch for up to eight inputs.
+    act((dropout(x_i) - mean_i) / sqrt(var_i + eps) * w_i + b_i), dropout seeded by ``seeds``
+    [k] where given. None or empty tensors stand for absent weights and biases. One launch for
+    up to eight inputs.
     """
     xs = dense_inputs(inputs)
     out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
@@ -91,18 +110,20 @@ def normalize_join(inputs: list[torch.Tensor], mask, rows, weights: list, biases
         return out
     tiling = channel_tiling(out, len(xs))
     join, mode = join_args(mask, rows)
+    drop = dropout_args(seeds, dropout)
     for g, group in enumerate(input_groups(len(xs))):
         launch(
             wrap_triton(bn_apply_kernel), tiling.grid,
-            out, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, len(xs), eps),
-            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, ACCUMULATE=g > 0, **tiling.meta(streaming=True),
+            out, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, len(xs), eps, drop),
+            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, ACCUMULATE=g > 0,
+            **tiling.meta(streaming=True),
         )
     return out
 
 
-def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu) -> tuple[torch.Tensor, ...]:
+def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop) -> tuple[torch.Tensor, ...]:
     """Per-chunk sums of g_i and g_i * x_hat_i over the output rows, each [k, chunks, C]
-    (bn_backward_reduce_kernel)."""
+    (bn_backward_reduce_kernel); ``drop`` are the dropout arguments (dropout_args)."""
     k = len(xs)
     tiling = channel_tiling(grad, k)
     join, mode = join_args(mask, rows)
@@ -113,23 +134,13 @@ def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, ep
     for group in input_groups(k):
         launch(
             wrap_triton(bn_backward_reduce_kernel), tiling.grid,
-            grad, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, k, eps),
+            grad, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, k, eps, drop),
             sum_g, sum_gxhat, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, **tiling.meta(streaming=False),
         )
     return sum_g, sum_gxhat
 
 
-def _row_samples(rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """For each gathered input, the output sample each of its rows holds (-1 for none)."""
-    k, batch = rows.shape
-    spare = max(sizes)  # a spare column takes the -1 entries
-    table = rows.new_full((k, spare + 1), -1)
-    samples = torch.arange(batch, device=rows.device, dtype=rows.dtype).expand(k, batch)
-    table.scatter_(1, torch.where(rows >= 0, rows, spare), samples)
-    return [table[i, :size] for i, size in enumerate(sizes)]
-
-
-def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, batch_stats, sums,
+def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop, batch_stats, sums,
                    count=None, param_grads=True):
     """Input gradients (the inputs' shapes) and the [k, C] weight and bias gradients (None
     without ``param_grads``) from the ([k, P, C], [k, P, C]) partial sums
@@ -147,13 +158,13 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
         tiling = channel_tiling(xs[0], k)
         launches = [(group, tiling, None) for group in input_groups(k)]
     else:
-        samples = _row_samples(rows, [x.shape[0] for x in xs])
+        samples = row_samples(rows, [x.shape[0] for x in xs])
         launches = [(range(i, i + 1), channel_tiling(xs[i], 1), samples[i]) for i in range(k)]
     for group, tiling, sample in launches:
         launch(
             wrap_triton(bn_backward_dx_kernel), tiling.grid,
             grad, *slots(xs, group), *slots(grad_inputs, group),
-            *_channel_args(group, weights, biases, means, variances, join, k, eps), sample,
+            *_channel_args(group, weights, biases, means, variances, join, k, eps, drop), sample,
             sum_g, sum_gxhat, sum_g.shape[1], grad_weight, grad_bias, tiling.count if count is None else count,
             tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, BATCH_STATS=batch_stats,
             **tiling.meta(streaming=True),
@@ -162,18 +173,20 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
 
 
 def normalize_join_backward(grad: torch.Tensor, inputs: list[torch.Tensor], mask, rows, weights: list, biases: list,
-                            means: list, variances: list, batch_stats: bool, eps: float,
-                            relu: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Backward of normalize_join: the input gradients and the [k, C] weight and bias gradients;
-    with ``batch_stats`` the means and variances are the inputs' batch statistics (training),
-    which it differentiates through, otherwise constants (running statistics).
+                            means: list, variances: list, batch_stats: bool, eps: float, relu: bool,
+                            seeds: Optional[torch.Tensor] = None,
+                            dropout: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Backward of normalize_join: the input gradients (through the dropout, which it
+    regenerates from ``seeds``) and the [k, C] weight and bias gradients; with ``batch_stats``
+    the means and variances are the inputs' batch statistics (training), which it
+    differentiates through, otherwise constants (running statistics).
 
     Two launches for up to eight inputs (one when no sums are needed: running statistics and no
     affine parameters); a gather join launches the input-gradient kernel once per input.
     """
     xs = dense_inputs(inputs)
     grad = grad.contiguous(memory_format=memory_format(xs[0]))
-    args = (grad, xs, mask, rows, weights, biases, means, variances, eps, relu)
+    args = (grad, xs, mask, rows, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
     if batch_stats or any(optional(t) is not None for t in (*weights, *biases)):
         sums = bn_backward_sums(*args)
     else:
@@ -191,12 +204,19 @@ def param_grads(grads: torch.Tensor, params: list) -> list[Optional[torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-@define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars"))
+@define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars", "num_batches"))
 def bn_stats(
-    inputs: list[torch.Tensor], running_means: list[torch.Tensor], running_vars: list[torch.Tensor], momentum: float
+    inputs: list[torch.Tensor],
+    running_means: list[torch.Tensor],
+    running_vars: list[torch.Tensor],
+    num_batches: list[torch.Tensor],
+    momentum: Optional[float],
+    seeds: Optional[torch.Tensor],
+    dropout: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_stats as a torch.library op (empty tensors stand for absent running statistics)."""
-    return batch_stats(inputs, running_means, running_vars, momentum)
+    """batch_statistics as a torch.library op (empty tensors stand for absent running statistics and
+    counters)."""
+    return batch_statistics(inputs, running_means, running_vars, num_batches, momentum, seeds, dropout)
 
 
 @define_op("fractal_kernels::bn_apply")
@@ -208,13 +228,15 @@ def bn_apply(
     biases: list[torch.Tensor],
     means: list[torch.Tensor],
     variances: list[torch.Tensor],
+    seeds: Optional[torch.Tensor],
+    dropout: float,
     batch_stats: bool,
     eps: float,
     relu: bool,
 ) -> torch.Tensor:
     """normalize_join as a torch.library op; ``batch_stats`` says whether its backward
     differentiates through the means and variances (see normalize_join_backward)."""
-    return normalize_join(inputs, mask, rows, weights, biases, means, variances, eps, relu)
+    return normalize_join(inputs, mask, rows, weights, biases, means, variances, eps, relu, seeds, dropout)
 
 
 @define_op("fractal_kernels::bn_backward")
@@ -227,29 +249,32 @@ def bn_backward(
     biases: list[torch.Tensor],
     means: list[torch.Tensor],
     variances: list[torch.Tensor],
+    seeds: Optional[torch.Tensor],
+    dropout: float,
     batch_stats: bool,
     eps: float,
     relu: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """normalize_join_backward as a torch.library op."""
-    return normalize_join_backward(grad, inputs, mask, rows, weights, biases, means, variances, batch_stats, eps, relu)
+    return normalize_join_backward(grad, inputs, mask, rows, weights, biases, means, variances, batch_stats, eps, relu,
+                                   seeds, dropout)
 
 
 def _apply_setup_context(ctx, inputs, output):
-    xs, mask, rows, weights, biases, means, variances, batch_stats, eps, relu = inputs
+    xs, mask, rows, weights, biases, means, variances, seeds, dropout, batch_stats, eps, relu = inputs
     ctx.num_inputs = len(xs)
-    ctx.options = (batch_stats, eps, relu)
-    ctx.save_for_backward(mask, rows, *xs, *weights, *biases, *means, *variances)
+    ctx.options = (dropout, batch_stats, eps, relu)
+    ctx.save_for_backward(mask, rows, seeds, *xs, *weights, *biases, *means, *variances)
 
 
 def _apply_backward(ctx, grad):
-    mask, rows, *saved = ctx.saved_tensors
+    mask, rows, seeds, *saved = ctx.saved_tensors
     k = ctx.num_inputs
     xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
-    grad_inputs, grad_weight, grad_bias = bn_backward(grad, xs, mask, rows, weights, biases, means, variances,
+    grad_inputs, grad_weight, grad_bias = bn_backward(grad, xs, mask, rows, weights, biases, means, variances, seeds,
                                                       *ctx.options)
     return (grad_inputs, None, None, param_grads(grad_weight, weights), param_grads(grad_bias, biases), [None] * k,
-            [None] * k, None, None, None)
+            [None] * k, None, None, None, None, None)
 
 
 bn_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
@@ -260,50 +285,77 @@ class NormalizeJoinFunction(torch.autograd.Function):
     dispatch (which costs more host time than the launches themselves)."""
 
     @staticmethod
-    def forward(ctx, mask, rows, batch_stats, eps, relu, k, *tensors):
+    def forward(ctx, mask, rows, seeds, dropout, batch_stats, eps, relu, k, *tensors):
         xs, weights, biases, means, variances = (tensors[j * k:(j + 1) * k] for j in range(5))
-        ctx.options = (k, batch_stats, eps, relu)
-        ctx.save_for_backward(mask, rows, *tensors)
-        return normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu)
+        ctx.options = (k, dropout, batch_stats, eps, relu)
+        ctx.save_for_backward(mask, rows, seeds, *tensors)
+        return normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu, seeds, dropout)
 
     @staticmethod
     def backward(ctx, grad):
-        k, batch_stats, eps, relu = ctx.options
-        mask, rows, *saved = ctx.saved_tensors
+        k, dropout, batch_stats, eps, relu = ctx.options
+        mask, rows, seeds, *saved = ctx.saved_tensors
         xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
         grad_inputs, grad_weight, grad_bias = normalize_join_backward(grad, xs, mask, rows, weights, biases, means,
-                                                                      variances, batch_stats, eps, relu)
-        return ((None,) * 6 + tuple(grad_inputs) + tuple(param_grads(grad_weight, weights))
+                                                                      variances, batch_stats, eps, relu, seeds, dropout)
+        return ((None,) * 8 + tuple(grad_inputs) + tuple(param_grads(grad_weight, weights))
                 + tuple(param_grads(grad_bias, biases)) + (None,) * (2 * k))
 
 
 def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
-                    rows=None):
-    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(x_i) for each input]: in
-    training the statistics of all inputs (and the running-statistic updates), then one apply
-    pass. In eager mode the launchers run directly (NormalizeJoinFunction carries the
-    autograd); while torch traces, through the torch.library ops."""
+                    rows=None, num_batches=None, dropout=0.0, seeds=None):
+    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]:
+    in training the statistics of all inputs (with the running-statistic and batch-count
+    updates), then one apply pass. A nonzero ``dropout`` rate applies, whatever ``training``
+    says (the caller passes 0 where its dropout is off), seeded by ``seeds`` [k] (int64; drawn
+    here from torch's generator when None). In eager mode the launchers run directly
+    (NormalizeJoinFunction carries the autograd); while torch traces, through the torch.library
+    ops."""
     xs = dense_inputs(inputs)
     absent = placeholder(xs[0])
-    weights, biases = [absent if t is None else t for t in weights], [absent if t is None else t for t in biases]
+
+    def filled(tensors):
+        return [absent if t is None else t for t in tensors]
+
+    weights, biases = filled(weights), filled(biases)
+    if dropout and seeds is None:
+        seeds = draw_seeds(len(xs), xs[0].device)
     direct = eager(xs[0])
     if training:
         # The statistics carry no autograd of their own: the apply's backward differentiates
         # through them (batch_stats=True).
-        stats = batch_stats if direct else bn_stats
-        mean, var = stats([x.detach() for x in xs], [absent if t is None else t for t in running_means],
-                          [absent if t is None else t for t in running_vars], momentum)
+        stats = batch_statistics if direct else bn_stats
+        mean, var = stats([x.detach() for x in xs], filled(running_means), filled(running_vars),
+                          filled(num_batches or [None] * len(xs)), momentum, seeds, dropout)
         means, variances = list(mean.unbind(0)), list(var.unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
     if direct:
-        out = NormalizeJoinFunction.apply(mask, rows, training, eps, relu, len(xs), *xs, *weights, *biases, *means,
-                                          *variances)
+        out = NormalizeJoinFunction.apply(mask, rows, seeds, dropout, training, eps, relu, len(xs), *xs, *weights,
+                                          *biases, *means, *variances)
     else:
-        out = bn_apply(xs, mask, rows, weights, biases, means, variances, training, eps, relu)
+        out = bn_apply(xs, mask, rows, weights, biases, means, variances, seeds, dropout, training, eps, relu)
     if recompute.recording():
-        recompute.register(out, lambda: normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu))
+        recompute.register(out, lambda: normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu,
+                                                       seeds, dropout))
     return out
+
+
+def draw_seeds(n: int, device: torch.device) -> torch.Tensor:
+    """n dropout seeds (int64) from torch's generator on ``device``: no host round trip."""
+    return torch.randint(2**62, (n,), device=device)
+
+
+def dropout_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask the kernels draw for dropout of rate ``p`` on x ([N, C, ...]) with ``seed``
+    (a one-element int64 tensor): True where an element is kept. What the fused ops apply to x
+    before its BatchNorm, exposed so that the plain composition can be compared with them."""
+    xs = [x.new_ones(x.shape).contiguous(memory_format=memory_format(dense(x)))]
+    C = x.shape[1]
+    ones = torch.ones(1, C, dtype=acc_dtype(x.dtype), device=x.device)
+    zeros = torch.zeros(1, C, dtype=acc_dtype(x.dtype), device=x.device)
+    kept = normalize_join(xs, None, None, [None], [None], list(zeros), list(ones), 0.0, False, seed.reshape(1), p)
+    return kept != 0
 
 
 def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=None) -> None:
@@ -312,7 +364,7 @@ def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=N
     params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else None for _ in range(k)]
     running_means, running_vars = ([xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) for _ in range(k)] for _ in range(2))
     if training:
-        mean, var = batch_stats(xs, running_means, running_vars, 0.1)
+        mean, var = batch_statistics(xs, running_means, running_vars, None, 0.1)
         means, variances = list(mean), list(var)
     else:
         means, variances = running_means, running_vars

@@ -57,6 +57,17 @@ def normalize(x, mean, rstd, w, b):
 
 
 @triton.jit
+def dropout(x, seeds_ptr, i, row, c, hw, C, HW, p, scale, INDEX_64: tl.constexpr):
+    """(x after dropout, the keep mask): element (row, c, hw) of input i is kept with probability
+    1 - p and scaled by 1 / (1 - p), as nn.Dropout does. The mask is Philox from input i's seed
+    (``seeds_ptr[i]``) and the element's logical NCHW index: every kernel regenerates the same
+    mask, in either layout, so it is never stored."""
+    row = row.to(tl.int64) if INDEX_64 else row.to(tl.int32)
+    keep = tl.rand(tl.load(seeds_ptr + i), (row * C + c) * HW + hw) >= p
+    return tl.where(keep, x * scale, 0.0), keep
+
+
+@triton.jit
 def relu(y):
     """max(y, 0) that keeps NaN, as F.relu does (a plain max would turn NaN into 0)."""
     return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -78,6 +89,7 @@ def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7,
     mean_part_ptr, m2_part_ptr, count_part_ptr, first_input,
+    seeds_ptr, dropout_p, dropout_scale,
     C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -87,8 +99,10 @@ def bn_stats_kernel(
     Pointers: ``x0``..``x7`` are the inputs, [rows_i, C, HW] contiguous or channels-last
     (CHANNELS_LAST), with ``rows0``..``rows7`` rows. ``mean_part_ptr``, ``m2_part_ptr`` and
     ``count_part_ptr`` are [k, num_chunks, C] in the accumulation dtype; input i's partials go to
-    row first_input + i. Program (cb, chunk) covers channels cb*BLOCK_C.. and, of each input,
-    tiles chunk*tiles_per_chunk.. of [BLOCK_N, BLOCK_C, BLOCK_HW].
+    row first_input + i. ``seeds_ptr`` [k] (int64), or None without dropout, seeds the dropout
+    of each input (rate ``dropout_p``, scale ``dropout_scale``): the statistics are those of the
+    dropped tensor. Program (cb, chunk) covers channels cb*BLOCK_C.. and, of each input, tiles
+    chunk*tiles_per_chunk.. of [BLOCK_N, BLOCK_C, BLOCK_HW].
     """
     ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
     xs = (x0, x1, x2, x3, x4, x5, x6, x7)
@@ -108,6 +122,8 @@ def bn_stats_kernel(
             n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
             offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
             x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, _ = dropout(x, seeds_ptr, first_input + i, n, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
             count += valid.to(ACC)
             delta = tl.where(valid, x - mean, 0.0)
             mean += delta / tl.maximum(count, 1.0)
@@ -127,51 +143,61 @@ def bn_combine_kernel(
     running_mean4, running_mean5, running_mean6, running_mean7,
     running_var0, running_var1, running_var2, running_var3,
     running_var4, running_var5, running_var6, running_var7,
+    batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7,
     momentum, first_input, C, num_chunks,
-    K: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the chunk partials in chunk order into batch mean and biased variance, and updates
-    the running statistics in place (unbiased variance, ``momentum``), as torch does; an input
-    with no rows leaves its running statistics unchanged.
+    """Merges the chunk partials in chunk order into batch mean and biased variance, counts the
+    batch, and updates the running statistics in place (unbiased variance), as nn.BatchNorm2d
+    does; an input with no rows leaves its running statistics unchanged.
 
     Pointers: partials as written by bn_stats_kernel; ``mean_ptr``/``var_ptr`` are [k, C] outputs
     in the accumulation dtype (row first_input + i for input i); ``running_mean0``..7 and
-    ``running_var0``..7 are each input's running statistics, None where it has none. One program
-    per BLOCK_C channels.
+    ``running_var0``..7 are each input's running statistics, ``batches0``..7 its int64
+    num_batches_tracked, incremented by one; None where absent. The running statistics move by
+    ``momentum``, or with CUMULATIVE by 1 / num_batches_tracked (momentum=None in torch). One
+    program: it reads each counter before it writes it, and the work is O(k * C * chunks).
     """
     ACC: tl.constexpr = mean_ptr.dtype.element_ty
     running_means = (running_mean0, running_mean1, running_mean2, running_mean3,
                      running_mean4, running_mean5, running_mean6, running_mean7)
     running_vars = (running_var0, running_var1, running_var2, running_var3,
                     running_var4, running_var5, running_var6, running_var7)
-    momentum = tl.cast(momentum, tl.float32)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    batches = (batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7)
     for i in tl.static_range(K):
-        mean = tl.zeros([BLOCK_C], ACC)
-        m2 = tl.zeros([BLOCK_C], ACC)
-        count = tl.zeros([BLOCK_C], ACC)
-        for s in range(num_chunks):
-            part = ((first_input + i) * num_chunks + s) * C + c
-            mean, m2, count = welford_merge(
-                mean, m2, count,
-                tl.load(mean_part_ptr + part, mask=c_ok, other=0.0),
-                tl.load(m2_part_ptr + part, mask=c_ok, other=0.0),
-                tl.load(count_part_ptr + part, mask=c_ok, other=0.0),
-            )
-        tl.store(mean_ptr + (first_input + i) * C + c, mean, mask=c_ok)
-        tl.store(var_ptr + (first_input + i) * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
-        if running_means[i] is not None:
-            rm_ptr = running_means[i]
-            rv_ptr = running_vars[i]
-            running_mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
-            running_var = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
-            unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-            seen = count > 0
-            running_mean = tl.where(seen, running_mean + momentum * (mean - running_mean), running_mean)
-            running_var = tl.where(seen, running_var + momentum * (unbiased - running_var), running_var)
-            tl.store(rm_ptr + c, running_mean.to(rm_ptr.dtype.element_ty), mask=c_ok)
-            tl.store(rv_ptr + c, running_var.to(rv_ptr.dtype.element_ty), mask=c_ok)
+        factor = tl.cast(momentum, tl.float32)
+        if batches[i] is not None:
+            counted = tl.load(batches[i]) + 1
+            tl.store(batches[i], counted)
+            if CUMULATIVE:
+                factor = 1.0 / counted.to(tl.float32)
+        for cb in range(tl.cdiv(C, BLOCK_C)):
+            c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mean = tl.zeros([BLOCK_C], ACC)
+            m2 = tl.zeros([BLOCK_C], ACC)
+            count = tl.zeros([BLOCK_C], ACC)
+            for s in range(num_chunks):
+                part = ((first_input + i) * num_chunks + s) * C + c
+                mean, m2, count = welford_merge(
+                    mean, m2, count,
+                    tl.load(mean_part_ptr + part, mask=c_ok, other=0.0),
+                    tl.load(m2_part_ptr + part, mask=c_ok, other=0.0),
+                    tl.load(count_part_ptr + part, mask=c_ok, other=0.0),
+                )
+            tl.store(mean_ptr + (first_input + i) * C + c, mean, mask=c_ok)
+            tl.store(var_ptr + (first_input + i) * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
+            if running_means[i] is not None:
+                rm_ptr = running_means[i]
+                rv_ptr = running_vars[i]
+                running_mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
+                running_var = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
+                unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+                seen = count > 0
+                running_mean = tl.where(seen, running_mean + factor * (mean - running_mean), running_mean)
+                running_var = tl.where(seen, running_var + factor * (unbiased - running_var), running_var)
+                tl.store(rm_ptr + c, running_mean.to(rm_ptr.dtype.element_ty), mask=c_ok)
+                tl.store(rv_ptr + c, running_var.to(rv_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -183,6 +209,7 @@ def bn_apply_kernel(
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
     var0, var1, var2, var3, var4, var5, var6, var7,
     join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
+    seeds_ptr, dropout_p, dropout_scale,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
@@ -194,8 +221,9 @@ def bn_apply_kernel(
     rows; ``w``/``b`` are per-input weights and biases (None where absent); ``mean``/``var``
     per-input mean and variance (batch statistics in training, running statistics in eval);
     ``join_ptr`` with its strides is the join of inputs first_input.. of a num_inputs-input join
-    (join_modes). RELU applies the ReLU; ACCUMULATE adds to out (groups after the first when
-    k > 8). Rows of a dropped input are not read.
+    (join_modes); ``seeds_ptr`` with the dropout rate and scale as in bn_stats_kernel. RELU
+    applies the ReLU; ACCUMULATE adds to out (groups after the first when k > 8). Rows of a
+    dropped input are not read.
     """
     ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
     xs = (x0, x1, x2, x3, x4, x5, x6, x7)
@@ -218,6 +246,8 @@ def bn_apply_kernel(
             keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
             x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
                         mask=valid & keep, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
             y = normalize(x, mean, rstd, w, b)
             if RELU:
                 y = relu(y)
@@ -238,6 +268,7 @@ def bn_backward_reduce_kernel(
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
     var0, var1, var2, var3, var4, var5, var6, var7,
     join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
+    seeds_ptr, dropout_p, dropout_scale,
     sum_g_part_ptr, sum_gxhat_part_ptr,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr,
@@ -281,6 +312,8 @@ def bn_backward_reduce_kernel(
             keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
             x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
                         mask=valid & keep, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
             g = tl.where(keep & valid, grad, 0.0)
             if RELU:
                 g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
@@ -314,7 +347,8 @@ def bn_backward_dx_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
     var0, var1, var2, var3, var4, var5, var6, var7,
-    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps, sample_ptr,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
+    seeds_ptr, dropout_p, dropout_scale, sample_ptr,
     sum_g_part_ptr, sum_gxhat_part_ptr, num_partials, grad_weight_ptr, grad_bias_ptr, count,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -324,7 +358,8 @@ def bn_backward_dx_kernel(
     """Input gradients of K inputs, and the weight and bias gradients.
 
     dx_i = w_i * rstd_i * (g_i - (sum g_i + x_hat_i * sum g_i x_hat_i) / count) with batch
-    statistics (BATCH_STATS), w_i * rstd_i * g_i with running statistics. Pointers as in
+    statistics (BATCH_STATS), w_i * rstd_i * g_i with running statistics, through the dropout
+    when ``seeds_ptr`` is given. Pointers as in
     bn_backward_reduce_kernel plus ``dx0``..``dx7`` (outputs in the inputs' layouts); the sums
     come as ``num_partials`` partials per channel ([k, num_partials, C]); programs of chunk 0
     write the totals to ``grad_weight_ptr`` (sum g x_hat) and ``grad_bias_ptr`` (sum g), each
@@ -386,10 +421,15 @@ def bn_backward_dx_kernel(
                 x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
             else:
                 x = tl.load(xs[i] + offs, mask=valid & keep, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, kept = dropout(x, seeds_ptr, first_input + i, n, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
             g = tl.where(keep & valid, grad, 0.0)
             if RELU:
                 g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
             if BATCH_STATS:
                 g = g - (totals_g[i] + (x - mean) * rstd * totals_gxhat[i]) * inv_count
+            dx = w * rstd * g
+            if seeds_ptr is not None:
+                dx = tl.where(kept, dx * dropout_scale, 0.0)
             dx_ptr = dxs[i]
-            tl.store(dx_ptr + offs, (w * rstd * g).to(dx_ptr.dtype.element_ty), mask=valid)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)

@@ -25,8 +25,10 @@ from .tensors import is_channels_last
 
 #: Elements per tile (8 warps: 8 values a thread).
 TILE = 2048
-#: The interpreter runs programs one after another: fewer, larger ones are faster.
+#: The interpreter runs programs one after another, and each tile costs it Python: fewer programs
+#: and larger tiles are faster there.
 _INTERPRETER_PROGRAMS = 8
+_INTERPRETER_TILE = 16 * TILE
 #: The largest NCHW plane compiled as a constant (one kernel variant per such plane size).
 _MAX_FIXED_HW = 4096
 #: SMs of the GPU to tile for when tensors are on no GPU (the compile audit); None: the interpreter.
@@ -98,22 +100,23 @@ def channel_tiling(x: torch.Tensor, num_inputs: int = 1, index_64: bool = False)
     ``index_64``: the kernel also indexes a tensor of 2**31 elements or more. Cached by shape:
     the host work of a launch is a dictionary lookup."""
     shape = tuple(x.shape)
+    interpreted = x.device.type != "cuda" and _simulated_sm_count is None
     args = (shape, is_channels_last(x), x.element_size(), num_inputs, _target_programs(x.device),
-            index_64 or x.numel() >= 2**31)
+            _INTERPRETER_TILE if interpreted else TILE, index_64 or x.numel() >= 2**31)
     if any(isinstance(size, torch.SymInt) for size in shape):
         return _tiling.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes) do not hash
     return _tiling(*args)
 
 
 @functools.lru_cache(maxsize=4096)
-def _tiling(shape: tuple, channels_last: bool, element_size: int, num_inputs: int, target: int,
+def _tiling(shape: tuple, channels_last: bool, element_size: int, num_inputs: int, target: int, tile_elements: int,
             index_64: bool) -> ChannelTiling:
     N, C = shape[0], shape[1]
     HW = math.prod(shape[2:])
     # Kernels over more than four inputs keep more per-input state, and fp64 values take two
     # registers: half the elements a thread.
     per_thread = 8 if min(num_inputs, MAX_INPUTS) <= 4 and element_size <= 4 else 4
-    tile = TILE * per_thread // 8
+    tile = tile_elements * per_thread // 8
     if channels_last:
         # Channels are the contiguous axis: a tile spans 128 bytes of them (wider costs
         # registers for the per-channel parameters), then positions, then samples.

@@ -109,5 +109,7 @@ def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mea
     if not training and running_mean is None:
         raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
     for name, value in (("momentum", momentum), ("eps", eps)):
+        if value is None and name == "momentum":
+            continue  # the cumulative average (with num_batches_tracked)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")

@@ -8,7 +8,7 @@ the mask is saved.
 
 ``gather_join``: the same mean over compact inputs, input i holding only the B_i samples that
 flow through its column segment; ``rows[i, b]`` is the row of input i that holds sample b, or -1.
-Its gradients are compact too.
+Its gradients are compact too, written row by row from the inverse table (no zero fill).
 
 Both layouts need no copy: a contiguous or channels-last tensor keeps each sample's elements in
 one dense run, so the kernels see [batch, sample_numel] whatever the layout.
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .join_modes import JOIN_GATHER, join_args, join_row, join_scale
+from .join_modes import JOIN_GATHER, join_args, join_row, join_scale, row_samples
 from .launch import (
     STREAMING_REGISTERS, audit_cases, cdiv, define_op, eager, input_groups, launch, next_power_of_2, slots,
     wrap_triton,
@@ -69,17 +69,19 @@ def masked_join_fwd_kernel(
 def masked_join_bwd_kernel(
     grad_ptr,
     dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7,
-    join_ptr, join_stride_k, join_stride_n,
+    join_ptr, join_stride_k, join_stride_n, sample_ptr,
     first_input, num_inputs, sample_numel, blocks_per_sample,
     K: tl.constexpr, JOIN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Writes the gradients of inputs first_input .. first_input+K-1: grad * keep / count.
 
     Pointers: ``grad_ptr`` (the output gradient, [batch] rows) and ``dx0``..``dx7`` (input
-    gradients, the first K given, the others None) share one layout; the join and the grid are
-    as in masked_join_fwd_kernel. With a mask, dropped inputs and samples without a survivor get
-    exact zeros, whatever the output gradient holds; with a gather table, only the rows that
-    hold a sample are written (the launcher zeroes the others).
+    gradients, the first K given, the others None) share one layout; the join is as in
+    masked_join_fwd_kernel. With a mask (or none), program p covers block p % blocks_per_sample
+    of sample p // blocks_per_sample for every input, and dropped inputs and samples without a
+    survivor get exact zeros, whatever the output gradient holds. With a gather table, a launch
+    writes one compact input (K = 1) over its own rows: ``sample_ptr`` maps each row to the
+    sample it holds, or -1 (a 0 gradient), and None otherwise.
     """
     ACC: tl.constexpr = accumulation_type(grad_ptr.dtype.element_ty)
     dxs = (dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7)
@@ -87,17 +89,20 @@ def masked_join_bwd_kernel(
     n = pid // blocks_per_sample
     offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
     in_sample = offs < sample_numel
-    scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, True, num_inputs, JOIN, ACC)
-    grad = tl.load(grad_ptr + n.to(tl.int64) * sample_numel + offs, mask=in_sample, other=0.0).to(ACC) * scale
-    for i in tl.static_range(K):
-        dx_ptr = dxs[i]
-        if JOIN == JOIN_GATHER:
-            # Loaded here, not by join_row: this row is a store address (see join_row).
-            row = tl.load(join_ptr + (first_input + i) * join_stride_k + n * join_stride_n)
-            tl.store(dx_ptr + row.to(tl.int64) * sample_numel + offs, grad.to(dx_ptr.dtype.element_ty),
-                     mask=in_sample & (row >= 0))
-        else:
+    if JOIN == JOIN_GATHER:
+        sample = tl.load(sample_ptr + n)
+        held = sample >= 0
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, sample, held, num_inputs, JOIN, ACC)
+        grad = tl.load(grad_ptr + sample.to(tl.int64) * sample_numel + offs, mask=in_sample & held, other=0.0)
+        dx_ptr = dxs[0]
+        tl.store(dx_ptr + n.to(tl.int64) * sample_numel + offs, (grad.to(ACC) * scale).to(dx_ptr.dtype.element_ty),
+                 mask=in_sample)
+    else:
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, True, num_inputs, JOIN, ACC)
+        grad = tl.load(grad_ptr + n.to(tl.int64) * sample_numel + offs, mask=in_sample, other=0.0).to(ACC) * scale
+        for i in tl.static_range(K):
             keep, _ = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, True, JOIN)
+            dx_ptr = dxs[i]
             tl.store(dx_ptr + n.to(tl.int64) * sample_numel + offs,
                      tl.where(keep, grad, 0.0).to(dx_ptr.dtype.element_ty), mask=in_sample)
 
@@ -129,22 +134,24 @@ def join_forward(inputs: list[torch.Tensor], mask=None, rows=None) -> torch.Tens
 
 
 def join_backward(grad: torch.Tensor, sizes: list[int], mask=None, rows=None) -> list[torch.Tensor]:
-    """Every input gradient from one read of ``grad`` (per group of eight), in its layout. With a
-    gather table they are compact, ``sizes[i]`` rows each, and rows that hold no sample get 0
-    (a zero fill of each gradient first)."""
+    """Every input gradient, in the gradient's layout: from one read of ``grad`` per group of
+    eight inputs; with a gather table compact, ``sizes[i]`` rows each (a row that holds no
+    sample gets 0), one launch per input over its own rows."""
     grad = dense(grad)
-    if rows is None:
-        grads = [torch.empty_like(grad) for _ in sizes]
-    else:
-        grads = [like_rows(grad, size, zero=True) for size in sizes]
+    grads = [torch.empty_like(grad) if rows is None else like_rows(grad, size) for size in sizes]
     if grad.numel() == 0:
         return grads
     sample_numel, block, blocks = _launch_geometry(grad)
     join, mode = join_args(mask, rows)
-    for group in input_groups(len(grads)):
+    if rows is None:
+        launches = [(group, grad.shape[0], None) for group in input_groups(len(grads))]
+    else:
+        launches = [(range(i, i + 1), size, samples) for i, (size, samples) in enumerate(zip(sizes, row_samples(rows, sizes)))
+                    if size]
+    for group, rows_covered, samples in launches:
         launch(
-            wrap_triton(masked_join_bwd_kernel), (grad.shape[0] * blocks,),
-            grad, *slots(grads, group), *join, group.start, len(grads), sample_numel, blocks,
+            wrap_triton(masked_join_bwd_kernel), (rows_covered * blocks,),
+            grad, *slots(grads, group), *join, samples, group.start, len(grads), sample_numel, blocks,
             K=len(group), JOIN=mode, BLOCK=block, num_warps=4, maxnreg=STREAMING_REGISTERS,
         )
     return grads

@@ -36,6 +36,17 @@ def join_args(mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] 
     return (mask, mask.stride(0), mask.stride(1)), JOIN_MASK.value
 
 
+def row_samples(rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The inverse of a gather table: for each compact input, the sample each of its ``sizes[i]``
+    rows holds (-1 for none). A few small ops on the [k, B] table, on its device."""
+    k, batch = rows.shape
+    spare = max(sizes)  # a spare column takes the -1 entries
+    table = rows.new_full((k, spare + 1), -1)
+    samples = torch.arange(batch, device=rows.device, dtype=rows.dtype).expand(k, batch)
+    table.scatter_(1, torch.where(rows >= 0, rows, spare), samples)
+    return [table[i, :size] for i, size in enumerate(sizes)]
+
+
 @triton.jit
 def join_row(join_ptr, stride_k, stride_n, i, n, n_ok, JOIN: tl.constexpr):
     """(keep, row): whether input i survives for sample n (a scalar or a tensor of samples), and

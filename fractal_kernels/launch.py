@@ -187,6 +187,8 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     for counter in _counters:
         counter[0] += 1
     first = args[0]
+    if first.is_meta:
+        return  # shapes only: nothing to run, nothing traced
     if not _is_plain(first):
         traceable = torch.library.wrap_triton(kernel)
         if traceable is not kernel:

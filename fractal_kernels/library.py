@@ -15,32 +15,37 @@ from .batchnorm import batch_norm_join
 _library = torch.library.Library("fractal_kernels", "FRAGMENT")
 _library.define(
     "bn_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-    "bool training, float momentum=0.1, float eps=1e-05, bool relu=True) -> Tensor"
+    "bool training, float? momentum=0.1, float eps=1e-05, bool relu=True, Tensor(c!)? num_batches_tracked=None, "
+    "float dropout=0.0, Tensor? seeds=None) -> Tensor"
 )
 _library.define(
     "join_bn_relu(Tensor[] inputs, Tensor? mask, Tensor?[] weights, Tensor?[] biases, "
-    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float momentum=0.1, "
-    "float eps=1e-05) -> Tensor"
+    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float? momentum=0.1, "
+    "float eps=1e-05, Tensor(c!)?[]? num_batches_tracked=None, float dropout=0.0, Tensor? seeds=None) -> Tensor"
 )
 _library.define(
     "gather_join_bn_relu(Tensor[] inputs, Tensor rows, Tensor?[] weights, Tensor?[] biases, "
-    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float momentum=0.1, "
-    "float eps=1e-05) -> Tensor"
+    "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float? momentum=0.1, "
+    "float eps=1e-05, Tensor(c!)?[]? num_batches_tracked=None, float dropout=0.0, Tensor? seeds=None) -> Tensor"
 )
 
 
-def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True):
-    return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu)
+def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True,
+             num_batches_tracked=None, dropout=0.0, seeds=None):
+    return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu,
+                           num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
 
 
-def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5):
-    return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True)
+def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5,
+                  num_batches_tracked=None, dropout=0.0, seeds=None):
+    return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True,
+                           num_batches=num_batches_tracked, dropout=dropout, seeds=seeds)
 
 
 def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
-                         eps=1e-5):
+                         eps=1e-5, num_batches_tracked=None, dropout=0.0, seeds=None):
     return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps, True,
-                           rows=rows)
+                           rows=rows, num_batches=num_batches_tracked, dropout=dropout, seeds=seeds)
 
 
 _library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")

@@ -47,23 +47,22 @@ class FusedBatchNormReLU2d(nn.BatchNorm2d):
 
 
 def batchnorm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
-    """The bn_relu / join_bn_relu arguments that reproduce ``bn``'s own forward: its parameters,
-    its running statistics where it tracks them, batch statistics in training (or without running
-    statistics), and the momentum, cumulative for ``momentum=None``. In training it counts the
-    batch in ``num_batches_tracked``, exactly as nn.BatchNorm2d.forward does."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    """The bn_relu arguments that reproduce ``bn``'s own forward: its parameters, its running
+    statistics where it tracks them, batch statistics in training (or without running
+    statistics), its momentum (None: the cumulative average), and in training its
+    ``num_batches_tracked``, which the statistics kernel increments as nn.BatchNorm2d.forward
+    does, with no launch of its own and no read back to the host."""
     track = not bn.training or bn.track_running_stats
+    counting = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
     return dict(
         weight=bn.weight,
         bias=bn.bias,
         running_mean=bn.running_mean if track else None,
         running_var=bn.running_var if track else None,
         training=bn.training or (bn.running_mean is None and bn.running_var is None),
-        momentum=factor,
+        momentum=bn.momentum if counting or bn.momentum is not None else 0.0,
         eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked if counting else None,
     )
 
 

@@ -93,6 +93,24 @@ def _synchronised(training: bool, process_group) -> bool:
     return dist.get_world_size(process_group) > 1
 
 
+def _check_unit_options(inputs, training, num_batches_tracked, momentum, dropout, seeds, seeds_name) -> None:
+    """Checks the counters, dropout rate and dropout seeds of k inputs."""
+    for i, t in enumerate(num_batches_tracked):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1):
+            raise TypeError(f"num_batches_tracked[{i}] must be a one-element int64 tensor or None")
+    if momentum is None and training and any(t is None for t in num_batches_tracked):
+        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    if seeds is not None:
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+            raise TypeError(f"{seeds_name} must be an int64 tensor or None")
+        if seeds.numel() != len(inputs):
+            raise ValueError(f"{seeds_name} must hold one seed per input ({len(inputs)}), got {seeds.numel()}")
+        if seeds.device != inputs[0].device:
+            raise ValueError(f"{seeds_name} is on {seeds.device}, expected {inputs[0].device} like the inputs")
+
+
 def bn_relu(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -100,10 +118,14 @@ def bn_relu(
     running_mean: Optional[torch.Tensor],
     running_var: Optional[torch.Tensor],
     training: bool,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     relu: bool = True,
     process_group=None,
+    *,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+    seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
 
@@ -113,6 +135,16 @@ def bn_relu(
     bf16 or fp64; statistics are fp32 (fp64 for fp64 input). The backward keeps x and O(C)
     statistics, not the output. With a ``process_group`` of several ranks, training uses batch
     statistics over all of them (as nn.SyncBatchNorm).
+
+    Keyword options, as nn.BatchNorm2d and a preceding nn.Dropout would do them:
+        num_batches_tracked: the module's int64 counter, incremented in training by the
+            statistics kernel itself; ``momentum=None`` then takes the cumulative average.
+        dropout: x first goes through dropout of this rate (kept elements scaled by 1/(1-p)),
+            whatever ``training`` says: pass 0 where the dropout is off, as nn.Dropout in eval.
+            The mask is drawn inside the kernels from ``seed`` and never stored.
+        seed: a one-element int64 tensor on x's device; None draws one from torch's generator.
+            The same seed gives the same mask (see fractal_kernels.dropout_mask). The reference
+            backend draws its own mask with F.dropout.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -120,27 +152,41 @@ def bn_relu(
     check_bn_input("x", x, training)
     names = ("weight", "bias", "running_mean", "running_var")
     check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var)
+    _check_unit_options([x], training, [num_batches_tracked], momentum, dropout, seed, "seed")
     if not _use_triton(x):
-        if _synchronised(training, process_group):
-            raise ValueError("process_group: synchronised statistics run on the Triton backend only")
-        return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+        _check_reference(training, process_group)
+        return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+                                 num_batches_tracked=num_batches_tracked, dropout=dropout)
+    seeds = None if seed is None else seed.reshape(1)
     if _synchronised(training, process_group):
-        return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu, process_group)
+        return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu,
+                                    process_group, [num_batches_tracked], dropout, seeds)
     if eager(x):
-        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu)
-    return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu,
+                               num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
+    return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+                           num_batches_tracked, dropout, seeds)
 
 
-def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps):
+def _check_reference(training: bool, process_group) -> None:
+    if _synchronised(training, process_group):
+        raise ValueError("process_group: synchronised statistics run on the Triton backend only")
+
+
+def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
+                        num_batches_tracked, dropout, seeds):
     x = inputs[0]
     lists = {"weights": weights, "biases": biases, "running_means": running_means, "running_vars": running_vars}
+    if num_batches_tracked is not None:
+        lists["num_batches_tracked"] = num_batches_tracked
     for name, values in lists.items():
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
         if len(values) != len(inputs):
             raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
     for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists], *params)
+        check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists][:4], *params)
+    _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds, "seeds")
 
 
 def join_bn_relu(
@@ -151,9 +197,13 @@ def join_bn_relu(
     running_means: Sequence[Optional[torch.Tensor]],
     running_vars: Sequence[Optional[torch.Tensor]],
     training: bool,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     process_group=None,
+    *,
+    num_batches_tracked: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    dropout: float = 0.0,
+    seeds: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``masked_join([bn_relu(x_i, w_i, b_i, rm_i, rv_i, training, momentum, eps) ...], mask)``.
 
@@ -161,26 +211,28 @@ def join_bn_relu(
     (dropped ones included), exactly like the unfused composition. The lists hold one entry per
     input; any entry may be None where bn_relu accepts None. Training reads each input twice
     (statistics, apply) and writes only the join; backward keeps the raw inputs, the mask and
-    O(k*C) statistics.
+    O(k*C) statistics. ``num_batches_tracked``, ``dropout`` and ``seeds`` ([k] int64, one per
+    input) are bn_relu's options, per input.
     """
     inputs = check_tensor_list("inputs", inputs)
     x = inputs[0]
     check_bn_input("inputs[0]", x, training)
     check_mask(mask, len(inputs), x.shape[0], x.device)
-    _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps)
+    _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
+                        num_batches_tracked, dropout, seeds)
+    counters = list(num_batches_tracked or [None] * len(inputs))
     if not _use_triton(x):
-        if _synchronised(training, process_group):
-            raise ValueError("process_group: synchronised statistics run on the Triton backend only")
-        return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps)
+        _check_reference(training, process_group)
+        return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum,
+                                      eps, num_batches_tracked=counters, dropout=dropout)
     if _synchronised(training, process_group):
-        return sync_batch_norm_join(
-            inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True, process_group
-        )
+        return sync_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True,
+                                    process_group, counters, dropout, seeds)
     if eager(x):
-        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True)
-    return library.join_bn_relu(
-        list(inputs), mask, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
-    )
+        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True,
+                               num_batches=counters, dropout=dropout, seeds=seeds)
+    return library.join_bn_relu(list(inputs), mask, list(weights), list(biases), list(running_means),
+                                list(running_vars), training, momentum, eps, counters, dropout, seeds)
 
 
 def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Optional[bool] = None) -> torch.Tensor:
@@ -215,26 +267,31 @@ def gather_join_bn_relu(
     running_means: Sequence[Optional[torch.Tensor]],
     running_vars: Sequence[Optional[torch.Tensor]],
     training: bool,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     validate: Optional[bool] = None,
+    *,
+    num_batches_tracked: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    dropout: float = 0.0,
+    seeds: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``gather_join([bn_relu(x_i, ...) for each input], rows)`` over compact inputs (see
-    gather_join, also for ``validate``): the BatchNorm statistics of input i cover its B_i rows;
-    an input with no rows has no statistics and leaves its running statistics unchanged. One
-    statistics launch and one apply launch in training."""
+    gather_join, also for ``validate``, and join_bn_relu for the keyword options): the BatchNorm
+    statistics of input i cover its B_i rows; an input with no rows has no statistics and leaves
+    its running statistics unchanged. One statistics launch and one apply launch in training."""
     inputs = check_tensor_list("inputs", inputs, same_batch=False)
     for i, x in enumerate(inputs):
         if x.shape[0]:
             check_bn_input(f"inputs[{i}]", x, training)
     check_rows(rows, inputs, validate)
-    _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps)
+    _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
+                        num_batches_tracked, dropout, seeds)
+    counters = list(num_batches_tracked or [None] * len(inputs))
     if not _use_triton(inputs[0]):
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
-                                             momentum, eps)
+                                             momentum, eps, num_batches_tracked=counters, dropout=dropout)
     if eager(inputs[0]):
         return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
-                               True, rows=rows)
-    return library.gather_join_bn_relu(
-        list(inputs), rows, list(weights), list(biases), list(running_means), list(running_vars), training, momentum, eps
-    )
+                               True, rows=rows, num_batches=counters, dropout=dropout, seeds=seeds)
+    return library.gather_join_bn_relu(list(inputs), rows, list(weights), list(biases), list(running_means),
+                                       list(running_vars), training, momentum, eps, counters, dropout, seeds)

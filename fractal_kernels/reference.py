@@ -36,12 +36,24 @@ def bn_relu(
     running_mean: Optional[torch.Tensor],
     running_var: Optional[torch.Tensor],
     training: bool,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
     relu: bool = True,
+    *,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``F.relu(F.batch_norm(...))``, or the bare batch norm with ``relu=False``."""
-    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    """``F.relu(F.batch_norm(...))``, or the bare batch norm with ``relu=False``; after
+    ``F.dropout(x, dropout)`` when ``dropout`` is nonzero, and in training counting the batch in
+    ``num_batches_tracked`` with momentum None meaning the cumulative average, as nn.Dropout and
+    nn.BatchNorm2d do."""
+    if dropout:
+        x = F.dropout(x, dropout, training=True)
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
     return F.relu(y) if relu else y
 
 
@@ -53,14 +65,18 @@ def join_bn_relu(
     running_means: Sequence[Optional[torch.Tensor]],
     running_vars: Sequence[Optional[torch.Tensor]],
     training: bool,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """``masked_join([bn_relu(x_i, ...) for each input i], mask)``: each input's BN statistics cover
     all of its samples, dropped ones included."""
+    counters = num_batches_tracked or [None] * len(inputs)
     activations = [
-        bn_relu(x, w, b, rm, rv, training, momentum, eps)
-        for x, w, b, rm, rv in zip(inputs, weights, biases, running_means, running_vars)
+        bn_relu(x, w, b, rm, rv, training, momentum, eps, num_batches_tracked=n, dropout=dropout)
+        for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, counters)
     ]
     return masked_join(activations, mask)
 
@@ -86,13 +102,22 @@ def gather_join_bn_relu(
     running_means: Sequence[Optional[torch.Tensor]],
     running_vars: Sequence[Optional[torch.Tensor]],
     training: bool,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
     """``gather_join([bn_relu(x_i, ...) for each input], rows)``: the statistics of input i cover
-    its own rows; an input with no rows has none (and leaves its running statistics alone)."""
-    activations = [
-        bn_relu(x, w, b, rm, rv, training, momentum, eps) if x.shape[0] else x
-        for x, w, b, rm, rv in zip(inputs, weights, biases, running_means, running_vars)
-    ]
+    its own rows; an input with no rows has none (and leaves its running statistics alone, but
+    counts the batch)."""
+    counters = num_batches_tracked or [None] * len(inputs)
+    activations = []
+    for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, counters):
+        if x.shape[0]:
+            activations.append(bn_relu(x, w, b, rm, rv, training, momentum, eps, num_batches_tracked=n, dropout=dropout))
+        else:
+            if training and n is not None:
+                n.add_(1)
+            activations.append(x)
     return gather_join(activations, rows)

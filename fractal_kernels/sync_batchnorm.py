@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .batchnorm import batch_stats, bn_backward_dx, bn_backward_sums, normalize_join, param_grads, placeholder
+from .batchnorm import (
+    batch_statistics, bn_backward_dx, bn_backward_sums, draw_seeds, dropout_args, normalize_join, param_grads, placeholder,
+)
 from .tensors import acc_dtype, dense_inputs, memory_format
 
 
@@ -23,11 +25,11 @@ class SyncBatchNormJoin(torch.autograd.Function):
     """Training-mode batch_norm_join with statistics synchronised over a process group."""
 
     @staticmethod
-    def forward(ctx, mask, process_group, running, momentum, eps, relu, k, *tensors):
+    def forward(ctx, mask, process_group, running, momentum, eps, relu, seeds, dropout, k, *tensors):
         xs = dense_inputs(tensors[:k])
         weights, biases = tensors[k:2 * k], tensors[2 * k:]
-        running_means, running_vars = running
-        mean, var = batch_stats(xs, [None] * k, [None] * k, 0.0)  # [k, C] each, biased variance
+        running_means, running_vars, num_batches = running
+        mean, var = batch_statistics(xs, [None] * k, [None] * k, None, 0.0, seeds, dropout)  # [k, C] each, biased
         # fp64 keeps the element count exact (fp32 is exact only to 2**24).
         count = mean.new_full(mean.shape, xs[0].numel() // xs[0].shape[1], dtype=torch.float64)
         local = torch.stack([mean.double(), var.double(), count])
@@ -38,23 +40,28 @@ class SyncBatchNormJoin(torch.autograd.Function):
         mean = (counts * means).sum(0) / total
         var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
         for i in range(k):
+            factor = momentum
+            if num_batches[i] is not None:
+                num_batches[i].add_(1)
+                if momentum is None:  # the cumulative average, without reading the count back
+                    factor = num_batches[i].reciprocal().to(mean.dtype)
             if running_means[i] is not None:
-                running_means[i].lerp_(mean[i].to(running_means[i].dtype), momentum)
-                running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), momentum)
+                running_means[i].lerp_(mean[i].to(running_means[i].dtype), factor)
+                running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), factor)
         means = list(mean.to(acc_dtype(xs[0].dtype)).unbind(0))
         variances = list(var.to(acc_dtype(xs[0].dtype)).unbind(0))
-        out = normalize_join(xs, mask, None, list(weights), list(biases), means, variances, eps, relu)
-        ctx.save_for_backward(mask, total, *xs, *weights, *biases, *means, *variances)
-        ctx.options = (k, eps, relu, process_group)
+        out = normalize_join(xs, mask, None, list(weights), list(biases), means, variances, eps, relu, seeds, dropout)
+        ctx.save_for_backward(mask, total, seeds, *xs, *weights, *biases, *means, *variances)
+        ctx.options = (k, eps, relu, dropout, process_group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        k, eps, relu, process_group = ctx.options
-        mask, total, *saved = ctx.saved_tensors
+        k, eps, relu, dropout, process_group = ctx.options
+        mask, total, seeds, *saved = ctx.saved_tensors
         xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
         grad = grad.contiguous(memory_format=memory_format(xs[0]))
-        args = (grad, xs, mask, None, weights, biases, means, variances, eps, relu)
+        args = (grad, xs, mask, None, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
         local_g, local_gxhat = (s.sum(1, keepdim=True) for s in bn_backward_sums(*args))  # [k, 1, C] each
         sums = torch.stack([local_g, local_gxhat])
         dist.all_reduce(sums, group=process_group)
@@ -64,7 +71,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
         # Parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them across ranks.
         grad_weights = param_grads(local_gxhat[:, 0], weights)
         grad_biases = param_grads(local_g[:, 0], biases)
-        return (None,) * 7 + (*grad_inputs, *grad_weights, *grad_biases)
+        return (None,) * 9 + (*grad_inputs, *grad_weights, *grad_biases)
 
 
 def sync_batch_norm_join(
@@ -74,13 +81,19 @@ def sync_batch_norm_join(
     biases: Sequence[Optional[torch.Tensor]],
     running_means: Sequence[Optional[torch.Tensor]],
     running_vars: Sequence[Optional[torch.Tensor]],
-    momentum: float,
+    momentum: Optional[float],
     eps: float,
     relu: bool,
     process_group,
+    num_batches: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    dropout: float = 0.0,
+    seeds: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Training-mode batch_norm_join with statistics synchronised over ``process_group``."""
     absent = placeholder(inputs[0])
     params = [absent if t is None else t for t in (*weights, *biases)]
-    running = (tuple(running_means), tuple(running_vars))
-    return SyncBatchNormJoin.apply(mask, process_group, running, momentum, eps, relu, len(inputs), *inputs, *params)
+    if dropout and seeds is None:
+        seeds = draw_seeds(len(inputs), inputs[0].device)
+    running = (tuple(running_means), tuple(running_vars), tuple(num_batches or [None] * len(inputs)))
+    return SyncBatchNormJoin.apply(mask, process_group, running, momentum, eps, relu, seeds, dropout, len(inputs),
+                                   *inputs, *params)

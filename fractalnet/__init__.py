@@ -2,6 +2,6 @@
 configurations, anytime prediction and single-column extraction."""
 
 from .drop_path import DropPath
-from .model import ConvUnit, FractalBlock, FractalNet, create_model, list_models
+from .model import ConvUnit, FractalBlock, FractalNet, create_model, list_models, model_config
 
-__all__ = ["ConvUnit", "DropPath", "FractalBlock", "FractalNet", "create_model", "list_models"]
+__all__ = ["ConvUnit", "DropPath", "FractalBlock", "FractalNet", "create_model", "list_models", "model_config"]

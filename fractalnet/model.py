@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,51 +39,68 @@ class ConvUnit(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def raw(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv output after dropout: what the BatchNorm normalises."""
-        return self.dropout(self.conv(x))
-
     def activate(self, raw: torch.Tensor) -> torch.Tensor:
-        """BatchNorm and ReLU of a raw output, unfused (nn.BatchNorm2d, then ReLU)."""
-        return F.relu(self.bn(raw))
+        """Dropout, BatchNorm and ReLU of the conv output, unfused (nn.Dropout, nn.BatchNorm2d, ReLU)."""
+        return F.relu(self.bn(self.dropout(raw)))
+
+    @property
+    def dropout_rate(self) -> float:
+        """The dropout rate in effect: 0 without dropout or when it is in eval mode."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.raw(x))
+        return self.activate(self.conv(x))
 
     def layers(self) -> list[nn.Module]:
         """Copies of the unit's layers, as a plain network would hold them."""
         return [copy.deepcopy(self.conv), copy.deepcopy(self.dropout), copy.deepcopy(self.bn), nn.ReLU()]
 
 
+class DropoutSeeds:
+    """The dropout seeds of one training step, drawn at once (one launch) and handed to the fused
+    units in forward order."""
+
+    def __init__(self, count: int, device: torch.device):
+        self.seeds = torch.randint(2**62, (count,), device=device)
+        self.used = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        seeds = self.seeds[self.used:self.used + n]
+        self.used += n
+        return seeds
+
+
 def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], fused: bool,
                        mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
-                       process_group=None) -> torch.Tensor:
-    """BatchNorm and ReLU of each unit's raw output, then their join by drop-path ``mask``, or by
-    gather table ``rows`` for compact outputs (skip_dropped). A lone unit has no join. With a
+                       process_group=None, seeds: Optional[DropoutSeeds] = None) -> torch.Tensor:
+    """Dropout, BatchNorm and ReLU of each unit's conv output, then their join by drop-path
+    ``mask``, or by gather table ``rows`` for compact outputs (skip_dropped, where one unit may be
+    left: its output is still spread over the batch). A lone unit without a table has no join. The fused ops take the dropout inside their kernels, seeded from ``seeds``. With a
     ``process_group`` the fused ops use batch statistics over its ranks."""
-    if len(units) == 1:
-        (unit,), (raw,) = units, raws
-        if raw.shape[0] == 0:  # a skipped segment: nothing to normalise
-            return raw
-        if not fused:
-            return unit.activate(raw)
-        return fk.bn_relu(raw, **fk.batchnorm_arguments(unit.bn), process_group=process_group)
     if not fused:
         activations = [unit.activate(raw) for unit, raw in zip(units, raws)]
+        if rows is None and len(units) == 1:
+            return activations[0]
         if rows is not None:
             return reference.gather_join(activations, rows)
         return reference.masked_join(activations, mask)
-    args = [fk.batchnorm_arguments(unit.bn) for unit in units]
-    shared = {key: args[0][key] for key in ("training", "momentum", "eps")}
-    if all({key: a[key] for key in shared} == shared for a in args):
+    args = [dict(fk.batchnorm_arguments(unit.bn), dropout=unit.dropout_rate) for unit in units]
+    shared = {key: args[0][key] for key in ("training", "momentum", "eps", "dropout")}
+    if (len(units) > 1 or rows is not None) and all({key: a[key] for key in shared} == shared for a in args):
         lists = {name: [a[key] for a in args] for name, key in (
-            ("weights", "weight"), ("biases", "bias"), ("running_means", "running_mean"), ("running_vars", "running_var"))}
+            ("weights", "weight"), ("biases", "bias"), ("running_means", "running_mean"),
+            ("running_vars", "running_var"), ("num_batches_tracked", "num_batches_tracked"))}
+        unit_seeds = seeds.take(len(units)) if shared["dropout"] else None
         if rows is not None:
-            return fk.gather_join_bn_relu(raws, rows, **lists, **shared)
-        return fk.join_bn_relu(raws, mask, **lists, **shared, process_group=process_group)
-    # BatchNorms that disagree (say, one frozen with .eval()): normalise each, then join.
-    activations = [fk.bn_relu(raw, **a, process_group=process_group) for raw, a in zip(raws, args)]
-    return fk.gather_join(activations, rows) if rows is not None else fk.masked_join(activations, mask)
+            return fk.gather_join_bn_relu(raws, rows, **lists, **shared, seeds=unit_seeds)
+        return fk.join_bn_relu(raws, mask, **lists, **shared, seeds=unit_seeds, process_group=process_group)
+    # A lone unit, or units that disagree (say, one BatchNorm frozen with .eval()): normalise
+    # each, then join.
+    activations = [fk.bn_relu(raw, **a, seed=seeds.take(1) if a["dropout"] else None, process_group=process_group)
+                   for raw, a in zip(raws, args)]
+    if rows is not None:
+        return fk.gather_join(activations, rows)
+    return activations[0] if len(units) == 1 else fk.masked_join(activations, mask)
 
 
 class FractalBlock(nn.Module):
@@ -113,21 +130,21 @@ class FractalBlock(nn.Module):
         return self.columns[column - 1][row // self.span(column) - 1]
 
     def forward(self, x: torch.Tensor, active: Sequence[int], masks: dict[int, torch.Tensor], fused: bool,
-                skip_dropped: bool = False, process_group=None):
+                skip_dropped: bool = False, process_group=None, seeds: Optional[DropoutSeeds] = None):
         """The block restricted to the ``active`` columns (ascending), with the drop-path masks of
-        its joins by row (none outside training)."""
+        its joins by row (none outside training) and the fused units' dropout seeds."""
         endings = self.endings(active)
         if skip_dropped and masks:
-            return self._forward_skipping_dropped(x, active, endings, masks, fused)
+            return self._forward_skipping_dropped(x, active, endings, masks, fused, seeds)
         inputs = {column: x for column in active}
         for row, ending in endings:
             units = [self.unit(column, row) for column in ending]
-            raws = [unit.raw(inputs[column]) for unit, column in zip(units, ending)]
-            out = normalize_and_join(units, raws, fused, mask=masks.get(row), process_group=process_group)
+            raws = [unit.conv(inputs[column]) for unit, column in zip(units, ending)]
+            out = normalize_and_join(units, raws, fused, mask=masks.get(row), process_group=process_group, seeds=seeds)
             inputs.update((column, out) for column in ending)
         return out
 
-    def _forward_skipping_dropped(self, x, active, endings, masks, fused):
+    def _forward_skipping_dropped(self, x, active, endings, masks, fused, seeds):
         """Each column segment (its units from one join to the next) runs only on the samples
         that survive at the join ending it: their rows are gathered at the segment's start, and
         the join reads the compact outputs through a gather table. The masks are on the host, so
@@ -142,10 +159,13 @@ class FractalBlock(nn.Module):
                     samples = masks[end][ending_at[end].index(column)].nonzero().squeeze(1)
                     segments[column] = (inputs[column].index_select(0, _to_device(samples, x.device)), samples)
             units = [self.unit(column, row) for column in ending]
-            raws = [unit.raw(segments[column][0]) for unit, column in zip(units, ending)]
+            raws = [unit.conv(segments[column][0]) for unit, column in zip(units, ending)]
             if row not in masks:  # a lone unit inside a segment
                 (column,) = ending
-                segments[column] = (normalize_and_join(units, raws, fused), segments[column][1])
+                samples = segments[column][1]
+                # A segment without samples stays empty (BatchNorm of no rows is undefined).
+                compact = normalize_and_join(units, raws, fused, seeds=seeds) if len(samples) else raws[0]
+                segments[column] = (compact, samples)
                 continue
             samples = [segments.pop(column)[1] for column in ending]
             # A segment no sample survives contributes nothing: it is left out of the join.
@@ -157,7 +177,7 @@ class FractalBlock(nn.Module):
                 for j, i in enumerate(present):
                     table[j, samples[i]] = torch.arange(len(samples[i]))
                 out = normalize_and_join([units[i] for i in present], [raws[i] for i in present], fused,
-                                         rows=_to_device(table, x.device))
+                                         rows=_to_device(table, x.device), seeds=seeds)
             inputs.update((column, out) for column in ending)
         return out
 
@@ -301,16 +321,25 @@ class FractalNet(nn.Module):
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
                                  self.global_ratio, device, generator)
         self.last_drop_path = drop_path
+        seeds = None
+        if self.fused and self.training and any(unit.dropout_rate for unit in self.units()):
+            seeds = DropoutSeeds(sum(1 for _ in self.units()), x.device)
         # Under torch.compile the partitioner makes its own recomputation choices.
         recompute = self.recompute and self.fused and self.training and not torch.compiler.is_compiling()
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
             h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
                 masks = {row: drop_path.mask(i, row) for row in drop_path.rows} if drop_path is not None else {}
-                h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group)
+                h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group, seeds)
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    def units(self) -> Iterator[ConvUnit]:
+        """Every conv unit of the network, block by block."""
+        for block in self.blocks:
+            for column in block.columns:
+                yield from column
 
     def extract_column(self, column: int) -> nn.Sequential:
         """Column ``column`` as a plain nn.Sequential with no joins: the paper's extraction of a
@@ -342,12 +371,17 @@ def list_models() -> list[str]:
     return sorted(_CONFIGS)
 
 
+def model_config(name: str) -> dict:
+    """The FractalNet arguments of a named configuration (see list_models)."""
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return dict(_CONFIGS[name])
+
+
 def create_model(name: str, num_classes: int, **overrides) -> FractalNet:
     """A FractalNet of a named configuration (see list_models); keyword arguments override it.
 
     fractalnet20_cifar: C=3, 5 blocks of widths 64..512 (33,724,618 parameters for 10 classes);
     fractalnet40_cifar: C=4; fractalnet34_imagenet: a 7x7 stem and four C=4 blocks (34 layers).
     """
-    if name not in _CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    return FractalNet(num_classes, **{**_CONFIGS[name], **overrides})
+    return FractalNet(num_classes, **{**model_config(name), **overrides})

@@ -166,6 +166,107 @@ def test_saves_only_the_input_and_per_channel_statistics():
     assert unfused >= 2 * x.numel() * 4  # the input and the ReLU output at least
 
 
+# ----------------------------------------------------------------------------------------------
+# Dropout inside the kernels, and the batch counter
+# ----------------------------------------------------------------------------------------------
+
+
+def seed_tensor(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_dropout_mask_statistics_and_layouts(p):
+    x = torch.randn(16, 8, 16, 16, device=DEVICE)
+    with fk.use_backend("triton"):
+        mask = fk.dropout_mask(x, seed_tensor(7), p)
+        again = fk.dropout_mask(x, seed_tensor(7), p)
+        other = fk.dropout_mask(x, seed_tensor(8), p)
+        nhwc = fk.dropout_mask(x.to(memory_format=torch.channels_last), seed_tensor(7), p)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.01  # 32768 elements
+    assert torch.equal(mask, again) and torch.equal(mask, nhwc)  # a seed's mask, in either layout
+    assert (mask != other).float().mean() > 0.1
+    # Independent across channels and samples (256 elements a plane: |r| ~ 0.05 by chance).
+    flat = mask.float().reshape(16 * 8, -1)
+    assert torch.corrcoef(flat).fill_diagonal_(0).abs().mean() < 0.08
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_dropout_equals_the_composition_with_the_same_mask(channels_last, dtype, training):
+    """bn_relu(x, dropout=p, seed=s) is F.relu(F.batch_norm(x * mask / (1 - p))) with the mask s
+    gives, forward, backward and running statistics (statistics of the dropped tensor)."""
+    p = 0.3
+    x, params = make_case((6, 5, 4, 3), dtype, channels_last)
+    ref_params = fp64_copy(params)
+    with fk.use_backend("triton"):
+        mask = fk.dropout_mask(x, seed_tensor(11), p)
+        out = fk.bn_relu(x, **params, training=training, dropout=p, seed=seed_tensor(11))
+    x64 = x.detach().double().requires_grad_()
+    expected = F.relu(F.batch_norm(x64 * mask / (1 - p), ref_params["running_mean"], ref_params["running_var"],
+                                   ref_params["weight"], ref_params["bias"], training, 0.1, 1e-5))
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, [x, params["weight"], params["bias"]], grad.to(out.dtype).to(DEVICE))
+    expected_grads = torch.autograd.grad(expected, [x64, ref_params["weight"], ref_params["bias"]], grad)
+    scale = 1.0 if dtype in (torch.float32, torch.float64) else 4.0
+    assert_close(out, expected, dtype, scale)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, dtype, scale * max(1.0, e.abs().max().item()))
+    assert torch.all(grads[0][~mask] == 0)  # nothing flows back to a dropped element
+    check_running(params, ref_params, dtype)
+
+
+def test_dropout_gradcheck_and_determinism():
+    x, params = make_case((4, 3, 3, 3), torch.float64)
+    params["running_mean"] = params["running_var"] = None
+    w, b = params["weight"], params["bias"]
+
+    def fn(x, w, b):
+        with fk.use_backend("triton"):
+            return fk.bn_relu(x, w, b, None, None, True, dropout=0.25, seed=seed_tensor(3))
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    with fk.use_backend("triton"):
+        assert torch.equal(fn(x, w, b), fn(x, w, b))
+        torch.manual_seed(0)
+        first = fk.bn_relu(x, w, b, None, None, True, dropout=0.25)  # a seed drawn from torch's generator
+        torch.manual_seed(0)
+        assert torch.equal(fk.bn_relu(x, w, b, None, None, True, dropout=0.25), first)
+        assert not torch.equal(fk.bn_relu(x, w, b, None, None, True, dropout=0.25), first)
+
+
+def test_dropout_saves_no_mask_and_adds_no_launch():
+    x, params = make_case((8, 6, 4, 4), torch.float32)
+    with fk.use_backend("triton"):
+        plain = saved_bytes(lambda: fk.bn_relu(x, **params, training=True))
+        dropped = saved_bytes(lambda: fk.bn_relu(x, **params, training=True, dropout=0.2, seed=seed_tensor(1)))
+        with fk.count_launches() as launches:
+            fk.bn_relu(x, **params, training=True, dropout=0.2, seed=seed_tensor(1)).sum().backward()
+    assert dropped == plain + 8  # the seed
+    assert launches[0] == 5
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_batch_counter_and_cumulative_average(backend, momentum):
+    """num_batches_tracked counts in the statistics kernel; momentum=None is the cumulative average."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3, momentum=momentum).to(DEVICE)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    xs = [torch.randn(4, 3, 2, 2, device=DEVICE) * (i + 1) + i for i in range(3)]
+    for x in xs:
+        plain(x)
+    with fk.use_backend(backend), fk.count_launches() as launches:
+        for x in xs:
+            fk.bn_relu(x, None, None, state["running_mean"], state["running_var"], True, momentum,
+                       num_batches_tracked=state["num_batches_tracked"])
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(state[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert launches[0] == (9 if backend == "triton" else 0)  # the counter takes no launch of its own
+
+
 BAD_ARGS = [
     ("rank", lambda x, p: (x[0, 0, 0], p), ValueError, "2 to 5 dimensions"),
     ("one value per channel", lambda x, p: (x[:1, :, :1, :1], p), ValueError, "more than 1 value per channel"),
@@ -177,6 +278,11 @@ BAD_ARGS = [
     ("running shape", lambda x, p: (x, {**p, "running_mean": torch.zeros(2)}), ValueError, r"running_mean must have shape"),
     ("x dtype", lambda x, p: (x.long(), p), TypeError, "floating dtype"),
     ("x type", lambda x, p: (x.numpy(), p), TypeError, "x must be a tensor"),
+    ("dropout rate", lambda x, p: (x, {**p, "dropout": 1.5}), ValueError, r"dropout must be a probability"),
+    ("seed dtype", lambda x, p: (x, {**p, "dropout": 0.1, "seed": torch.ones(1)}), TypeError, "seed must be an int64"),
+    ("cumulative without counter", lambda x, p: (x, {**p, "momentum": None}), ValueError, "needs num_batches_tracked"),
+    ("counter dtype", lambda x, p: (x, {**p, "num_batches_tracked": torch.zeros(1)}), TypeError,
+     r"num_batches_tracked\[0\] must be a one-element int64"),
 ]
 
 

@@ -85,6 +85,25 @@ def test_gather_join_bn_relu(sizes, dtype, channels_last):
         torch.testing.assert_close(actual.double(), ref, atol=atol, rtol=rtol)
 
 
+def test_gather_join_bn_relu_with_dropout_equals_the_composition_with_the_same_masks():
+    """Dropout of compact inputs: the mask is drawn over each input's own rows."""
+    sizes, p = (4, 7, 2), 0.3
+    rows = make_rows(sizes, seed=2)
+    xs = make_inputs(sizes, torch.float64, True, seed=2)
+    params = [[torch.rand(4, dtype=torch.float64).to(DEVICE) + 0.5 for _ in sizes] for _ in range(4)]
+    seeds = torch.tensor([3, 1, 4], device=DEVICE)
+    with fk.use_backend("triton"):
+        masks = [fk.dropout_mask(x, seeds[i:i + 1], p) for i, x in enumerate(xs)]
+        out = fk.gather_join_bn_relu(xs, rows, *[[t.clone() for t in ts] for ts in params], True, dropout=p,
+                                     seeds=seeds)
+    copies = [x.detach().clone().requires_grad_() for x in xs]
+    expected = reference.gather_join_bn_relu([x * m / (1 - p) for x, m in zip(copies, masks)], rows, *params, True)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(out.shape, dtype=torch.float64).to(DEVICE)
+    for g, e in zip(grads(out, xs, grad), grads(expected, copies, grad)):
+        torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_fp64(training):
     sizes = (2, 3, 0)
@@ -151,6 +170,20 @@ def test_skipping_with_frozen_bn_equals_the_dense_model():
     torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
     for name, g in grads_d.items():
         torch.testing.assert_close(grads_s.get(name, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_skipping_with_one_segment_left_at_a_join_spreads_it_over_the_batch():
+    """With two samples, a join often has one segment left: its output is still one row a
+    sample (zeros where nothing survived), as the dense model's. Many seeds, frozen BatchNorm."""
+    dense, skipping = model_pair(dropout=(0.0, 0.0, 0.0))
+    freeze_batchnorm(dense), freeze_batchnorm(skipping)
+    x = batch(n=2)
+    with fk.use_backend("triton"), torch.no_grad():
+        for seed in range(12):
+            torch.manual_seed(seed)
+            expected = dense(x)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(skipping(x), expected, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
 
 
 def test_skipping_with_training_bn_matches_the_plain_pytorch_reference():

@@ -156,3 +156,29 @@ def test_bad_arguments_raise_before_any_launch(case, backend):
     with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
         fk.join_bn_relu(**change(args))
     assert launches[0] == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_dropout_per_input_equals_the_composition_with_the_same_masks(channels_last):
+    """Each input has its own dropout seed; with the masks those seeds give, the fused op is the
+    reference composition on the dropped inputs (statistics over the dropped tensors)."""
+    p = 0.25
+    xs, mask, weights, biases, running_means, running_vars = make_case(3, dtype=torch.float64,
+                                                                       channels_last=channels_last, all_params=True)
+    seeds = torch.tensor([5, 6, 7], device=DEVICE)
+    copies = [[t.detach().clone().requires_grad_(t.requires_grad) for t in ts]
+              for ts in (xs, weights, biases, running_means, running_vars)]
+    with fk.use_backend("triton"):
+        masks = [fk.dropout_mask(x, seeds[i:i + 1], p) for i, x in enumerate(xs)]
+        out = fk.join_bn_relu(xs, mask, weights, biases, running_means, running_vars, True, dropout=p, seeds=seeds)
+    dropped = [x * m / (1 - p) for x, m in zip(copies[0], masks)]
+    expected = reference.join_bn_relu(dropped, mask, *copies[1:], True)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    actual = torch.autograd.grad(out, leaves(xs, weights, biases), grad)
+    wanted = torch.autograd.grad(expected, leaves(copies[0], copies[1], copies[2]), grad)
+    for a, e in zip(actual, wanted):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(running_means + running_vars, copies[3] + copies[4]):
+        torch.testing.assert_close(a, e)
+    assert not torch.equal(masks[0], masks[1])

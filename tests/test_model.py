@@ -44,19 +44,59 @@ def test_configurations():
         create_model("resnet", 10)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fused_and_eager_models_agree_in_training(backend):
-    fused, eager = small_pair()
-    x = batch()
-    with fk.use_backend(backend):
-        out_f, grads_f = train_step(fused, x)
-    out_e, grads_e = train_step(eager, x)
+def assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e):
     torch.testing.assert_close(out_f, out_e, atol=1e-4, rtol=1e-4)
     assert grads_f.keys() == grads_e.keys()
     for name in grads_e:
         torch.testing.assert_close(grads_f[name], grads_e[name], atol=1e-4, rtol=1e-3, msg=name)
     for (name, a), b in zip(fused.named_buffers(), eager.buffers()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_and_eager_models_agree_in_training(backend):
+    """Without dropout the two draw the same drop-path and compute the same step (dropout draws
+    its masks differently: see the next test)."""
+    fused, eager = small_pair(dropout=(0.0, 0.0, 0.0))
+    x = batch()
+    with fk.use_backend(backend):
+        out_f, grads_f = train_step(fused, x)
+    out_e, grads_e = train_step(eager, x)
+    assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e)
+
+
+class KernelMaskDropout(nn.Module):
+    """nn.Dropout that applies the masks the fused kernels drew, from their seeds, in order."""
+
+    def __init__(self, p, seeds):
+        super().__init__()
+        self.p, self.seeds = p, seeds
+
+    def forward(self, x):
+        return x * fk.dropout_mask(x, self.seeds.pop(0), self.p) / (1 - self.p)
+
+
+def test_fused_dropout_is_the_eager_dropout_with_the_kernels_masks(monkeypatch):
+    """The fused model's dropout (drawn inside the BatchNorm kernels) is nn.Dropout with the
+    masks its seeds produce: with those masks, the eager model computes the same step."""
+    from fractalnet import model as model_module
+
+    fused, eager = small_pair()
+    taken = []
+    take = model_module.DropoutSeeds.take
+    monkeypatch.setattr(model_module.DropoutSeeds, "take", lambda self, n: taken.append(take(self, n)) or taken[-1])
+    x = batch()
+    with fk.use_backend("triton"):
+        out_f, grads_f = train_step(fused, x)
+    seeds = [seed for seeds in taken for seed in seeds.unbind(0)]
+    assert len(seeds) == sum(1 for unit in eager.units() if isinstance(unit.dropout, nn.Dropout))
+    for unit in eager.units():
+        if isinstance(unit.dropout, nn.Dropout):
+            unit.dropout = KernelMaskDropout(unit.dropout.p, seeds)
+    with fk.use_backend("triton"):
+        out_e, grads_e = train_step(eager, x)
+    assert not seeds
+    assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e)
 
 
 def test_global_drop_path_with_frozen_bn_runs_one_column_per_sample():
@@ -181,3 +221,22 @@ def test_bad_column_arguments(kwargs, message):
         model(batch(2), **kwargs)
     with pytest.raises(ValueError, match="column must be an integer"):
         model.extract_column(5)
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused", "recompute", "skip_dropped"])
+def test_training_step_reads_nothing_back_from_the_device(variant):
+    """No synchronisation inside a training step, so that it can be captured in a CUDA graph: on
+    meta tensors (no data, so any read of one fails) under no_host_reads, forward, backward and
+    the optimizer step run through; skip_dropped reads only its masks, which it draws on the host."""
+    from fractal_kernels.testing import no_host_reads
+
+    torch.manual_seed(0)
+    model = FractalNet(10, **SMALL, fused=variant != "eager", recompute=variant == "recompute",
+                       skip_dropped=variant == "skip_dropped").to("meta")
+    x = torch.empty(8, 3, 16, 16, device="meta")
+    labels = torch.empty(8, dtype=torch.int64, device="meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with fk.use_backend("triton"), no_host_reads() as reads:
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+    assert reads.reads == []

@@ -61,14 +61,17 @@ def test_opcheck_primitives():
     xs, ws, bs, mask = block_inputs()
     detached = [x.detach() for x in xs]
     rms, rvs = running()
-    torch.library.opcheck(batchnorm.bn_stats, (detached, rms, rvs, 0.1))
-    stats = batchnorm.bn_stats(detached, rms, rvs, 0.1)
+    counters = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in range(3)]
+    seeds = torch.tensor([1, 2, 3], device=DEVICE)
+    torch.library.opcheck(batchnorm.bn_stats, (detached, rms, rvs, counters, 0.1, None, 0.0))
+    torch.library.opcheck(batchnorm.bn_stats, (detached, rms, rvs, counters, None, seeds, 0.2))
+    stats = batchnorm.bn_stats(detached, rms, rvs, counters, 0.1, None, 0.0)
     means, variances = list(stats[0]), list(stats[1])
-    torch.library.opcheck(batchnorm.bn_apply, (xs, mask, None, ws, bs, means, variances, True, 1e-5, True))
-    params = [[t.detach() for t in ts] for ts in (ws, bs)]
-    torch.library.opcheck(
-        batchnorm.bn_backward, (xs[0].detach(), detached, mask, None, *params, means, variances, True, 1e-5, True)
-    )
+    for drop in ((None, 0.0), (seeds, 0.2)):
+        torch.library.opcheck(batchnorm.bn_apply, (xs, mask, None, ws, bs, means, variances, *drop, True, 1e-5, True))
+        params = [[t.detach() for t in ts] for ts in (ws, bs)]
+        torch.library.opcheck(batchnorm.bn_backward, (xs[0].detach(), detached, mask, None, *params, means, variances,
+                                                      *drop, True, 1e-5, True))
 
 
 class Block(torch.nn.Module):

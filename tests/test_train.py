@@ -58,7 +58,7 @@ def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     digests = {rank: (weights, buffers) for rank, weights, buffers
-               in re.findall(r"rank (\d): weights sha256 (\w+) buffers sha256 (\w+)", result.stdout)}
+               in re.findall(r"rank (\d): weights sha256 ([0-9a-f]{16}) buffers sha256 ([0-9a-f]{16})", result.stdout)}
     assert set(digests) == {"0", "1"} and digests["0"][0] == digests["1"][0]
     # Running statistics agree only when the ranks normalise with global batch statistics.
     assert (digests["0"][1] == digests["1"][1]) == sync_bn

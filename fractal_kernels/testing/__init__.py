@@ -87,27 +87,39 @@ def _on_device(t) -> bool:
     return isinstance(t, torch.Tensor) and t.device.type != "cpu"
 
 
-class _HostReadDetector(TorchDispatchMode):
+class HostReads(TorchDispatchMode):
+    """Records (or, with ``strict``, raises HostReadError on) every op that makes the host wait
+    for device data: ``.item()``, ``bool(tensor)``, data-dependent output sizes (``nonzero``,
+    boolean indexing), copies to the CPU. CPU tensors are host data. ``reads`` lists them."""
+
+    def __init__(self, strict: bool):
+        super().__init__()
+        self.strict = strict
+        self.reads: list[str] = []
+
+    def _found(self, what: str) -> None:
+        if self.strict:
+            raise HostReadError(f"{what} (a synchronisation)")
+        self.reads.append(what)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         if func.namespace == "aten":
             if name in _HOST_READS and _on_device(args[0]):
                 if name != "repeat_interleave" or kwargs.get("output_size") is None:
-                    raise HostReadError(f"aten.{func.__name__} reads device data on the host (a synchronisation)")
+                    self._found(f"aten.{func.__name__} reads device data on the host")
             if name == "index" and any(_on_device(i) and i.dtype == torch.bool for i in args[1] or ()):
-                raise HostReadError("boolean indexing sizes its output from device data (a synchronisation)")
+                self._found("boolean indexing sizes its output from device data")
             if name in ("_to_copy", "copy_"):
                 source, target = (args[1], args[0].device) if name == "copy_" else (args[0], kwargs.get("device"))
                 if _on_device(source) and target is not None and torch.device(target).type == "cpu":
-                    raise HostReadError(f"aten.{func.__name__} copies device data to the host (a synchronisation)")
+                    self._found(f"aten.{func.__name__} copies device data to the host")
         return func(*args, **kwargs)
 
 
-def no_host_reads():
-    """A block that raises HostReadError on any op that makes the host wait for device data:
-    ``.item()``, ``bool(tensor)``, data-dependent output sizes (``nonzero``, boolean indexing),
-    copies to the CPU. CPU tensors are host data. Without a GPU, run the block on ``meta``
-    tensors: they hold no data, so any read of them fails too, and the block proves it reads
-    nothing back (except through ops this mode does not see, which meta tensors refuse anyway)."""
-    return _HostReadDetector()
+def no_host_reads() -> HostReads:
+    """A block that raises HostReadError on any op that makes the host wait for device data
+    (see HostReads). Without a GPU, run the block on ``meta`` tensors: they hold no data, so any
+    read of them fails too, and the block proves that it reads nothing back."""
+    return HostReads(strict=True)
