@@ -46,11 +46,10 @@ def dropout_args(seeds: Optional[torch.Tensor], p: float) -> tuple:
     return seeds, float(p), 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
-def batch_statistics(inputs: list[torch.Tensor], running_means: list, running_vars: list, num_batches: Optional[list],
-                momentum: Optional[float], seeds: Optional[torch.Tensor] = None,
-                dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance of every channel of every input (after its dropout, when
-    ``seeds`` [k] are given), as two [k, C] tensors (fp32; fp64 for fp64 inputs). Inputs may
+def batch_statistics(xs: list[torch.Tensor], running_means: list, running_vars: list, num_batches: Optional[list],
+                     momentum: Optional[float], seeds: Optional[torch.Tensor] = None, dropout: float = 0.0) -> torch.Tensor:
+    """Batch mean and biased variance of every channel of every (dense) input, after its dropout
+    when ``seeds`` [k] are given, as a [2, k, C] tensor (fp32; fp64 for fp64 inputs). Inputs may
     differ in their number of rows (gathered column segments).
 
     Counts the batch in each present ``num_batches`` (int64 num_batches_tracked) and updates the
@@ -60,12 +59,11 @@ def batch_statistics(inputs: list[torch.Tensor], running_means: list, running_va
 
     Launches bn_stats_kernel and bn_combine_kernel once for up to eight inputs.
     """
-    xs = dense_inputs(inputs)
     tiling = channel_tiling(max(xs, key=lambda x: x.shape[0]), len(xs))
     k, C, chunks = len(xs), tiling.C, tiling.num_chunks
     dtype, device = acc_dtype(xs[0].dtype), xs[0].device
-    mean, var = (torch.empty(k, C, dtype=dtype, device=device) for _ in range(2))
-    mean_part, m2_part, count_part = (torch.empty(k, chunks, C, dtype=dtype, device=device) for _ in range(3))
+    stats = torch.empty(2, k, C, dtype=dtype, device=device)
+    partials = torch.empty(3, k, chunks, C, dtype=dtype, device=device)  # mean, m2, count
     block_c = min(_COMBINE_BLOCK_C, next_power_of_2(C))
     running_means = [optional(t) for t in running_means]
     running_vars = [optional(t) for t in running_vars]
@@ -74,16 +72,16 @@ def batch_statistics(inputs: list[torch.Tensor], running_means: list, running_va
     for group in input_groups(k):
         launch(
             wrap_triton(bn_stats_kernel), tiling.grid,
-            *slots(xs, group), *slots([x.shape[0] for x in xs], group), mean_part, m2_part, count_part, group.start,
-            *drop, *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
+            *slots(xs, group), *slots([x.shape[0] for x in xs], group), partials, group.start, k, *drop,
+            *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
         )
         launch(
             wrap_triton(bn_combine_kernel), (1,),
-            mean_part, m2_part, count_part, mean, var, *slots(running_means, group), *slots(running_vars, group),
-            *slots(num_batches, group), 0.0 if momentum is None else float(momentum), group.start, C, chunks,
+            partials, stats, *slots(running_means, group), *slots(running_vars, group), *slots(num_batches, group),
+            0.0 if momentum is None else float(momentum), group.start, k, C, chunks,
             K=len(group), CUMULATIVE=momentum is None, BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
         )
-    return mean, var
+    return stats
 
 
 def _channel_args(group: range, weights, biases, means, variances, join: tuple, num_inputs: int, eps: float,
@@ -96,15 +94,14 @@ def _channel_args(group: range, weights, biases, means, variances, join: tuple, 
     )
 
 
-def normalize_join(inputs: list[torch.Tensor], mask, rows, weights: list, biases: list, means: list,
+def normalize_join(xs: list[torch.Tensor], mask, rows, weights: list, biases: list, means: list,
                    variances: list, eps: float, relu: bool, seeds: Optional[torch.Tensor] = None,
                    dropout: float = 0.0) -> torch.Tensor:
-    """The join (plain mean, ``mask`` or gather table ``rows``) over inputs of
+    """The join (plain mean, ``mask`` or gather table ``rows``) over (dense) inputs of
     act((dropout(x_i) - mean_i) / sqrt(var_i + eps) * w_i + b_i), dropout seeded by ``seeds``
     [k] where given. None or empty tensors stand for absent weights and biases. One launch for
     up to eight inputs.
     """
-    xs = dense_inputs(inputs)
     out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
     if out.numel() == 0:
         return out
@@ -121,76 +118,71 @@ def normalize_join(inputs: list[torch.Tensor], mask, rows, weights: list, biases
     return out
 
 
-def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop) -> tuple[torch.Tensor, ...]:
-    """Per-chunk sums of g_i and g_i * x_hat_i over the output rows, each [k, chunks, C]
+def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop) -> torch.Tensor:
+    """Per-chunk sums of g_i and of g_i * x_hat_i over the output rows, as [2, k, chunks, C]
     (bn_backward_reduce_kernel); ``drop`` are the dropout arguments (dropout_args)."""
     k = len(xs)
     tiling = channel_tiling(grad, k)
     join, mode = join_args(mask, rows)
-    sum_g, sum_gxhat = (
-        torch.empty(k, tiling.num_chunks, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
-        for _ in range(2)
-    )
+    sums = torch.empty(2, k, tiling.num_chunks, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
     for group in input_groups(k):
         launch(
             wrap_triton(bn_backward_reduce_kernel), tiling.grid,
             grad, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, k, eps, drop),
-            sum_g, sum_gxhat, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, **tiling.meta(streaming=False),
+            sums, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, **tiling.meta(streaming=False),
         )
-    return sum_g, sum_gxhat
+    return sums
 
 
 def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop, batch_stats, sums,
                    count=None, param_grads=True):
-    """Input gradients (the inputs' shapes) and the [k, C] weight and bias gradients (None
-    without ``param_grads``) from the ([k, P, C], [k, P, C]) partial sums
-    (bn_backward_dx_kernel): one launch per group of eight inputs, or, for a gather join, one per
-    input over its own rows. ``count``: the elements per channel the sums cover (default: the
-    inputs' own)."""
+    """Input gradients (the inputs' shapes) and the [2, k, C] weight and bias gradients (None
+    without ``param_grads``) from the [2, k, P, C] partial sums (bn_backward_dx_kernel): one
+    launch per group of eight inputs, or, for a gather join, one per input over its own rows.
+    ``count``: the elements per channel the sums cover (default: the inputs' own)."""
     k = len(xs)
-    sum_g, sum_gxhat = (s.contiguous() for s in sums)  # the kernel indexes [k, P, C] densely
+    sums = sums.contiguous()  # the kernel indexes it densely
     join, mode = join_args(mask, rows)
     grad_inputs = [torch.empty_like(x) for x in xs]
-    grad_weight = grad_bias = None
-    if param_grads:
-        grad_weight, grad_bias = (torch.empty(k, grad.shape[1], dtype=sum_g.dtype, device=grad.device) for _ in range(2))
+    grads = torch.empty(2, k, grad.shape[1], dtype=sums.dtype, device=grad.device) if param_grads else None
     if rows is None:
         tiling = channel_tiling(xs[0], k)
         launches = [(group, tiling, None) for group in input_groups(k)]
     else:
         samples = row_samples(rows, [x.shape[0] for x in xs])
-        launches = [(range(i, i + 1), channel_tiling(xs[i], 1), samples[i]) for i in range(k)]
+        # The gradient rows the compact rows read can lie beyond 2**31 elements of the gradient.
+        index_64 = grad.numel() >= 2**31
+        launches = [(range(i, i + 1), channel_tiling(xs[i], 1, index_64), samples[i]) for i in range(k)]
     for group, tiling, sample in launches:
         launch(
             wrap_triton(bn_backward_dx_kernel), tiling.grid,
             grad, *slots(xs, group), *slots(grad_inputs, group),
             *_channel_args(group, weights, biases, means, variances, join, k, eps, drop), sample,
-            sum_g, sum_gxhat, sum_g.shape[1], grad_weight, grad_bias, tiling.count if count is None else count,
+            sums, sums.shape[2], grads, tiling.count if count is None else count,
             tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, BATCH_STATS=batch_stats,
             **tiling.meta(streaming=True),
         )
-    return grad_inputs, grad_weight, grad_bias
+    return grad_inputs, grads
 
 
-def normalize_join_backward(grad: torch.Tensor, inputs: list[torch.Tensor], mask, rows, weights: list, biases: list,
+def normalize_join_backward(grad: torch.Tensor, xs: list[torch.Tensor], mask, rows, weights: list, biases: list,
                             means: list, variances: list, batch_stats: bool, eps: float, relu: bool,
                             seeds: Optional[torch.Tensor] = None,
-                            dropout: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+                            dropout: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Backward of normalize_join: the input gradients (through the dropout, which it
-    regenerates from ``seeds``) and the [k, C] weight and bias gradients; with ``batch_stats``
-    the means and variances are the inputs' batch statistics (training), which it
-    differentiates through, otherwise constants (running statistics).
+    regenerates from ``seeds``) and the [2, k, C] weight and bias gradients; with
+    ``batch_stats`` the means and variances are the inputs' batch statistics (training), which
+    it differentiates through, otherwise constants (running statistics).
 
     Two launches for up to eight inputs (one when no sums are needed: running statistics and no
     affine parameters); a gather join launches the input-gradient kernel once per input.
     """
-    xs = dense_inputs(inputs)
     grad = grad.contiguous(memory_format=memory_format(xs[0]))
     args = (grad, xs, mask, rows, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
     if batch_stats or any(optional(t) is not None for t in (*weights, *biases)):
         sums = bn_backward_sums(*args)
     else:
-        sums = tuple(grad.new_empty(len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype)) for _ in range(2))
+        sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
     return bn_backward_dx(*args, batch_stats, sums)
 
 
@@ -213,10 +205,10 @@ def bn_stats(
     momentum: Optional[float],
     seeds: Optional[torch.Tensor],
     dropout: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_statistics as a torch.library op (empty tensors stand for absent running statistics and
-    counters)."""
-    return batch_statistics(inputs, running_means, running_vars, num_batches, momentum, seeds, dropout)
+) -> torch.Tensor:
+    """batch_statistics as a torch.library op (empty tensors stand for absent running statistics
+    and counters)."""
+    return batch_statistics(dense_inputs(inputs), running_means, running_vars, num_batches, momentum, seeds, dropout)
 
 
 @define_op("fractal_kernels::bn_apply")
@@ -236,7 +228,8 @@ def bn_apply(
 ) -> torch.Tensor:
     """normalize_join as a torch.library op; ``batch_stats`` says whether its backward
     differentiates through the means and variances (see normalize_join_backward)."""
-    return normalize_join(inputs, mask, rows, weights, biases, means, variances, eps, relu, seeds, dropout)
+    return normalize_join(dense_inputs(inputs), mask, rows, weights, biases, means, variances, eps, relu, seeds,
+                          dropout)
 
 
 @define_op("fractal_kernels::bn_backward")
@@ -254,10 +247,10 @@ def bn_backward(
     batch_stats: bool,
     eps: float,
     relu: bool,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """normalize_join_backward as a torch.library op."""
-    return normalize_join_backward(grad, inputs, mask, rows, weights, biases, means, variances, batch_stats, eps, relu,
-                                   seeds, dropout)
+    return normalize_join_backward(grad, dense_inputs(inputs), mask, rows, weights, biases, means, variances,
+                                   batch_stats, eps, relu, seeds, dropout)
 
 
 def _apply_setup_context(ctx, inputs, output):
@@ -271,9 +264,8 @@ def _apply_backward(ctx, grad):
     mask, rows, seeds, *saved = ctx.saved_tensors
     k = ctx.num_inputs
     xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
-    grad_inputs, grad_weight, grad_bias = bn_backward(grad, xs, mask, rows, weights, biases, means, variances, seeds,
-                                                      *ctx.options)
-    return (grad_inputs, None, None, param_grads(grad_weight, weights), param_grads(grad_bias, biases), [None] * k,
+    grad_inputs, grads = bn_backward(grad, xs, mask, rows, weights, biases, means, variances, seeds, *ctx.options)
+    return (grad_inputs, None, None, param_grads(grads[0], weights), param_grads(grads[1], biases), [None] * k,
             [None] * k, None, None, None, None, None)
 
 
@@ -296,10 +288,10 @@ class NormalizeJoinFunction(torch.autograd.Function):
         k, dropout, batch_stats, eps, relu = ctx.options
         mask, rows, seeds, *saved = ctx.saved_tensors
         xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
-        grad_inputs, grad_weight, grad_bias = normalize_join_backward(grad, xs, mask, rows, weights, biases, means,
-                                                                      variances, batch_stats, eps, relu, seeds, dropout)
-        return ((None,) * 8 + tuple(grad_inputs) + tuple(param_grads(grad_weight, weights))
-                + tuple(param_grads(grad_bias, biases)) + (None,) * (2 * k))
+        grad_inputs, grads = normalize_join_backward(grad, xs, mask, rows, weights, biases, means, variances,
+                                                     batch_stats, eps, relu, seeds, dropout)
+        return ((None,) * 8 + tuple(grad_inputs) + tuple(param_grads(grads[0], weights))
+                + tuple(param_grads(grads[1], biases)) + (None,) * (2 * k))
 
 
 def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
@@ -324,10 +316,10 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     if training:
         # The statistics carry no autograd of their own: the apply's backward differentiates
         # through them (batch_stats=True).
-        stats = batch_statistics if direct else bn_stats
-        mean, var = stats([x.detach() for x in xs], filled(running_means), filled(running_vars),
-                          filled(num_batches or [None] * len(xs)), momentum, seeds, dropout)
-        means, variances = list(mean.unbind(0)), list(var.unbind(0))
+        statistics = batch_statistics if direct else bn_stats
+        stats = statistics([x.detach() for x in xs], filled(running_means), filled(running_vars),
+                           filled(num_batches or [None] * len(xs)), momentum, seeds, dropout)
+        means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
     if direct:
@@ -364,8 +356,8 @@ def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=N
     params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else None for _ in range(k)]
     running_means, running_vars = ([xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) for _ in range(k)] for _ in range(2))
     if training:
-        mean, var = batch_statistics(xs, running_means, running_vars, None, 0.1)
-        means, variances = list(mean), list(var)
+        stats = batch_statistics(xs, running_means, running_vars, None, 0.1)
+        means, variances = list(stats[0]), list(stats[1])
     else:
         means, variances = running_means, running_vars
     out = normalize_join(xs, mask, rows, params, params, means, variances, 1e-5, relu)

@@ -88,7 +88,7 @@ def add_at(i: tl.constexpr, value, accumulators):
 def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7,
-    mean_part_ptr, m2_part_ptr, count_part_ptr, first_input,
+    partials_ptr, first_input, num_inputs,
     seeds_ptr, dropout_p, dropout_scale,
     C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
@@ -97,9 +97,9 @@ def bn_stats_kernel(
     """Welford partials (mean, sum of squared deviations, count) of each channel of K inputs.
 
     Pointers: ``x0``..``x7`` are the inputs, [rows_i, C, HW] contiguous or channels-last
-    (CHANNELS_LAST), with ``rows0``..``rows7`` rows. ``mean_part_ptr``, ``m2_part_ptr`` and
-    ``count_part_ptr`` are [k, num_chunks, C] in the accumulation dtype; input i's partials go to
-    row first_input + i. ``seeds_ptr`` [k] (int64), or None without dropout, seeds the dropout
+    (CHANNELS_LAST), with ``rows0``..``rows7`` rows. ``partials_ptr`` is [3, num_inputs,
+    num_chunks, C] in the accumulation dtype (mean, m2 and count planes); input i's partials go
+    to row first_input + i. ``seeds_ptr`` [k] (int64), or None without dropout, seeds the dropout
     of each input (rate ``dropout_p``, scale ``dropout_scale``): the statistics are those of the
     dropped tensor. Program (cb, chunk) covers channels cb*BLOCK_C.. and, of each input, tiles
     chunk*tiles_per_chunk.. of [BLOCK_N, BLOCK_C, BLOCK_HW].
@@ -130,35 +130,37 @@ def bn_stats_kernel(
             m2 += delta * (x - mean)
         mean, m2, count = merge_lanes(mean, m2, count)
         part = ((first_input + i) * num_chunks + chunk) * C + c_block
-        tl.store(mean_part_ptr + part, mean, mask=c_block < C)
-        tl.store(m2_part_ptr + part, m2, mask=c_block < C)
-        tl.store(count_part_ptr + part, count, mask=c_block < C)
+        plane = num_inputs * num_chunks * C
+        tl.store(partials_ptr + part, mean, mask=c_block < C)
+        tl.store(partials_ptr + plane + part, m2, mask=c_block < C)
+        tl.store(partials_ptr + 2 * plane + part, count, mask=c_block < C)
 
 
 @triton.jit
 def bn_combine_kernel(
-    mean_part_ptr, m2_part_ptr, count_part_ptr,
-    mean_ptr, var_ptr,
+    partials_ptr, stats_ptr,
     running_mean0, running_mean1, running_mean2, running_mean3,
     running_mean4, running_mean5, running_mean6, running_mean7,
     running_var0, running_var1, running_var2, running_var3,
     running_var4, running_var5, running_var6, running_var7,
     batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7,
-    momentum, first_input, C, num_chunks,
+    momentum, first_input, num_inputs, C, num_chunks,
     K: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merges the chunk partials in chunk order into batch mean and biased variance, counts the
     batch, and updates the running statistics in place (unbiased variance), as nn.BatchNorm2d
     does; an input with no rows leaves its running statistics unchanged.
 
-    Pointers: partials as written by bn_stats_kernel; ``mean_ptr``/``var_ptr`` are [k, C] outputs
-    in the accumulation dtype (row first_input + i for input i); ``running_mean0``..7 and
+    Pointers: partials as written by bn_stats_kernel; ``stats_ptr`` is the [2, num_inputs, C]
+    output in the accumulation dtype (mean and biased variance planes, row first_input + i for
+    input i); ``running_mean0``..7 and
     ``running_var0``..7 are each input's running statistics, ``batches0``..7 its int64
     num_batches_tracked, incremented by one; None where absent. The running statistics move by
     ``momentum``, or with CUMULATIVE by 1 / num_batches_tracked (momentum=None in torch). One
     program: it reads each counter before it writes it, and the work is O(k * C * chunks).
     """
-    ACC: tl.constexpr = mean_ptr.dtype.element_ty
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    plane = num_inputs * num_chunks * C
     running_means = (running_mean0, running_mean1, running_mean2, running_mean3,
                      running_mean4, running_mean5, running_mean6, running_mean7)
     running_vars = (running_var0, running_var1, running_var2, running_var3,
@@ -181,12 +183,12 @@ def bn_combine_kernel(
                 part = ((first_input + i) * num_chunks + s) * C + c
                 mean, m2, count = welford_merge(
                     mean, m2, count,
-                    tl.load(mean_part_ptr + part, mask=c_ok, other=0.0),
-                    tl.load(m2_part_ptr + part, mask=c_ok, other=0.0),
-                    tl.load(count_part_ptr + part, mask=c_ok, other=0.0),
+                    tl.load(partials_ptr + part, mask=c_ok, other=0.0),
+                    tl.load(partials_ptr + plane + part, mask=c_ok, other=0.0),
+                    tl.load(partials_ptr + 2 * plane + part, mask=c_ok, other=0.0),
                 )
-            tl.store(mean_ptr + (first_input + i) * C + c, mean, mask=c_ok)
-            tl.store(var_ptr + (first_input + i) * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
+            tl.store(stats_ptr + (first_input + i) * C + c, mean, mask=c_ok)
+            tl.store(stats_ptr + (num_inputs + first_input + i) * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
             if running_means[i] is not None:
                 rm_ptr = running_means[i]
                 rv_ptr = running_vars[i]
@@ -269,7 +271,7 @@ def bn_backward_reduce_kernel(
     var0, var1, var2, var3, var4, var5, var6, var7,
     join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
     seeds_ptr, dropout_p, dropout_scale,
-    sum_g_part_ptr, sum_gxhat_part_ptr,
+    sums_ptr,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
@@ -279,8 +281,8 @@ def bn_backward_reduce_kernel(
     output gradient routed to input i (join weight, ReLU mask) and x_hat_i the normalised input.
 
     Pointers as in bn_apply_kernel, with ``grad_ptr`` the [N, C, HW] output gradient;
-    ``sum_g_part_ptr`` and ``sum_gxhat_part_ptr`` are [k, num_chunks, C] outputs (accumulation
-    dtype, row first_input + i for input i). The output gradient is read once for all K inputs;
+    ``sums_ptr`` is the [2, num_inputs, num_chunks, C] output (accumulation dtype; sums of g and
+    of g * x_hat, row first_input + i for input i). The output gradient is read once for all K inputs;
     rows of a dropped input are not read (their g is 0), nor rows of a gathered input that hold
     no sample.
     """
@@ -321,20 +323,21 @@ def bn_backward_reduce_kernel(
             sums_gxhat = add_at(i, g * ((x - mean) * rstd), sums_gxhat)
     for i in tl.static_range(K):
         part = ((first_input + i) * num_chunks + chunk) * C + c_block
-        tl.store(sum_g_part_ptr + part, tl.sum(tl.sum(sums_g[i], 2), 0), mask=c_ok)
-        tl.store(sum_gxhat_part_ptr + part, tl.sum(tl.sum(sums_gxhat[i], 2), 0), mask=c_ok)
+        tl.store(sums_ptr + part, tl.sum(tl.sum(sums_g[i], 2), 0), mask=c_ok)
+        tl.store(sums_ptr + num_inputs * num_chunks * C + part, tl.sum(tl.sum(sums_gxhat[i], 2), 0), mask=c_ok)
 
 
 @triton.jit
-def channel_totals(i: tl.constexpr, sum_g_ptr, sum_gxhat_ptr, num_partials, first_input, c, c_ok, C,
+def channel_totals(i: tl.constexpr, sums_ptr, num_inputs, num_partials, first_input, c, c_ok, C,
                    ACC: tl.constexpr):
-    """Input i's per-channel sums of g and g * x_hat over its partials, shaped [1, BLOCK_C, 1]."""
+    """Input i's per-channel sums of g and g * x_hat over its partials ([2, num_inputs,
+    num_partials, C] at ``sums_ptr``), shaped [1, BLOCK_C, 1]."""
     total_g = tl.zeros(c.shape, ACC)
     total_gxhat = tl.zeros(c.shape, ACC)
     for s in range(num_partials):
         offs = ((first_input + i) * num_partials + s) * C + c
-        total_g += tl.load(sum_g_ptr + offs, mask=c_ok, other=0.0)
-        total_gxhat += tl.load(sum_gxhat_ptr + offs, mask=c_ok, other=0.0)
+        total_g += tl.load(sums_ptr + offs, mask=c_ok, other=0.0)
+        total_gxhat += tl.load(sums_ptr + num_inputs * num_partials * C + offs, mask=c_ok, other=0.0)
     return total_g[None, :, None], total_gxhat[None, :, None]
 
 
@@ -349,7 +352,7 @@ def bn_backward_dx_kernel(
     var0, var1, var2, var3, var4, var5, var6, var7,
     join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
     seeds_ptr, dropout_p, dropout_scale, sample_ptr,
-    sum_g_part_ptr, sum_gxhat_part_ptr, num_partials, grad_weight_ptr, grad_bias_ptr, count,
+    sums_ptr, num_partials, param_grads_ptr, count,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
@@ -361,10 +364,10 @@ def bn_backward_dx_kernel(
     statistics (BATCH_STATS), w_i * rstd_i * g_i with running statistics, through the dropout
     when ``seeds_ptr`` is given. Pointers as in
     bn_backward_reduce_kernel plus ``dx0``..``dx7`` (outputs in the inputs' layouts); the sums
-    come as ``num_partials`` partials per channel ([k, num_partials, C]); programs of chunk 0
-    write the totals to ``grad_weight_ptr`` (sum g x_hat) and ``grad_bias_ptr`` (sum g), each
-    [k, C], unless they are None. ``count`` is the number of elements per channel the sums
-    cover.
+    come as ``num_partials`` partials per channel ([2, num_inputs, num_partials, C]); programs
+    of chunk 0 write the totals to ``param_grads_ptr`` [2, num_inputs, C] (weight gradients,
+    sum g x_hat, then bias gradients, sum g) unless it is None. ``count`` is the number of
+    elements per channel the sums cover.
 
     The tile rows are the N rows of the inputs. For a gather join (JOIN_GATHER, one input per
     launch) ``sample_ptr`` [N] maps each row to the output sample it holds (-1 for none), whose
@@ -386,16 +389,16 @@ def bn_backward_dx_kernel(
     totals_g = ()
     totals_gxhat = ()
     for i in tl.static_range(K):
-        total_g, total_gxhat = channel_totals(i, sum_g_part_ptr, sum_gxhat_part_ptr, num_partials, first_input,
-                                              c_block, c_ok, C, ACC)
+        total_g, total_gxhat = channel_totals(i, sums_ptr, num_inputs, num_partials, first_input, c_block, c_ok, C,
+                                              ACC)
         totals_g = totals_g + (total_g,)
         totals_gxhat = totals_gxhat + (total_gxhat,)
-    if grad_weight_ptr is not None:
+    if param_grads_ptr is not None:
         if tl.program_id(1) == 0:
             for i in tl.static_range(K):
                 offs = (first_input + i) * C + c_block[None, :, None]
-                tl.store(grad_weight_ptr + offs, totals_gxhat[i], mask=c_ok[None, :, None])
-                tl.store(grad_bias_ptr + offs, totals_g[i], mask=c_ok[None, :, None])
+                tl.store(param_grads_ptr + offs, totals_gxhat[i], mask=c_ok[None, :, None])
+                tl.store(param_grads_ptr + num_inputs * C + offs, totals_g[i], mask=c_ok[None, :, None])
     first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
     for t in range(first, last):
         n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)

@@ -103,9 +103,10 @@ def channel_tiling(x: torch.Tensor, num_inputs: int = 1, index_64: bool = False)
     interpreted = x.device.type != "cuda" and _simulated_sm_count is None
     args = (shape, is_channels_last(x), x.element_size(), num_inputs, _target_programs(x.device),
             _INTERPRETER_TILE if interpreted else TILE, index_64 or x.numel() >= 2**31)
-    if any(isinstance(size, torch.SymInt) for size in shape):
-        return _tiling.__wrapped__(*args)  # symbolic sizes (torch.compile with dynamic shapes) do not hash
-    return _tiling(*args)
+    try:
+        return _tiling(*args)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
+        return _tiling.__wrapped__(*args)
 
 
 @functools.lru_cache(maxsize=4096)

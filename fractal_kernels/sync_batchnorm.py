@@ -62,15 +62,15 @@ class SyncBatchNormJoin(torch.autograd.Function):
         xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
         grad = grad.contiguous(memory_format=memory_format(xs[0]))
         args = (grad, xs, mask, None, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
-        local_g, local_gxhat = (s.sum(1, keepdim=True) for s in bn_backward_sums(*args))  # [k, 1, C] each
-        sums = torch.stack([local_g, local_gxhat])
+        local = bn_backward_sums(*args).sum(2, keepdim=True)  # [2, k, 1, C]: sums of g and g * x_hat
+        sums = local.clone()
         dist.all_reduce(sums, group=process_group)
         # The global sums divided by the global count on the device: the kernel's count is 1.
-        sums = (sums / total[None, :, None, :]).to(local_g.dtype)
-        grad_inputs, _, _ = bn_backward_dx(*args, True, (sums[0], sums[1]), count=1, param_grads=False)
+        sums = (sums / total[None, :, None, :]).to(local.dtype)
+        grad_inputs, _ = bn_backward_dx(*args, True, sums, count=1, param_grads=False)
         # Parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them across ranks.
-        grad_weights = param_grads(local_gxhat[:, 0], weights)
-        grad_biases = param_grads(local_g[:, 0], biases)
+        grad_weights = param_grads(local[1, :, 0], weights)
+        grad_biases = param_grads(local[0, :, 0], biases)
         return (None,) * 9 + (*grad_inputs, *grad_weights, *grad_biases)
 
 

@@ -204,11 +204,11 @@ def test_compiled_training_step(variant):
 WRITTEN = {
     "masked_join_fwd_kernel": ("out_ptr",),
     "masked_join_bwd_kernel": ("dx",),
-    "bn_stats_kernel": ("mean_part_ptr", "m2_part_ptr", "count_part_ptr"),
-    "bn_combine_kernel": ("mean_ptr", "var_ptr", "running_mean", "running_var"),
+    "bn_stats_kernel": ("partials_ptr",),
+    "bn_combine_kernel": ("stats_ptr", "running_mean", "running_var", "batches"),
     "bn_apply_kernel": ("out_ptr",),
-    "bn_backward_reduce_kernel": ("sum_g_part_ptr", "sum_gxhat_part_ptr"),
-    "bn_backward_dx_kernel": ("dx", "grad_weight_ptr", "grad_bias_ptr"),
+    "bn_backward_reduce_kernel": ("sums_ptr",),
+    "bn_backward_dx_kernel": ("dx", "param_grads_ptr"),
 }
 
 
