@@ -1,20 +1,25 @@
 """python -m benchmarks [--quick] [--out DIR]
 
 With a GPU: kernel benchmarks (eager reference, torch.compile of it and the fused Triton op, side
-by side, on the copy-bandwidth roofline), whole-model training steps and anytime inference, plus
-the exact memory and launch measurements. Without one it says so and measures only what a CPU can
-measure honestly: bytes saved for backward and kernel launches (exact, on fake tensors), minimal
-bytes per op, and CPU wall times of the eager reference labelled as such. Writes
-<out>/<device>-<date>.json and .md (and .png plots on a GPU).
+by side, on the copy-bandwidth roofline), whole-model training steps and anytime inference. On
+any machine, what a CPU measures exactly: bytes saved for backward, kernel launches and
+device-to-host reads per op and per training step (fake and meta tensors), memory traffic counted
+in the Triton interpreter against each op's minimal bytes, the compile audit's registers and
+occupancy, and the host time the package adds (launches stubbed) beside the eager model's.
+Writes <out>/<device>-<date>.json and .md (and .png plots on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,6 +76,11 @@ def run(quick: bool, out: Path, cpu: bool = False) -> dict:
     if timed:
         step = models.cpu_eager_step_ms("fractalnet20_cifar", 16)
         result["cpu_times"].append(dict(what="eager fractalnet20_cifar training step, batch 16", **step))
+    print("traffic (interpreter), compile audit and host time run in subprocesses", flush=True)
+    result["traffic"] = _subprocess_json(["benchmarks.traffic"], quick, interpret=True)
+    audit = _subprocess_json(["fractal_kernels.audit", "--arch", "90", *([] if quick else ["80"])], quick, interpret=False)
+    result["occupancy"] = report.occupancy_rows(audit)
+    result["host"] = _subprocess_json(["benchmarks.host"], quick, interpret=False)
     if not quick:
         # Work skipped by skip_dropped: a real measurement on whatever device this is.
         result["skip"] = [
@@ -102,6 +112,21 @@ def run(quick: bool, out: Path, cpu: bool = False) -> dict:
     written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *report.plots(result, stem)]
     print("wrote " + ", ".join(str(p) for p in written))
     return result
+
+
+def _subprocess_json(module_and_args: list[str], quick: bool, interpret: bool):
+    """Runs ``python -m module args [--quick] --json PATH`` (with or without the Triton
+    interpreter, which must be chosen before triton is imported) and returns its JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.json"
+        command = [sys.executable, "-m", *module_and_args, *(["--quick"] if quick else []), "--json", str(path)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if not path.exists():
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        return json.loads(path.read_text())
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fractal_kernels as fk
-from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
+from fractal_kernels.testing import HostReads, count_kernels, fake_mode, saved_bytes
 from fractalnet import create_model
 
 from .measure import cpu_time_ms, device_name, gpu_time_ms, peak_memory
@@ -120,12 +120,16 @@ def gpu_anytime_rows(network: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 def step_measurements(network: str, batch: int) -> dict:
-    """Activation bytes saved in one training step (parameters excluded) and kernel launches of
-    its forward and backward, for the eager model, the fused model and the fused model with
-    recomputation, on fake fp32 NCHW tensors with the Triton backend."""
+    """Activation bytes saved in one training step (parameters excluded), kernel launches of its
+    forward and backward, and the device-to-host reads of a whole step (forward, backward, SGD),
+    for the eager model and the fused one (plain, recomputing, skipping dropped paths), on fake
+    fp32 NCHW tensors (the reads on meta tensors) with the Triton backend."""
     result = {}
-    for implementation in ("eager", "fused", "fused+recompute"):
+    for implementation in ("eager", "fused", "fused+recompute", "fused+skip"):
         case = ModelCase(network, implementation, torch.float32, channels_last=False)
+        result[implementation] = dict(host_reads=host_reads(case, batch))
+        if implementation == "fused+skip":
+            continue  # its sizes come from its (host) masks: fake tensors cannot follow them
         with fake_mode(), fk.use_backend("triton" if implementation != "eager" else "reference"):
             model, _, _, x, labels = case.build(torch.device("cpu"), batch)
             losses = []
@@ -134,12 +138,24 @@ def step_measurements(network: str, batch: int) -> dict:
             )
             forward = count_kernels(lambda: losses.append(F.cross_entropy(model(x), labels)))
             backward = count_kernels(lambda: losses[-1].backward())
-        result[implementation] = dict(saved_activation_bytes=saved, launches_forward=forward, launches_backward=backward)
+        result[implementation].update(saved_activation_bytes=saved, launches_forward=forward, launches_backward=backward)
     for implementation in ("fused", "fused+recompute"):
-        result[implementation]["saved_ratio_to_eager"] = (
-            result[implementation]["saved_activation_bytes"] / result["eager"]["saved_activation_bytes"]
-        )
+        m = result[implementation]
+        m["saved_ratio_to_eager"] = m["saved_activation_bytes"] / result["eager"]["saved_activation_bytes"]
+        launches = sum(m[d]["triton"] + m[d]["aten"] for d in ("launches_forward", "launches_backward"))
+        eager = sum(result["eager"][d]["aten"] for d in ("launches_forward", "launches_backward"))
+        m["launch_ratio_to_eager"] = launches / eager
     return result
+
+
+def host_reads(case: "ModelCase", batch: int) -> list[str]:
+    """The device-to-host reads of one training step, run on meta tensors (no data)."""
+    with fk.use_backend("triton" if case.implementation != "eager" else "reference"):
+        model, _, optimizer, x, labels = case.build(torch.device("meta"), batch)
+        with HostReads(strict=False) as reads:
+            F.cross_entropy(model(x), labels).backward()
+            optimizer.step()
+    return reads.reads
 
 
 def cpu_eager_step_ms(network: str, batch: int) -> dict:

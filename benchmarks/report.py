@@ -1,9 +1,10 @@
-"""Benchmark reports: the JSON record, a markdown summary and PNG plots."""
+"""Benchmark reports: the JSON record, a markdown summary (one function per section) and PNG plots."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
 
 from .cases import OPS
@@ -20,25 +21,42 @@ def _geomean(values: list[float]) -> float:
 
 
 def goal_rows(kernels: list[dict]) -> list[dict]:
-    """Measured ratios against the project's goals, over every shape, dtype and layout."""
+    """Measured ratios against each op's goals (cases.OPS), over every shape, dtype and layout."""
     rows = []
     direction = "forward+backward"
     for op, spec in OPS.items():
-        eager, compiled, copy = spec.eager_goal, spec.compile_goal, spec.copy_goal
         entries = [r[direction] for r in kernels if r["op"] == op and "speedup_vs_eager" in r.get(direction, {})]
         if not entries:
             continue
         speedups = [e["speedup_vs_eager"] for e in entries]
-        row = dict(op=op, direction=direction, cases=len(entries), eager_goal=eager,
+        row = dict(op=op, direction=direction, cases=len(entries), eager_goal=spec.eager_goal,
                    speedup_vs_eager_geomean=_geomean(speedups), speedup_vs_eager_min=min(speedups))
         versus_compile = [e["speedup_vs_compile"] for e in entries if "speedup_vs_compile" in e]
         if versus_compile:
-            row.update(compile_goal=compiled, speedup_vs_compile_geomean=_geomean(versus_compile),
+            row.update(compile_goal=spec.compile_goal, speedup_vs_compile_geomean=_geomean(versus_compile),
                        speedup_vs_compile_min=min(versus_compile))
         fractions = [e["fraction_of_copy"] for e in entries]
-        row.update(copy_goal=copy, fraction_of_copy_median=sorted(fractions)[len(fractions) // 2])
+        row.update(copy_goal=spec.copy_goal, fraction_of_copy_median=sorted(fractions)[len(fractions) // 2])
         rows.append(row)
     return rows
+
+
+def occupancy_rows(audit: list[dict]) -> list[dict]:
+    """The compile audit summarised per kernel, architecture and register limit: registers,
+    resident warps per SM (the least), spills and flagged configurations."""
+    groups = defaultdict(list)
+    for row in audit:
+        groups[(row["kernel"], row["arch"], bool(row["register_limit"]))].append(row)
+    summary = []
+    for (kernel, arch, limited), rows in sorted(groups.items()):
+        good = [r for r in rows if not r["error"]]
+        summary.append(dict(
+            kernel=kernel, arch=arch, register_limit=limited, configurations=len(rows),
+            registers_min=min(r["registers"] for r in good), registers_max=max(r["registers"] for r in good),
+            resident_warps_min=min(r["resident_warps"] for r in good), spill_bytes_max=max(r["spill_bytes"] for r in good),
+            shared_bytes_max=max(r["shared_bytes"] for r in good), flagged=sum(bool(r["problems"]) for r in rows),
+        ))
+    return summary
 
 
 def markdown(report: dict) -> str:
@@ -48,90 +66,184 @@ def markdown(report: dict) -> str:
              f"`python -m benchmarks{' --quick' if report['quick'] else ''}`.", ""]
     if report.get("note"):
         lines += [report["note"], ""]
-    if report.get("goals"):
-        lines += ["## Goals (measured side by side in this run)", "",
-                  "| op | direction | cases | vs eager (geomean / min) | vs compile (geomean / min) | of copy bandwidth (median) |",
-                  "|---|---|---|---|---|---|"]
-        for g in report["goals"]:
-            compiled = (f"{g['speedup_vs_compile_geomean']:.2f}x / {g['speedup_vs_compile_min']:.2f}x"
-                        if "speedup_vs_compile_geomean" in g else "-")
-            lines.append(f"| {g['op']} | {g['direction']} | {g['cases']} | {g['speedup_vs_eager_geomean']:.2f}x / "
-                         f"{g['speedup_vs_eager_min']:.2f}x (goal {g['eager_goal']}x) | {compiled} | "
-                         f"{100 * g['fraction_of_copy_median']:.0f}% |")
-        lines.append("")
-    if report.get("kernels_gpu"):
-        lines += ["## Kernels (ms, median of do_bench with L2 flushed)", "",
-                  "| case | direction | eager | compile | fused | vs eager | vs compile | fused GB/s | of copy |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["kernels_gpu"]:
-            for direction in ("forward", "backward", "forward+backward"):
-                e = r[direction]
-                ms = [f"{e[i]['ms']:.3f}" if "ms" in e[i] else "error" for i in ("eager", "compile", "fused")]
-                lines.append(
-                    f"| {r['label']} | {direction} | {' | '.join(ms)} | "
-                    f"{e.get('speedup_vs_eager', float('nan')):.2f}x | {e.get('speedup_vs_compile', float('nan')):.2f}x | "
-                    f"{e['fused'].get('gbps', float('nan')):.0f} | {100 * e.get('fraction_of_copy', float('nan')):.0f}% |")
-        lines.append("")
-    if report.get("models_gpu"):
-        lines += ["## Training step", "", "| network | implementation | dtype | layout | images/s | peak MB |",
-                  "|---|---|---|---|---|---|"]
-        for r in report["models_gpu"]:
-            if "error" in r:
-                lines.append(f"| {r['network']} | {r['implementation']} | {r['dtype']} | {r['layout']} | error | {r['error'][:60]} |")
-            else:
-                lines.append(f"| {r['network']} | {r['implementation']} | {r['dtype']} | {r['layout']} | "
-                             f"{r['images_per_s']:.0f} | {r['peak_bytes'] / MB:.0f} |")
-        lines.append("")
-    if report.get("anytime_gpu"):
-        lines += ["## Anytime inference latency (ms)", "", "| network | implementation | dtype | mode | k | ms |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['network']} | {r['implementation']} | {r['dtype']} | {r['mode']} | {r['k']} | {r['ms']:.3f} |"
-                  for r in report["anytime_gpu"]]
-        lines.append("")
-    if report.get("kernels_cpu"):
-        lines += ["## Per op: bytes saved for backward and kernel launches (exact, fake tensors)", "",
-                  "Launches: fused = Triton launches + ATen kernels; eager = ATen kernels "
-                  "(ops that launch at least one kernel). Minimal bytes: forward+backward.", "",
-                  "| case | saved eager MB | saved fused MB | ratio | launches fwd eager / fused | "
-                  "launches bwd eager / fused | minimal MB |", "|---|---|---|---|---|---|---|"]
-        for r in report["kernels_cpu"]:
-            e, f = r["eager"], r["fused"]
-            lines.append(
-                f"| {r['label']} | {e['saved_bytes'] / MB:.1f} | {f['saved_bytes'] / MB:.1f} | "
-                f"{r['saved_ratio_fused_to_eager']:.2f} | {_launches(e['launches_forward'])} / "
-                f"{_launches(f['launches_forward'])} | {_launches(e['launches_backward'])} / "
-                f"{_launches(f['launches_backward'])} | {r['minimal_bytes']['forward+backward'] / MB:.1f} |")
-        lines.append("")
-    if report.get("steps"):
-        lines += ["## One training step: activation bytes saved for backward and kernel launches", "",
-                  "Parameters excluded; fp32, NCHW; exact on fake tensors.", "",
-                  "| network | batch | implementation | saved MB | vs eager | launches forward | launches backward |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in report["steps"]:
-            for implementation, m in s["implementations"].items():
-                ratio = f"{m['saved_ratio_to_eager']:.2f}x" if "saved_ratio_to_eager" in m else "1.00x"
-                lines.append(f"| {s['network']} | {s['batch']} | {implementation} | "
-                             f"{m['saved_activation_bytes'] / MB:.1f} | {ratio} | {_launches(m['launches_forward'])} | "
-                             f"{_launches(m['launches_backward'])} |")
-        lines.append("")
-    if report.get("skip"):
-        lines += ["## skip_dropped: convolution work and training step (side by side, same seed)", "",
-                  "| network | batch | device | conv samples: skip / dense | step ms dense | step ms skip | speedup |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in report["skip"]:
-            lines.append(f"| {r['network']} | {r['batch']} | {r['device']} | {r['conv_sample_fraction']:.3f} | "
-                         f"{r['fused']['step_ms']:.0f} | {r['fused+skip']['step_ms']:.0f} | {r['speedup']:.2f}x |")
-        lines.append("")
-    if report.get("cpu_times"):
-        lines += ["## CPU wall times of the eager reference (CPU, not GPU performance)", "",
-                  "| what | ms (median) |", "|---|---|"]
-        lines += [f"| {t['what']} | {t['ms']:.1f} |" for t in report["cpu_times"]]
-        lines.append("")
+    for section in (_goals, _kernels_gpu, _training_gpu, _anytime_gpu, _steps, _traffic, _occupancy, _host,
+                    _ops_exact, _skip, _cpu_times):
+        lines += section(report)
     return "\n".join(lines)
+
+
+def _table(title: str, intro: list[str], header: list[str], rows: list[list]) -> list[str]:
+    lines = [f"## {title}", ""] + ([*intro, ""] if intro else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _goals(report: dict) -> list[str]:
+    if not report.get("goals"):
+        return []
+    rows = []
+    for g in report["goals"]:
+        compiled = (f"{g['speedup_vs_compile_geomean']:.2f}x / {g['speedup_vs_compile_min']:.2f}x"
+                    if "speedup_vs_compile_geomean" in g else "-")
+        rows.append([g["op"], g["direction"], g["cases"],
+                     f"{g['speedup_vs_eager_geomean']:.2f}x / {g['speedup_vs_eager_min']:.2f}x (goal {g['eager_goal']}x)",
+                     compiled, f"{100 * g['fraction_of_copy_median']:.0f}%"])
+    return _table("Goals (measured side by side in this run)", [],
+                  ["op", "direction", "cases", "vs eager (geomean / min)", "vs compile (geomean / min)",
+                   "of copy bandwidth (median)"], rows)
+
+
+def _kernels_gpu(report: dict) -> list[str]:
+    if not report.get("kernels_gpu"):
+        return []
+    rows = []
+    for r in report["kernels_gpu"]:
+        for direction in ("forward", "backward", "forward+backward"):
+            e = r[direction]
+            ms = [f"{e[i]['ms']:.3f}" if "ms" in e[i] else "error" for i in ("eager", "compile", "fused")]
+            rows.append([r["label"], direction, *ms, f"{e.get('speedup_vs_eager', float('nan')):.2f}x",
+                         f"{e.get('speedup_vs_compile', float('nan')):.2f}x", f"{e['fused'].get('gbps', float('nan')):.0f}",
+                         f"{100 * e.get('fraction_of_copy', float('nan')):.0f}%"])
+    return _table("Kernels (ms, median of do_bench with L2 flushed)", [],
+                  ["case", "direction", "eager", "compile", "fused", "vs eager", "vs compile", "fused GB/s", "of copy"],
+                  rows)
+
+
+def _training_gpu(report: dict) -> list[str]:
+    if not report.get("models_gpu"):
+        return []
+    rows = [[r["network"], r["implementation"], r["dtype"], r["layout"], "error", r["error"][:60]] if "error" in r else
+            [r["network"], r["implementation"], r["dtype"], r["layout"], f"{r['images_per_s']:.0f}",
+             f"{r['peak_bytes'] / MB:.0f}"] for r in report["models_gpu"]]
+    return _table("Training step", [], ["network", "implementation", "dtype", "layout", "images/s", "peak MB"], rows)
+
+
+def _anytime_gpu(report: dict) -> list[str]:
+    if not report.get("anytime_gpu"):
+        return []
+    rows = [[r["network"], r["implementation"], r["dtype"], r["mode"], r["k"], f"{r['ms']:.3f}"]
+            for r in report["anytime_gpu"]]
+    return _table("Anytime inference latency (ms)", [], ["network", "implementation", "dtype", "mode", "k", "ms"], rows)
 
 
 def _launches(counts: dict) -> str:
     return str(counts["aten"]) if not counts["triton"] else f"{counts['triton']}+{counts['aten']}"
+
+
+def _steps(report: dict) -> list[str]:
+    if not report.get("steps"):
+        return []
+    rows = []
+    for s in report["steps"]:
+        for implementation, m in s["implementations"].items():
+            if "launches_forward" not in m:
+                rows.append([s["network"], s["batch"], implementation, "-", "-", "-", "-", "-", len(m["host_reads"])])
+                continue
+            launches = sum(m[d]["triton"] + m[d]["aten"] for d in ("launches_forward", "launches_backward"))
+            rows.append([s["network"], s["batch"], implementation, f"{m['saved_activation_bytes'] / MB:.1f}",
+                         f"{m.get('saved_ratio_to_eager', 1.0):.2f}x", _launches(m["launches_forward"]),
+                         _launches(m["launches_backward"]), f"{launches} ({m.get('launch_ratio_to_eager', 1.0):.2f}x)",
+                         len(m["host_reads"])])
+    return _table("One training step: activations saved, kernel launches, device-to-host reads",
+                  ["Exact, on fake tensors (fp32, NCHW; parameters excluded). Launches: Triton + kernel-launching "
+                   "ATen ops (dropout counts as the CPU decomposes it: three ops forward, one backward). Host "
+                   "reads: ops that make the host wait for the device, over forward, backward and the SGD step, "
+                   "run on meta tensors. skip_dropped sizes its work from its (host) masks, which fake tensors "
+                   "cannot follow: only its host reads are counted."],
+                  ["network", "batch", "implementation", "saved MB", "vs eager", "launches forward",
+                   "launches backward", "launches (vs eager)", "host reads"], rows)
+
+
+def _traffic(report: dict) -> list[str]:
+    traffic = report.get("traffic")
+    if not traffic:
+        return []
+    rows = []
+    for r in traffic["rows"]:
+        f, b = r["forward"], r["backward"]
+        total = f["fused_bytes"] + b["fused_bytes"]
+        minimal = f["minimal_bytes"] + b["minimal_bytes"]
+        eager = f["eager_bytes"] + b["eager_bytes"]
+        rows.append([r["label"], f"{total / MB:.2f}", f"{minimal / MB:.2f}", f"{total / minimal:.3f}",
+                     f"{eager / MB:.2f}", f"{eager / total:.2f}x", f"{f['model_fused_us'] + b['model_fused_us']:.1f}",
+                     f"{f['model_eager_us'] + b['model_eager_us']:.1f}"])
+    return _table("Memory traffic per op, forward + backward (counted)",
+                  ["Fused: the bytes the kernels load and store, counted in the Triton interpreter (distinct "
+                   "addresses per launch). Minimal: what the fused design must move. Eager: each kernel-launching "
+                   "ATen op of the reference moves its inputs and outputs once (an under-count for cuDNN "
+                   f"BatchNorm). Modelled time = bytes / the bandwidth of an {traffic['model_gpu']}: a model, "
+                   "not a measurement."],
+                  ["case", "fused MB", "minimal MB", "counted / minimal", "eager MB", "eager / fused",
+                   "model fused us", "model eager us"], rows)
+
+
+def _occupancy(report: dict) -> list[str]:
+    if not report.get("occupancy"):
+        return []
+    rows = [[r["kernel"], f"sm_{r['arch']}", "yes" if r["register_limit"] else "no (Inductor)", r["configurations"],
+             f"{r['registers_min']}-{r['registers_max']}", r["resident_warps_min"], r["spill_bytes_max"],
+             r["shared_bytes_max"], r["flagged"]] for r in report["occupancy"]]
+    return _table("Compile audit: registers and occupancy",
+                  ["Every configuration the benchmarked shapes launch, compiled for the GPU's tiling, with the "
+                   "launch's register limit and without it (as Inductor launches user kernels). Goals: streaming "
+                   "kernels 16 resident warps per SM (two 256-thread blocks), reductions 8, no spills."],
+                  ["kernel", "arch", "register limit", "configurations", "registers", "least resident warps/SM",
+                   "spill bytes", "shared bytes", "flagged"], rows)
+
+
+def _host(report: dict) -> list[str]:
+    host = report.get("host")
+    if not host:
+        return []
+    lines = _table("Host time the package adds (launches stubbed) beside eager",
+                   ["Forward + backward on one-channel tensors: the fused ops on the fake GPU with every kernel "
+                    "launch returning at once, the eager reference for real (its kernels are negligible at this "
+                    "size). Neither side includes a GPU's own launch costs. Best of five repeats."],
+                   ["op", "fused us", "eager us", "fused / eager"],
+                   [[r["op"], f"{r['fused_us']:.0f}", f"{r['eager_us']:.0f}", f"{r['fused_over_eager']:.2f}"]
+                    for r in host["ops"]])
+    rows = [[r["network"], r["batch"], *(f"{r[f'{k}_ms']:.2f}" for k in ("eager", "fused", "fused+recompute",
+                                                                        "fused+skip")),
+             f"{r['fused_over_eager']:.2f}"] for r in host["steps"]]
+    return lines + _table("Host time of a training step (ms, one channel wide, launches stubbed)", [],
+                          ["network", "batch", "eager", "fused", "fused+recompute", "fused+skip", "fused / eager"],
+                          rows)
+
+
+def _ops_exact(report: dict) -> list[str]:
+    if not report.get("kernels_cpu"):
+        return []
+    rows = []
+    for r in report["kernels_cpu"]:
+        e, f = r["eager"], r["fused"]
+        rows.append([r["label"], f"{e['saved_bytes'] / MB:.1f}", f"{f['saved_bytes'] / MB:.1f}",
+                     f"{r['saved_ratio_fused_to_eager']:.2f}",
+                     f"{_launches(e['launches_forward'])} / {_launches(f['launches_forward'])}",
+                     f"{_launches(e['launches_backward'])} / {_launches(f['launches_backward'])}",
+                     f"{r['minimal_bytes']['forward+backward'] / MB:.1f}"])
+    return _table("Per op: bytes saved for backward and kernel launches (exact, fake tensors)",
+                  ["Launches: fused = Triton launches + ATen kernels; eager = ATen kernels "
+                   "(ops that launch at least one kernel). Minimal bytes: forward+backward."],
+                  ["case", "saved eager MB", "saved fused MB", "ratio", "launches fwd eager / fused",
+                   "launches bwd eager / fused", "minimal MB"], rows)
+
+
+def _skip(report: dict) -> list[str]:
+    if not report.get("skip"):
+        return []
+    rows = [[r["network"], r["batch"], r["device"], f"{r['conv_sample_fraction']:.3f}", f"{r['fused']['step_ms']:.0f}",
+             f"{r['fused+skip']['step_ms']:.0f}", f"{r['speedup']:.2f}x"] for r in report["skip"]]
+    return _table("skip_dropped: convolution work and training step (side by side, same seed)", [],
+                  ["network", "batch", "device", "conv samples: skip / dense", "step ms dense", "step ms skip",
+                   "speedup"], rows)
+
+
+def _cpu_times(report: dict) -> list[str]:
+    if not report.get("cpu_times"):
+        return []
+    return _table("CPU wall times of the eager reference (CPU, not GPU performance)", [], ["what", "ms (median)"],
+                  [[t["what"], f"{t['ms']:.1f}"] for t in report["cpu_times"]])
 
 
 def plots(report: dict, stem: Path) -> list[Path]:

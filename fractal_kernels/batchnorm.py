@@ -322,14 +322,16 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
+    args = (xs, mask, rows, weights, biases, means, variances)
     if direct:
         out = NormalizeJoinFunction.apply(mask, rows, seeds, dropout, training, eps, relu, len(xs), *xs, *weights,
                                           *biases, *means, *variances)
+        recipe = lambda: normalize_join(*args, eps, relu, seeds, dropout)  # noqa: E731
     else:
-        out = bn_apply(xs, mask, rows, weights, biases, means, variances, seeds, dropout, training, eps, relu)
+        out = bn_apply(*args, seeds, dropout, training, eps, relu)
+        recipe = lambda: bn_apply(*args, seeds, dropout, training, eps, relu)  # noqa: E731
     if recompute.recording():
-        recompute.register(out, lambda: normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu,
-                                                       seeds, dropout))
+        recompute.register(out, recipe)
     return out
 
 
