@@ -17,6 +17,9 @@ $(STAMP): setup.py
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
 		$(PY) -m pip install triton==3.6.0; fi
 	$(PY) -m pip install -e ".[test]"
+	# pytorchcv: an independent FractalNet for the drop-in tests. Its package requires
+	# torchvision, which its FractalNet does not use (and which fails beside the CPU torch).
+	$(PY) -m pip install --no-deps pytorchcv==0.0.74
 	touch $(STAMP)
 
 # Without a GPU, the suite runs twice: every kernel in the Triton interpreter, then the GPU path

@@ -20,6 +20,7 @@ setup(
     extras_require={
         # numpy<2.4: the Triton 3.6 interpreter, which the CPU test suite runs, converts size-1
         # arrays with int(), which numpy 2.4 rejects.
-        "test": ["pytest", "pytest-benchmark", "numpy<2.4"],
+        # expecttest: PyTorch's module_db (the BatchNorm2d parity tests) imports it.
+        "test": ["pytest", "pytest-benchmark", "numpy<2.4", "expecttest"],
     },
 )

@@ -3,7 +3,7 @@ join+BatchNorm+ReLU that ends every fractal column."""
 
 from .batchnorm import dropout_mask
 from .launch import count_launches
-from .modules import FusedBatchNormReLU2d, batchnorm_arguments, fuse_batchnorm_relu
+from .modules import FusedBatchNormReLU2d, FusionReport, MaskedJoin, batchnorm_arguments, fuse_batchnorm_relu
 from .ops import (
     BACKENDS,
     bn_relu,
@@ -19,6 +19,8 @@ from .recompute import recompute_activations
 __all__ = [
     "BACKENDS",
     "FusedBatchNormReLU2d",
+    "FusionReport",
+    "MaskedJoin",
     "batchnorm_arguments",
     "bn_relu",
     "count_launches",

@@ -3,6 +3,7 @@ expected, raised before any launch."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -95,8 +96,8 @@ def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
     """Checks a BatchNorm input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]."""
     if not 2 <= x.dim() <= 5:
         raise ValueError(f"{name} must have 2 to 5 dimensions [N, C, ...], got shape {list(x.shape)}")
-    if training and x.numel() // max(x.shape[1], 1) <= 1:
-        # The same message F.batch_norm gives.
+    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:
+        # F.batch_norm's rule and message (an empty batch is allowed: it normalises nothing).
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
@@ -113,3 +114,8 @@ def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mea
             continue  # the cumulative average (with num_batches_tracked)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    # torch's rules: sqrt(var + eps) of a batch variance needs eps > 0.
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")

@@ -54,7 +54,9 @@ def bn_relu(
         if momentum is None:
             momentum = 1.0 / float(num_batches_tracked)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
-    return F.relu(y) if relu else y
+    # F.relu's values and gradients (NaN included), but its backward keeps the input, not the
+    # output: an in-place op on the output (a model's own F.relu_ after it) leaves it intact.
+    return F.threshold(y, 0.0, 0.0) if relu else y
 
 
 def join_bn_relu(

@@ -354,7 +354,9 @@ class FractalNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), copy.deepcopy(self.head)]
         plain = nn.Sequential(*layers)
-        return fk.fuse_batchnorm_relu(plain) if self.fused else plain
+        if self.fused:
+            fk.fuse_batchnorm_relu(plain)
+        return plain
 
 
 _CONFIGS = {

@@ -303,64 +303,6 @@ def test_eval_needs_running_statistics():
         fk.bn_relu(torch.randn(4, 3), None, None, None, None, training=False)
 
 
-# ----------------------------------------------------------------------------------------------
-# The module and the swap helper
-# ----------------------------------------------------------------------------------------------
-
-
-def test_module_matches_batchnorm_relu_over_steps():
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.BatchNorm2d(6, momentum=None), nn.ReLU()).to(DEVICE)
-    nn.init.uniform_(plain[0].weight, 0.5, 1.5)
-    nn.init.uniform_(plain[0].bias, -0.5, 0.5)
-    fused = fk.FusedBatchNormReLU2d(6, momentum=None).to(DEVICE)
-    fused.load_state_dict(plain[0].state_dict())
-    with fk.use_backend("triton"):
-        for step in range(3):
-            x = torch.randn(4, 6, 3, 3, device=DEVICE) + step
-            torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
-        fused.eval(), plain.eval()
-        torch.testing.assert_close(fused(x), plain(x), atol=1e-5, rtol=1e-5)
-    for key, value in plain[0].state_dict().items():
-        torch.testing.assert_close(fused.state_dict()[key], value, atol=1e-6, rtol=1e-5)
-    assert int(fused.num_batches_tracked) == 3
-
-
-def test_module_state_dict_round_trip():
-    fused = fk.FusedBatchNormReLU2d(5)
-    assert isinstance(fused, nn.BatchNorm2d)
-    plain = nn.BatchNorm2d(5)
-    plain.load_state_dict(fused.state_dict())
-    fused.load_state_dict(plain.state_dict())
-    assert set(fused.state_dict()) == set(plain.state_dict())
-
-
-def test_module_without_tracking_uses_batch_statistics_in_eval():
-    fused = fk.FusedBatchNormReLU2d(4, affine=False, track_running_stats=False).eval()
-    x = torch.randn(3, 4, 2, 2) * 3 + 1
-    with fk.use_backend("triton"):
-        torch.testing.assert_close(fused(x), F.relu(F.batch_norm(x, None, None, training=True)), atol=1e-5, rtol=1e-5)
-
-
-def test_fuse_batchnorm_relu_swaps_pairs_and_keeps_weights():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
-        nn.BatchNorm2d(4),  # not followed by ReLU: kept
-    )
-    x = torch.randn(2, 3, 5, 5)
-    expected = model(x)
-    keys = set(model.state_dict())
-    weight = model[1].weight
-    fk.fuse_batchnorm_relu(model)
-    assert isinstance(model[1], fk.FusedBatchNormReLU2d) and isinstance(model[2], nn.Identity)
-    assert isinstance(model[3][1], fk.FusedBatchNormReLU2d) and type(model[4]) is nn.BatchNorm2d
-    assert model[1].weight is weight and set(model.state_dict()) == keys
-    with fk.use_backend("triton"):
-        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("mode", ["interpreter", "fake_gpu"])
 def test_synchronised_statistics_across_two_processes(tmp_path, mode):
     """Two gloo ranks, each with part of the batch, against one process on the whole batch:
