@@ -371,16 +371,16 @@ def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=N
 def _audit_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
     """bn_relu in training and eval, joins of 3 inputs by mask and by gather table (compact
     inputs of all, 1/2 and 1/4 of the samples), and unless ``quick`` for fp32 the bare batch norm
-    and a join of 9."""
+    and a join of 9; on meta tensors (recorded launches need shapes and alignment only)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def inputs(k):
-        return [torch.empty(shape, dtype=dtype).to(memory_format=layout) for _ in range(k)]
+        return [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for _ in range(k)]
 
-    mask = torch.ones(3, shape[0], dtype=torch.bool)
-    compact = [torch.empty((n,) + shape[1:], dtype=dtype).to(memory_format=layout)
+    mask = torch.ones(3, shape[0], dtype=torch.bool, device="meta")
+    compact = [torch.empty((n,) + shape[1:], dtype=dtype, device="meta").to(memory_format=layout)
                for n in (shape[0], shape[0] // 2, shape[0] // 4)]
-    rows = torch.zeros(3, shape[0], dtype=torch.int64)
+    rows = torch.zeros(3, shape[0], dtype=torch.int64, device="meta")
     yield "bn_relu train", lambda: _forward_backward(inputs(1), None, True, True, True)
     yield "bn_relu eval", lambda: _forward_backward(inputs(1), None, True, False, True)
     yield "join k=3", lambda: _forward_backward(inputs(3), mask, True, True, True)

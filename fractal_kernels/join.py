@@ -240,12 +240,12 @@ def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
 @audit_cases
 def _audit_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
     """The joins of k = 2, 3 and 9 inputs (two launches; 3 only when ``quick``), by mean, mask
-    and gather table."""
+    and gather table, on meta tensors (recorded launches need shapes and alignment only)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     for k in (3,) if quick else (2, 3, 9):
-        xs = [torch.empty(shape, dtype=dtype).to(memory_format=layout) for _ in range(k)]
-        mask = torch.ones(k, shape[0], dtype=torch.bool)
-        rows = torch.zeros(k, shape[0], dtype=torch.int64)
+        xs = [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for _ in range(k)]
+        mask = torch.ones(k, shape[0], dtype=torch.bool, device="meta")
+        rows = torch.zeros(k, shape[0], dtype=torch.int64, device="meta")
         for name, join in (("mean", {}), ("mask", dict(mask=mask)), ("gather", dict(rows=rows))):
             yield f"join k={k} {name}", lambda xs=xs, join=join: (
                 join_forward(xs, **join),

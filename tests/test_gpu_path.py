@@ -271,7 +271,7 @@ def test_mutation_analysis_of_each_launch(label, record, kwargs):
         # lose whatever the kernel writes beyond it.
         assert t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes(), (label, arg)
         others = [n for n, v in tensors.items()
-                  if n != arg and v.numel() and v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()]
+                  if n != arg and v.numel() and v.untyped_storage()._cdata == t.untyped_storage()._cdata]
         assert not others, f"{label}: {arg} shares its memory with {others}"
 
 
