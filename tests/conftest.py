@@ -8,9 +8,19 @@
     import triton).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
+
+# A fresh Inductor cache for each session: torch.compile's FX graph cache keys on the kernels'
+# source but not on the ops' fake functions, so one left by an older checkout replays outputs of
+# stale shapes.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fractal-kernels-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 if os.environ.get("FRACTAL_KERNELS_FAKE_GPU") == "1":
     from fractal_kernels.testing import fake_gpu
