@@ -53,9 +53,9 @@ class _Outer:
 
 def _outer_hooks():
     # The enclosing saved_tensors_hooks (say, CPU offloading or a measurement), so that tensors
-    # this block keeps still go through them. A private torch API: without it they are bypassed.
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top(False) if top is not None else None
+    # this block keeps still go through them. A private torch API (torch >= 2.0): called
+    # directly, so that a torch without it fails here rather than bypass the outer hooks.
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 @contextlib.contextmanager

@@ -125,10 +125,15 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *t: triton_join(list(t), mask), tuple(xs))
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batch_forward_and_backward(masked):
     xs = make_inputs(2, shape=(0, 3))
-    out = triton_join(xs, None)
-    assert out.shape == (0, 3)
+    mask = torch.ones(2, 0, dtype=torch.bool, device=DEVICE) if masked else None
+    with fk.count_launches() as launches:
+        out = triton_join(xs, mask)
+        grads = torch.autograd.grad(out.sum(), xs)
+    assert out.shape == (0, 3) and [g.shape for g in grads] == [(0, 3), (0, 3)]
+    assert launches[0] == 0  # nothing to compute: no kernel is launched on an empty grid
 
 
 @pytest.mark.parametrize("k,launches", [(3, 1), (8, 1), (9, 2)])
