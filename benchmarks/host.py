@@ -79,6 +79,8 @@ def step_rows(networks: list[str]) -> list[dict]:
     import fractal_kernels as fk
     from fractalnet import create_model, model_config
 
+    from .models import DROP_PATH_PER
+
     rows = []
     for network in networks:
         size, classes = (32, 10) if "cifar" in network else (64, 1000)
@@ -88,7 +90,8 @@ def step_rows(networks: list[str]) -> list[dict]:
                                         ("fused+skip", dict(skip_dropped=True))):
             torch.manual_seed(0)
             widths = (1,) * len(model_config(network)["widths"])
-            model = create_model(network, classes, in_channels=1, widths=widths, **options)
+            model = create_model(network, classes, in_channels=1, widths=widths, drop_path_per=DROP_PATH_PER,
+                                 **options)
             x, labels = torch.randn(2, 1, size, size), torch.randint(classes, (2,))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 

@@ -36,6 +36,12 @@ IMPLEMENTATIONS = {
 }
 
 
+#: Drop-path drawn per sample in every measured step: every column runs every step, so each step
+#: does the same work whatever the draw (drawn per batch, the model's default, a global batch
+#: runs one column).
+DROP_PATH_PER = "sample"
+
+
 @dataclass(frozen=True)
 class ModelCase:
     network: str
@@ -54,7 +60,8 @@ class ModelCase:
         default_batch, size, classes = NETWORKS[self.network]
         batch = batch or default_batch
         torch.manual_seed(0)
-        model = create_model(self.network, classes, fused=fused, recompute=recompute, skip_dropped=skip)
+        model = create_model(self.network, classes, fused=fused, recompute=recompute, skip_dropped=skip,
+                             drop_path_per=DROP_PATH_PER)
         if device.type != "cpu":  # (models built on fake CPU tensors cannot be moved)
             model = model.to(device)
         x = torch.randn(batch, 3, size, size, device=device)

@@ -26,6 +26,15 @@ def join_rows(columns: Sequence[int], block_columns: int) -> list[int]:
     return list(range(span, 2 ** (block_columns - 1) + 1, span))
 
 
+def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the host to a GPU asynchronously through pinned memory, so that
+    the host does not wait."""
+    device = torch.device(device)
+    if t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class DropPath:
     """The drop-path draws of one training forward pass over a batch.
 
@@ -36,8 +45,13 @@ class DropPath:
         num_blocks: blocks of the network.
         local_drop, global_ratio: the rates above.
         device: where the masks are used.
-        generator: all draws come from it (or the default RNG of ``device``), so two models fed
-            the same seed draw the same masks; its device is where they are drawn.
+        generator: all draws come from it (or the default RNG of ``device``; of the host with
+            ``per_batch``), so two models fed the same seed draw the same masks; its device is
+            where they are drawn.
+        per_batch: one draw for the whole batch, as the paper's own code does: the batch is
+            global (one column for every sample) or local (one mask for every sample), drawn on
+            the host (a handful of numbers), so the model knows which without a synchronisation.
+            By default every sample draws its own, as the PyTorch ports do.
 
     ``is_global`` [B] and ``global_column`` [B] (column numbers) describe the samples;
     :meth:`mask` gives one join's [k, B] bool mask.
@@ -53,6 +67,7 @@ class DropPath:
         global_ratio: float,
         device: torch.device,
         generator: Optional[torch.Generator] = None,
+        per_batch: bool = False,
     ):
         columns = list(columns)
         if len(columns) < 2 or columns != list(range(columns[0], columns[0] + len(columns))) or columns[-1] > block_columns:
@@ -60,7 +75,9 @@ class DropPath:
         self.columns, self.block_columns = columns, block_columns
         self.rows = join_rows(columns, block_columns)
         n, joins = len(columns), len(self.rows)
-        draw_device = generator.device if generator is not None else torch.device(device)
+        samples, batch = batch, 1 if per_batch else batch
+        self.per_batch = per_batch
+        draw_device = generator.device if generator is not None else torch.device("cpu" if per_batch else device)
         draw = torch.rand(num_blocks * joins * n * batch + 2 * batch, generator=generator, device=draw_device)
         keep_draw = draw[: num_blocks * joins * n * batch].view(num_blocks, joins, n, batch)
         sample_draw = draw[num_blocks * joins * n * batch:].view(2, batch)
@@ -78,8 +95,12 @@ class DropPath:
         chosen = (sample_draw[1] * n).long()
         self.global_column = chosen + columns[0]
         follows = positions[:, None] == chosen[None, :]
-        self._masks = torch.where(self.is_global, follows, keep).to(device)
-        self.is_global, self.global_column = self.is_global.to(device), self.global_column.to(device)
+        self._masks = copy_to_device(torch.where(self.is_global, follows, keep), device).expand(-1, -1, -1, samples)
+        if per_batch:  # on the host: the model reads them to run a global batch's column alone
+            self.is_global, self.global_column = self.is_global.expand(samples), self.global_column.expand(samples)
+        else:
+            self.is_global = self.is_global.to(device)
+            self.global_column = self.global_column.to(device)
 
     def mask(self, block: int, row: int) -> torch.Tensor:
         """The [k, B] bool mask of the join at ``row`` of block ``block`` (0-based), over the k

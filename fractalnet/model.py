@@ -27,7 +27,7 @@ from torch import nn
 import fractal_kernels as fk
 from fractal_kernels import reference
 
-from .drop_path import DropPath
+from .drop_path import DropPath, copy_to_device
 
 
 class ConvUnit(nn.Module):
@@ -39,9 +39,12 @@ class ConvUnit(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.bn = nn.BatchNorm2d(out_channels)
 
-    def activate(self, raw: torch.Tensor) -> torch.Tensor:
-        """Dropout, BatchNorm and ReLU of the conv output, unfused (nn.Dropout, nn.BatchNorm2d, ReLU)."""
-        return F.relu(self.bn(self.dropout(raw)))
+    def activate(self, raw: torch.Tensor, track_running_stats: bool = True) -> torch.Tensor:
+        """Dropout, BatchNorm and ReLU of the conv output, unfused (nn.Dropout, nn.BatchNorm2d, ReLU);
+        in training without ``track_running_stats`` the batch statistics leave the running ones alone."""
+        if track_running_stats or not self.bn.training:
+            return F.relu(self.bn(self.dropout(raw)))
+        return F.relu(F.batch_norm(self.dropout(raw), None, None, self.bn.weight, self.bn.bias, True, 0.0, self.bn.eps))
 
     @property
     def dropout_rate(self) -> float:
@@ -72,19 +75,24 @@ class DropoutSeeds:
 
 def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], fused: bool,
                        mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
-                       process_group=None, seeds: Optional[DropoutSeeds] = None) -> torch.Tensor:
+                       process_group=None, seeds: Optional[DropoutSeeds] = None,
+                       track_running_stats: bool = True) -> torch.Tensor:
     """Dropout, BatchNorm and ReLU of each unit's conv output, then their join by drop-path
     ``mask``, or by gather table ``rows`` for compact outputs (skip_dropped, where one unit may be
     left: its output is still spread over the batch). A lone unit without a table has no join. The fused ops take the dropout inside their kernels, seeded from ``seeds``. With a
-    ``process_group`` the fused ops use batch statistics over its ranks."""
+    ``process_group`` the fused ops use batch statistics over its ranks. Without
+    ``track_running_stats`` (training only) the running statistics are left unchanged."""
     if not fused:
-        activations = [unit.activate(raw) for unit, raw in zip(units, raws)]
+        activations = [unit.activate(raw, track_running_stats) for unit, raw in zip(units, raws)]
         if rows is None and len(units) == 1:
             return activations[0]
         if rows is not None:
             return reference.gather_join(activations, rows)
         return reference.masked_join(activations, mask)
     args = [dict(fk.batchnorm_arguments(unit.bn), dropout=unit.dropout_rate) for unit in units]
+    if not track_running_stats:
+        for a in args:
+            a.update(running_mean=None, running_var=None, num_batches_tracked=None)
     shared = {key: args[0][key] for key in ("training", "momentum", "eps", "dropout")}
     if (len(units) > 1 or rows is not None) and all({key: a[key] for key in shared} == shared for a in args):
         lists = {name: [a[key] for a in args] for name, key in (
@@ -130,9 +138,11 @@ class FractalBlock(nn.Module):
         return self.columns[column - 1][row // self.span(column) - 1]
 
     def forward(self, x: torch.Tensor, active: Sequence[int], masks: dict[int, torch.Tensor], fused: bool,
-                skip_dropped: bool = False, process_group=None, seeds: Optional[DropoutSeeds] = None):
+                skip_dropped: bool = False, process_group=None, seeds: Optional[DropoutSeeds] = None,
+                track_running_stats: bool = True):
         """The block restricted to the ``active`` columns (ascending), with the drop-path masks of
-        its joins by row (none outside training) and the fused units' dropout seeds."""
+        its joins by row (none outside training) and the fused units' dropout seeds; without
+        ``track_running_stats`` its BatchNorms leave their running statistics unchanged."""
         endings = self.endings(active)
         if skip_dropped and masks:
             return self._forward_skipping_dropped(x, active, endings, masks, fused, seeds)
@@ -140,7 +150,8 @@ class FractalBlock(nn.Module):
         for row, ending in endings:
             units = [self.unit(column, row) for column in ending]
             raws = [unit.conv(inputs[column]) for unit, column in zip(units, ending)]
-            out = normalize_and_join(units, raws, fused, mask=masks.get(row), process_group=process_group, seeds=seeds)
+            out = normalize_and_join(units, raws, fused, mask=masks.get(row), process_group=process_group, seeds=seeds,
+                                     track_running_stats=track_running_stats)
             inputs.update((column, out) for column in ending)
         return out
 
@@ -157,7 +168,7 @@ class FractalBlock(nn.Module):
                 if column not in segments:
                     end = next(r for r in masks if r >= row and column in ending_at[r])
                     samples = masks[end][ending_at[end].index(column)].nonzero().squeeze(1)
-                    segments[column] = (inputs[column].index_select(0, _to_device(samples, x.device)), samples)
+                    segments[column] = (inputs[column].index_select(0, copy_to_device(samples, x.device)), samples)
             units = [self.unit(column, row) for column in ending]
             raws = [unit.conv(segments[column][0]) for unit, column in zip(units, ending)]
             if row not in masks:  # a lone unit inside a segment
@@ -177,16 +188,9 @@ class FractalBlock(nn.Module):
                 for j, i in enumerate(present):
                     table[j, samples[i]] = torch.arange(len(samples[i]))
                 out = normalize_and_join([units[i] for i in present], [raws[i] for i in present], fused,
-                                         rows=_to_device(table, x.device), seeds=seeds)
+                                         rows=copy_to_device(table, x.device), seeds=seeds)
             inputs.update((column, out) for column in ending)
         return out
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, copied asynchronously from pinned memory: the host does not wait."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class ImageNetStem(nn.Module):
@@ -231,6 +235,10 @@ class FractalNet(nn.Module):
             backend; ignored under torch.compile, whose partitioner decides what to recompute.
         imagenet_stem: a 7x7/2 conv + BN + ReLU + 3x3/2 max-pool stem, and no pool after the
             last block (FractalNet-34); otherwise no stem and a pool after every block (CIFAR).
+        drop_path_per: "batch" (one draw for the whole batch, as the paper's code does: a
+            global batch runs its column alone and leaves the running statistics unchanged) or
+            "sample" (each sample draws its own, as the PyTorch ports do). Per sample, the
+            40-layer network does not train (docs/experiments/drop-path.md).
         skip_dropped: in training, run each column segment only on the samples that survive at
             the join ending it (drop-path makes the rest wasted work), and join the compact
             outputs with gather_join_bn_relu. The BatchNorm statistics of a segment then cover
@@ -258,6 +266,7 @@ class FractalNet(nn.Module):
         recompute: bool = False,
         imagenet_stem: bool = False,
         skip_dropped: bool = False,
+        drop_path_per: str = "batch",
     ):
         super().__init__()
         widths, dropout = list(widths), list(dropout)
@@ -272,6 +281,9 @@ class FractalNet(nn.Module):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
         if num_classes < 1 or in_channels < 1 or min(widths) < 1:
             raise ValueError("num_classes, in_channels and widths must be positive")
+        if drop_path_per not in ("sample", "batch"):
+            raise ValueError(f"drop_path_per must be 'sample' or 'batch', got {drop_path_per!r}")
+        self.drop_path_per = drop_path_per
         self.num_columns = columns
         self.local_drop = local_drop
         self.global_ratio = global_ratio
@@ -312,14 +324,21 @@ class FractalNet(nn.Module):
     ) -> torch.Tensor:
         active = self.active_columns(columns, column)
         drop_path = None
+        track_running_stats = True
         if self.training and len(active) > 1:
-            # skip_dropped sizes its segments from the masks: drawn on the host, they are known
-            # there without a synchronisation.
-            if self.skip_dropped and generator is not None and generator.device.type != "cpu":
-                raise ValueError("generator: skip_dropped draws drop-path on the host; pass a CPU generator")
+            # skip_dropped sizes its segments from the masks, and a batch drawn as a whole is
+            # global or not: drawn on the host, both are known there without a synchronisation.
+            per_batch = self.drop_path_per == "batch"
+            if (self.skip_dropped or per_batch) and generator is not None and generator.device.type != "cpu":
+                raise ValueError("generator: skip_dropped and per-batch drop-path draw on the host; pass a CPU generator")
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
-                                 self.global_ratio, device, generator)
+                                 self.global_ratio, device, generator, per_batch=per_batch)
+            if per_batch and drop_path.is_global[0]:
+                # The whole batch follows one column: run that column alone (the others would
+                # only feed joins that drop them). Its BatchNorms see a single column, not the
+                # network that eval runs, so their running statistics are left unchanged.
+                active, track_running_stats = [int(drop_path.global_column[0])], False
         self.last_drop_path = drop_path
         seeds = None
         if self.fused and self.training and any(unit.dropout_rate for unit in self.units()):
@@ -329,8 +348,9 @@ class FractalNet(nn.Module):
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
             h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
-                masks = {row: drop_path.mask(i, row) for row in drop_path.rows} if drop_path is not None else {}
-                h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group, seeds)
+                masks = {row: drop_path.mask(i, row) for row in drop_path.rows} if len(active) > 1 and drop_path is not None else {}
+                h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group, seeds,
+                          track_running_stats)
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))

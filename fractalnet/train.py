@@ -35,6 +35,7 @@ DEFAULTS = dict(
     weight_decay=0.0, columns=None, widths=None, dropout=None, local_drop=0.15, global_ratio=0.5,
     image_size=None, augment=None, seed=0, out=None, stop_after=None, amp=None, channels_last=False,
     compile=False, fused=True, recompute=False, skip_dropped=False, sync_bn=False, device=None,
+    drop_path_per=None, reestimate_bn=True,
 )
 #: Options that shape the model or the data: a resumed run takes them from its checkpoint.
 ARCHITECTURE = ("dataset", "model", "columns", "widths", "dropout", "image_size", "fused", "seed")
@@ -61,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=_floats_or_ints(float), help="dropout per block, e.g. 0,0.1,0.2")
     p.add_argument("--local-drop", type=float, help="local drop-path rate (default: 0.15)")
     p.add_argument("--global-ratio", type=float, help="fraction of global drop-path samples (default: 0.5)")
+    p.add_argument("--drop-path-per", choices=("batch", "sample"),
+                   help="draw drop-path per batch (the paper's code) or per sample (default: the model's)")
+    p.add_argument("--reestimate-bn", action=argparse.BooleanOptionalAction,
+                   help="after training, set the BatchNorm running statistics to their average over the "
+                        "training set for the whole network (default: on; drop-path models only)")
     p.add_argument("--image-size", type=int, help="resize images to this size (default: 32; imagefolder 224)")
     p.add_argument("--augment", choices=("none", "plus"),
                    help='"plus": the paper\'s translation and flip (default for all but digits)')
@@ -161,6 +167,8 @@ def build_model(args, dataset: data.Dataset, device: torch.device) -> FractalNet
     overrides = {k: getattr(args, k) for k in ("columns", "widths", "dropout") if getattr(args, k) is not None}
     if args.skip_dropped:
         overrides["skip_dropped"] = True
+    if args.drop_path_per is not None:
+        overrides["drop_path_per"] = args.drop_path_per
     try:
         model = create_model(
             args.model, dataset.num_classes, in_channels=dataset.channels, local_drop=args.local_drop,
@@ -207,21 +215,45 @@ def evaluate(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> t
     return loss / len(dataset.test), correct / len(dataset.test), time.perf_counter() - start
 
 
-def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world) -> dict:
+def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> None:
+    """Sets every BatchNorm's running statistics, in place, to the average of the batch
+    statistics that the network run as ``mode`` (the whole network, columns=k or column=k) sees
+    over the training set, without augmentation, dropout or drop-path. Drop-path trains many
+    sub-networks, and the running averages mix their statistics; the network evaluated has its
+    own (the BatchNorm re-estimation of Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021)."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in batchnorms]
+    model.eval()
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # the cumulative average
+        bn.train()
+    with torch.no_grad(), autocast(args, device):
+        for images, _ in data.batches(dataset.train, args.batch_size, torch.arange(len(dataset.train)),
+                                      dataset.image_size):
+            model(prepared(images, dataset, args, device), **mode)
+    for bn, momentum in zip(batchnorms, momenta):
+        bn.momentum = momentum
+    model.eval()
+
+
+def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
+                verbose: bool = True) -> dict:
     """One epoch over this rank's shard of a permutation shared by all ranks (full batches only)."""
     permutation = torch.randperm(len(dataset.train), generator=generators["data"])
     shard = permutation[rank::world]
     steps = len(permutation) // world // args.batch_size
     shard = shard[: steps * args.batch_size]
     augment = generators["augment"] if args.augment == "plus" else None
+    drop_path_generator = {"generator": generators["drop_path"]} if "drop_path" in generators else {}
     totals = dict(loss=0.0, correct=0, seen=0)
     start = time.perf_counter()
     bar = tqdm(data.batches(dataset.train, args.batch_size, shard, dataset.image_size), total=steps,
-               desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 else True, leave=False)
+               desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 and verbose else True, leave=False)
     for images, labels in bar:
         labels = labels.to(device, non_blocking=True)
         with autocast(args, device):
-            out = forward(prepared(images, dataset, args, device, augment))
+            out = forward(prepared(images, dataset, args, device, augment), **drop_path_generator)
             loss = F.cross_entropy(out.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -303,21 +335,9 @@ def digest(tensors) -> str:
 def run(argv=None) -> dict:
     args, checkpoint = resolve(argv)
     rank, world, device = distributed_setup(args)
-    try:
-        dataset = data.load(args.dataset, args.data, args.image_size, args.seed)
-    except data.DataError as error:
-        raise CLIError(str(error)) from None
-    args.image_size = dataset.image_size
-    if args.augment is None:
-        args.augment = "none" if args.dataset == "digits" else "plus"
+    dataset = load_dataset(args, world)
     if args.sync_bn and args.skip_dropped:
         raise CLIError("--sync-bn and --skip-dropped do not combine: compact segments keep per-rank statistics")
-    if args.batch_size < 1 or args.batch_size * world > len(dataset.train):
-        raise CLIError(f"--batch-size {args.batch_size} cannot be filled: {len(dataset.train)} training images "
-                       f"for {world} process(es)")
-    if args.epochs < 1:
-        raise CLIError(f"--epochs must be at least 1, got {args.epochs}")
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, dataset, device)
     if args.sync_bn and world > 1:
@@ -325,11 +345,43 @@ def run(argv=None) -> dict:
             model.process_group = dist.group.WORLD
         else:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    try:
+        return fit(model, dataset, args, device, rank=rank, world=world, checkpoint=checkpoint)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def load_dataset(args, world: int = 1) -> data.Dataset:
+    """The run's dataset, with the options that depend on it checked and settled."""
+    try:
+        dataset = data.load(args.dataset, args.data, args.image_size, args.seed)
+    except data.DataError as error:
+        raise CLIError(str(error)) from None
+    args.image_size = dataset.image_size
+    if args.augment is None:
+        args.augment = "none" if args.dataset == "digits" else "plus"
+    if args.batch_size < 1 or args.batch_size * world > len(dataset.train):
+        raise CLIError(f"--batch-size {args.batch_size} cannot be filled: {len(dataset.train)} training images "
+                       f"for {world} process(es)")
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be at least 1, got {args.epochs}")
+    return dataset
+
+
+def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, rank: int = 0, world: int = 1,
+        checkpoint: Optional[dict] = None, verbose: bool = True) -> dict:
+    """Trains ``model`` (a FractalNet, or any classifier, such as a column extracted from one)
+    with the recipe in ``args``: SGD with momentum, the paper's schedule, checkpoints and
+    metrics under ``args.out``. A FractalNet also gets its anytime table. Returns the result."""
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     generators = {"data": torch.Generator().manual_seed(args.seed),
                   "augment": torch.Generator(device=device).manual_seed(args.seed + 1 + rank)}
-    torch.manual_seed(args.seed + 2 + rank)  # dropout and drop-path: independent per rank
+    torch.manual_seed(args.seed + 2 + rank)  # dropout and per-sample drop-path: independent per rank
+    draws_per_batch = isinstance(model, FractalNet) and model.drop_path_per == "batch"
+    if draws_per_batch:  # one draw for the whole global batch: the same on every rank
+        generators["drop_path"] = torch.Generator().manual_seed(args.seed + 2**31)
     history, best, start_epoch = [], 0.0, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -338,45 +390,54 @@ def run(argv=None) -> dict:
             scaler.load_state_dict(checkpoint["scaler"])
         history, best, start_epoch = checkpoint["history"], checkpoint["best_accuracy"], checkpoint["epoch"]
         generators["data"].set_state(checkpoint["rng"]["data"])
+        if draws_per_batch and checkpoint["rng"].get("drop_path") is not None:
+            generators["drop_path"].set_state(checkpoint["rng"]["drop_path"])
         if rank == 0:  # the other ranks' streams were not saved: they restart from their seeds
             generators["augment"].set_state(checkpoint["rng"]["augment"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
             if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # A batch drawn global runs one column, and skip_dropped may leave a segment without
+    # samples: those steps leave parameters without a gradient.
+    leaves_parameters_out = isinstance(model, FractalNet) and (draws_per_batch or model.skip_dropped)
+    trained = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=leaves_parameters_out)
+               if world > 1 else model)
     forward = torch.compile(trained) if args.compile else trained
     out = Path(args.out) if args.out else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    report = rank == 0 and verbose
 
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     for epoch in range(start_epoch, last_epoch):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, args)
         model.train()
-        stats = train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world)
+        stats = train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
+                            verbose)
         test_loss, test_accuracy, _ = evaluate(model, dataset, args, device)
         history.append(dict(epoch=epoch + 1, lr=lr_at(epoch, args), **stats, test_loss=test_loss,
                             test_accuracy=test_accuracy))
         improved = test_accuracy > best
         best = max(best, test_accuracy)
-        if rank == 0:
+        if report:
             print(f"epoch {epoch + 1}/{args.epochs}  lr {lr_at(epoch, args):.4g}  loss {stats['train_loss']:.4f}  "
                   f"train acc {100 * stats['train_accuracy']:.2f}%  test acc {100 * test_accuracy:.2f}%  "
                   f"{stats['images_per_s']:.0f} img/s  {stats['epoch_seconds']:.1f} s", flush=True)
-            if out is not None:
-                state = dict(
-                    format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1,
-                    args={k: v for k, v in vars(args).items() if k in DEFAULTS}, history=history, best_accuracy=best,
-                    schedule=dict(milestones=milestones(args.epochs), gamma=0.1),
-                    rng=dict(torch=torch.get_rng_state(), data=generators["data"].get_state(),
-                             augment=generators["augment"].get_state(),
-                             cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
-                )
-                save_atomically(state, out / "last.pt")
-                if improved:
-                    save_atomically(state, out / "best.pt")
+        if out is not None and rank == 0:
+            state = dict(
+                format=CHECKPOINT_FORMAT, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1,
+                args={k: v for k, v in vars(args).items() if k in DEFAULTS}, history=history, best_accuracy=best,
+                schedule=dict(milestones=milestones(args.epochs), gamma=0.1),
+                rng=dict(torch=torch.get_rng_state(), data=generators["data"].get_state(),
+                         augment=generators["augment"].get_state(),
+                         drop_path=generators["drop_path"].get_state() if draws_per_batch else None,
+                         cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+            )
+            save_atomically(state, out / "last.pt")
+            if improved:
+                save_atomically(state, out / "best.pt")
 
     result = dict(args={k: v for k, v in vars(args).items() if k in DEFAULTS}, history=history,
                   final_accuracy=history[-1]["test_accuracy"] if history else None, best_accuracy=best)
@@ -384,19 +445,35 @@ def run(argv=None) -> dict:
         # Parameters agree across ranks; running statistics too with --sync-bn.
         print(f"rank {rank}: weights sha256 {digest(model.parameters())} "
               f"buffers sha256 {digest(model.buffers())}", flush=True)
-    if rank == 0 and last_epoch == args.epochs:
+    finished = last_epoch == args.epochs and isinstance(model, FractalNet)
+    reestimate = (finished and args.reestimate_bn and (model.local_drop or model.global_ratio)
+                  and model.num_columns > 1)
+    if reestimate:  # on every rank: synchronised BatchNorm gathers the statistics of all
+        reestimate_batchnorm(model, dataset, args, device)
+    if rank == 0 and finished:
+        if reestimate:
+            _, accuracy, _ = evaluate(model, dataset, args, device)
+            result.update(final_accuracy_running_stats=result["final_accuracy"], final_accuracy=accuracy)
+            if report:
+                print(f"BatchNorm statistics re-estimated for the whole network: test acc "
+                      f"{100 * result['final_accuracy_running_stats']:.2f}% -> {100 * accuracy:.2f}%", flush=True)
+            if out is not None:
+                checkpoint_state = torch.load(out / "last.pt", weights_only=False)
+                checkpoint_state["model"] = model.state_dict()
+                save_atomically(checkpoint_state, out / "last.pt")
         anytime = anytime_table(model, dataset, args, device)
         result.update(anytime=anytime, peak_memory_bytes=peak_memory_bytes(device),
                       images_per_s=sum(h["images_per_s"] for h in history) / max(len(history), 1))
-        print("\nanytime prediction (test set)\n  mode     k  depth  accuracy  ms/image")
-        for r in anytime:
-            print(f"  {r['mode']:<7} {r['k']:>2}  {r['depth']:>5}  {100 * r['accuracy']:7.2f}%  {r['ms_per_image']:8.3f}")
+        if report:
+            print("\nanytime prediction (test set)\n  mode     k  depth  accuracy  ms/image")
+            for r in anytime:
+                print(f"  {r['mode']:<7} {r['k']:>2}  {r['depth']:>5}  {100 * r['accuracy']:7.2f}%  "
+                      f"{r['ms_per_image']:8.3f}")
         if out is not None:
             (out / "metrics.json").write_text(json.dumps(result, indent=1))
             write_plots(history, anytime, out)
-            print(f"\nwrote {out}/metrics.json, curves.png, anytime.png, last.pt, best.pt")
-    if world > 1:
-        dist.destroy_process_group()
+            if report:
+                print(f"\nwrote {out}/metrics.json, curves.png, anytime.png, last.pt, best.pt")
     return result
 
 
@@ -410,11 +487,16 @@ def main(argv=None) -> int:
 
 
 def console() -> int:
-    """The ``fractalnet`` console script: ``fractalnet train [options]``."""
-    if len(sys.argv) < 2 or sys.argv[1] != "train":
-        print("usage: fractalnet train [options]   (fractalnet train --help for the options)", file=sys.stderr)
-        return 2
-    return main(sys.argv[2:])
+    """The ``fractalnet`` console script: ``fractalnet train [options]`` or ``fractalnet experiments ...``."""
+    if len(sys.argv) >= 2 and sys.argv[1] == "train":
+        return main(sys.argv[2:])
+    if len(sys.argv) >= 2 and sys.argv[1] == "experiments":
+        from . import experiments
+
+        return experiments.main(sys.argv[2:])
+    print("usage: fractalnet train [options] | fractalnet experiments {depth,drop-path,anytime,all} [options]\n"
+          "       (--help after either for its options)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

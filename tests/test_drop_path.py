@@ -84,3 +84,16 @@ def test_one_draw_and_few_kernels():
     assert counts["aten"] <= 25
     with pytest.raises(ValueError, match="consecutive"):
         sample(columns=(1, 3))
+
+
+def test_per_batch_draws_one_mask_for_the_whole_batch():
+    dps = [DropPath(64, (1, 2, 3), 3, 2, 0.15, 0.5, torch.device("cpu"), torch.Generator().manual_seed(seed),
+                    per_batch=True) for seed in range(200)]
+    for dp in dps:
+        for block in range(2):
+            for row in dp.rows:
+                mask = dp.mask(block, row)
+                assert torch.equal(mask, mask[:, :1].expand_as(mask))  # every sample alike
+        assert dp.is_global.all() or not dp.is_global.any()
+    global_batches = sum(bool(dp.is_global[0]) for dp in dps)
+    assert 70 <= global_batches <= 130  # half the batches, one column for all

@@ -131,13 +131,45 @@ BAD = [
 ]
 
 
+BAD_BN = [
+    ("weights count", lambda p: {**p, "weights": p["weights"][:1]}, ValueError, r"weights must have one entry per input \(2\), got 1"),
+    ("running_vars shape", lambda p: {**p, "running_vars": [torch.ones(3, device=DEVICE)] * 2}, ValueError,
+     r"running_vars\[0\]"),
+    ("momentum None", lambda p: {**p, "momentum": None}, ValueError, "needs num_batches_tracked"),
+    ("eps", lambda p: {**p, "eps": 0.0}, ValueError, "eps"),
+    ("dropout", lambda p: {**p, "dropout": 1.5}, ValueError, r"dropout must be a probability in \[0, 1\]"),
+    ("seeds", lambda p: {**p, "dropout": 0.5, "seeds": torch.zeros(1, dtype=torch.int64, device=DEVICE)}, ValueError,
+     r"seeds must hold one seed per input \(2\), got 1"),
+    ("one row of a channel", lambda p: {**p, "inputs": [p["inputs"][0][:1], p["inputs"][1]],
+                                        "rows": make_rows((1, 5))}, ValueError, "more than 1 value per channel"),
+]
+
+
+def gather_bn_arguments():
+    return dict(inputs=[torch.randn(3, 4, 1, 1, device=DEVICE), torch.randn(5, 4, 1, 1, device=DEVICE)],
+                rows=make_rows((3, 5)), weights=[torch.ones(4, device=DEVICE)] * 2,
+                biases=[torch.zeros(4, device=DEVICE)] * 2, running_means=[torch.zeros(4, device=DEVICE)] * 2,
+                running_vars=[torch.ones(4, device=DEVICE)] * 2, training=True)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_arguments(case, backend):
     _, change, error, message = case
     xs, rows = change([torch.randn(3, 4, 2, 2, device=DEVICE), torch.randn(5, 4, 2, 2, device=DEVICE)], make_rows((3, 5)))
+    params = {**gather_bn_arguments(), "inputs": xs, "rows": rows}
+    for op, args in ((fk.gather_join, dict(inputs=xs, rows=rows)), (fk.gather_join_bn_relu, params)):
+        with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
+            op(**args)
+        assert launches[0] == 0, op.__name__
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", BAD_BN, ids=[c[0] for c in BAD_BN])
+def test_bad_batchnorm_arguments(case, backend):
+    _, change, error, message = case
     with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
-        fk.gather_join(xs, rows)
+        fk.gather_join_bn_relu(**change(gather_bn_arguments()))
     assert launches[0] == 0
 
 
@@ -145,7 +177,8 @@ def test_bad_arguments(case, backend):
 # The skip_dropped model
 # ----------------------------------------------------------------------------------------------
 
-SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.0, 0.0))
+# Drawn per sample, segments carry different subsets of the batch (the case skip_dropped is for).
+SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.0, 0.0), drop_path_per="sample")
 
 
 def model_pair(fused=True, **overrides):
@@ -204,7 +237,8 @@ def test_convolution_work_skipped_matches_the_drop_path_probabilities():
     """Samples each conv processes, over many steps, against the expected survival of the
     segment it belongs to: global samples keep one column of C, local ones keep each of a
     k-input join's inputs with probability (1 - p) + p^k / k."""
-    model = FractalNet(10, widths=(4, 4), columns=3, dropout=(0.0, 0.0), skip_dropped=True, fused=False)
+    model = FractalNet(10, widths=(4, 4), columns=3, dropout=(0.0, 0.0), skip_dropped=True, fused=False,
+                       drop_path_per="sample")
     counts = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
@@ -225,6 +259,26 @@ def test_convolution_work_skipped_matches_the_drop_path_probabilities():
             for b in range(2):
                 seen = counts[f"blocks.{b}.columns.{column - 1}.{u}.conv"] / (steps * batch_size)
                 assert abs(seen - expected) < 0.06, (b, column, u, seen, expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drawn_per_batch_skipping_is_the_dense_computation(seed):
+    """Drawn per batch, every segment carries the whole batch or nothing, so the BatchNorm
+    statistics of the dense model already leave out the samples a segment does not carry:
+    training BatchNorm, the same outputs, gradients and running statistics of every unit that
+    ran (a unit skipping leaves out keeps its own). Drawn per sample, the two differ by design."""
+    dense, skipping = model_pair(drop_path_per="batch")
+    x = batch()
+    with fk.use_backend("triton"):
+        out_d, grads_d = train_step(dense, x, generator=torch.Generator().manual_seed(seed))
+        out_s, grads_s = train_step(skipping, x, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
+    for name, g in grads_s.items():
+        torch.testing.assert_close(g, grads_d[name], atol=1e-5, rtol=1e-4, msg=name)
+    ran = {name.rsplit(".", 2)[0] for name, g in grads_s.items() if g.any()}  # units that saw samples
+    for name, value in skipping.state_dict().items():
+        if name.rsplit(".", 2)[0] in ran and "running" in name:
+            torch.testing.assert_close(value, dense.state_dict()[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_eval_is_dense_and_unchanged():

@@ -1,6 +1,8 @@
 """The FractalNet model: structure, fused vs eager equivalence, drop-path, anytime prediction,
 extraction, layouts, autocast, activation memory."""
 
+import copy
+
 import pytest
 import torch
 from helpers import DEVICE, freeze_batchnorm, train_step
@@ -9,8 +11,10 @@ from torch import nn
 import fractal_kernels as fk
 from fractal_kernels.testing import saved_bytes
 from fractalnet import FractalNet, create_model, list_models
+from fractalnet.drop_path import DropPath
 
-SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.1, 0.2))
+# Drop-path per sample: every column runs in every training step, whatever the draw.
+SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.1, 0.2), drop_path_per="sample")
 
 
 def small_pair(seed=0, **overrides):
@@ -53,16 +57,18 @@ def assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("per", ["sample", "batch"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fused_and_eager_models_agree_in_training(backend):
+def test_fused_and_eager_models_agree_in_training(backend, per):
     """Without dropout the two draw the same drop-path and compute the same step (dropout draws
     its masks differently: see the next test)."""
-    fused, eager = small_pair(dropout=(0.0, 0.0, 0.0))
+    fused, eager = small_pair(dropout=(0.0, 0.0, 0.0), drop_path_per=per)
     x = batch()
-    with fk.use_backend(backend):
-        out_f, grads_f = train_step(fused, x)
-    out_e, grads_e = train_step(eager, x)
-    assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e)
+    for seed in range(3):  # per batch: global and local batches
+        with fk.use_backend(backend):
+            out_f, grads_f = train_step(fused, x, seed=seed)
+        out_e, grads_e = train_step(eager, x, seed=seed)
+        assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e)
 
 
 class KernelMaskDropout(nn.Module):
@@ -110,6 +116,33 @@ def test_global_drop_path_with_frozen_bn_runs_one_column_per_sample():
         for b in range(x.shape[0]):
             alone = model(x[b:b + 1], column=int(columns[b]))
             torch.testing.assert_close(out[b], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_per_batch_global_batch_is_its_column_alone_and_keeps_running_stats(fused):
+    """Drawn per batch, a global batch is the network restricted to its column, step for step,
+    and leaves every running statistic as it was; a local batch updates them."""
+    model = FractalNet(10, **{**SMALL, "dropout": (0.0,) * 3, "drop_path_per": "batch"}, fused=fused).to(DEVICE)
+    x = batch()
+    generators = [torch.Generator().manual_seed(seed) for seed in range(40)]
+    draws = [(g.get_state(), DropPath(8, (1, 2, 3), 3, 3, 0.15, 0.5, DEVICE, g, per_batch=True)) for g in generators]
+    global_state, global_draw = next((s, d) for s, d in draws if d.is_global[0])
+    local_state, _ = next((s, d) for s, d in draws if not d.is_global[0])
+    column = int(global_draw.global_column[0])
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = copy.deepcopy(model)
+    with fk.use_backend("triton"):
+        out, grads = train_step(model, x, generator=torch.Generator().set_state(global_state))
+        for bn in (m for m in alone.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.track_running_stats = False
+        out_alone, grads_alone = train_step(alone, x, column=column)
+    torch.testing.assert_close(out, out_alone)
+    assert grads.keys() == grads_alone.keys() and all(torch.equal(grads[k], grads_alone[k]) for k in grads)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    with fk.use_backend("triton"):
+        train_step(model, x, generator=torch.Generator().set_state(local_state))
+    changed = [k for k, v in model.state_dict().items() if k.endswith("running_mean") and not torch.equal(v, buffers[k])]
+    assert changed
 
 
 def test_anytime_truncation_and_single_columns():
@@ -191,9 +224,21 @@ def test_recompute_gives_the_same_gradients_and_saves_memory():
 
 
 def test_state_dicts_are_interchangeable():
-    fused, eager = small_pair()
-    assert fused.state_dict().keys() == eager.state_dict().keys()
-    eager.load_state_dict(fused.state_dict())
+    """A trained fused model's state loads into the eager one value for value (running statistics
+    and counters included), and both then compute the same eval output."""
+    fused, eager = small_pair(seed=3)
+    with fk.use_backend("triton"):
+        train_step(fused, batch())
+    state = fused.state_dict()
+    assert state.keys() == eager.state_dict().keys()
+    eager.load_state_dict(state)
+    for key, value in eager.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert any(k.endswith("num_batches_tracked") and v.item() == 1 for k, v in state.items())
+    fused.eval(), eager.eval()
+    x = batch(seed=4)
+    with fk.use_backend("triton"):
+        torch.testing.assert_close(fused(x), eager(x), atol=1e-5, rtol=1e-5)
 
 
 BAD = [
@@ -223,16 +268,18 @@ def test_bad_column_arguments(kwargs, message):
         model.extract_column(5)
 
 
-@pytest.mark.parametrize("variant", ["eager", "fused", "recompute", "skip_dropped"])
+@pytest.mark.parametrize("variant", ["eager", "fused", "recompute", "skip_dropped", "per_batch"])
 def test_training_step_reads_nothing_back_from_the_device(variant):
     """No synchronisation inside a training step, so that it can be captured in a CUDA graph: on
     meta tensors (no data, so any read of one fails) under no_host_reads, forward, backward and
-    the optimizer step run through; skip_dropped reads only its masks, which it draws on the host."""
+    the optimizer step run through; skip_dropped and per-batch drop-path read only their masks,
+    which they draw on the host."""
     from fractal_kernels.testing import no_host_reads
 
     torch.manual_seed(0)
-    model = FractalNet(10, **SMALL, fused=variant != "eager", recompute=variant == "recompute",
-                       skip_dropped=variant == "skip_dropped").to("meta")
+    per = "batch" if variant == "per_batch" else "sample"
+    model = FractalNet(10, **{**SMALL, "drop_path_per": per}, fused=variant != "eager",
+                       recompute=variant == "recompute", skip_dropped=variant == "skip_dropped").to("meta")
     x = torch.empty(8, 3, 16, 16, device="meta")
     labels = torch.empty(8, dtype=torch.int64, device="meta")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

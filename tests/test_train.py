@@ -45,15 +45,18 @@ def test_resume_continues_exactly(tmp_path):
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
 
-@pytest.mark.parametrize("sync_bn", [False, True], ids=["ddp", "ddp-sync-bn"])
-def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn):
+@pytest.mark.parametrize("sync_bn, per", [(False, "sample"), (False, "batch"), (True, "batch")],
+                         ids=["ddp-per-sample", "ddp-per-batch", "ddp-sync-bn-per-batch"])
+def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn, per):
+    """Drawn per batch, both ranks draw the same (a global batch runs the same column on each,
+    so DDP and synchronised BatchNorm see the same parameters and collectives)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    options = []
+    options = ["--drop-path-per", per]
     if sync_bn:  # synchronised statistics run on the Triton kernels: interpreted on CPU
         env.update(TRITON_INTERPRET="1", FRACTAL_KERNELS_BACKEND="triton")
-        options = ["--sync-bn"]
+        options.append("--sync-bn")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(29700 + os.getpid() % 200 + sync_bn), "-m", "fractalnet.train", *TINY, "--batch-size", "200",
+               str(29700 + os.getpid() % 200 * 3 + 2 * sync_bn + (per == "batch")), "-m", "fractalnet.train", *TINY,
                "--epochs", "1", "--out", str(tmp_path), *options]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
