@@ -1,0 +1,323 @@
+"""The paper's experiments as one command.
+
+    python -m fractalnet.experiments {depth,drop-path,anytime,all} --dataset digits --out DIR [--seeds N]
+    fractalnet experiments ...                                             (the same)
+
+* depth: for C = 1..4 columns (depth 5, 10, 20, 40 with B = 5 blocks; fewer blocks where the image
+  is too small for five poolings, said in the output): the FractalNet (the model's default
+  drop-path), its deepest column, and the plain network of that depth trained alone (same widths,
+  pooling, dropout and schedule): test error and final training loss.
+* drop-path: none, local only, local + global drawn per sample (the PyTorch ports), the same with
+  BatchNorm statistics over only the samples each segment carries (skip_dropped), and local +
+  global drawn per batch (the paper's code, the model's default): the whole network and each
+  column alone, with the running statistics training left and with statistics re-estimated for
+  the network evaluated.
+* anytime: error and measured latency of each column alone and each truncation, each with its
+  own re-estimated BatchNorm statistics.
+
+Every run trains with the training CLI's own loop (fractalnet.train.fit), writes its checkpoint
+and result under DIR/runs/, and is not repeated once finished (an interrupted one resumes). Each
+experiment writes DIR/<experiment>.md (tables), .json (every number, with hardware, versions,
+seeds and wall time) and .png. The digits preset (32x32, B = 5, widths 8..64, 20 epochs) finishes
+on two CPU cores in about 20 minutes; the CIFAR settings are the paper's and want a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import data
+from .model import FractalNet
+from .train import DEFAULTS, CLIError, evaluate, fit, load_checkpoint, load_dataset, reestimate_batchnorm
+
+EXPERIMENTS = ("depth", "drop-path", "anytime")
+
+#: Per dataset: the architecture and recipe of every run (the paper's for CIFAR; small for the
+#: embedded digits, so that ``all`` finishes on two CPU cores).
+PRESETS = {
+    "digits": dict(image_size=32, widths=(8, 16, 32, 64, 64), dropout=(0.0,) * 5, batch_size=50, epochs=20, lr=0.02),
+    "cifar10": dict(image_size=32, widths=(64, 128, 256, 512, 512), dropout=(0.0, 0.1, 0.2, 0.3, 0.4),
+                    batch_size=100, epochs=400, lr=0.02),
+}
+PRESETS["cifar100"] = PRESETS["cifar10"]
+PRESETS["imagefolder"] = dict(image_size=64, widths=(64, 128, 256, 512, 512), dropout=(0.0,) * 5, batch_size=100,
+                              epochs=90, lr=0.02)
+
+#: Drop-path variants: (label, local_drop, global_ratio, drawn per, skip_dropped). skip_dropped is
+#: the dense computation whose BatchNorm statistics leave out the samples a segment does not carry.
+DROP_PATH = [("none", 0.0, 0.0, "sample", False), ("local", 0.15, 0.0, "sample", False),
+             ("local+global per sample", 0.15, 0.5, "sample", False),
+             ("local+global per sample, BN of carried samples", 0.15, 0.5, "sample", True),
+             ("local+global per batch", 0.15, 0.5, "batch", False)]
+#: The model's own drop-path (FractalNet's defaults): the depth and anytime experiments train it.
+MODEL_DEFAULT = tuple(inspect.signature(FractalNet).parameters[name].default
+                      for name in ("local_drop", "global_ratio", "drop_path_per", "skip_dropped"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fractalnet experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=(*EXPERIMENTS, "all"))
+    p.add_argument("--dataset", choices=data.DATASETS, default="digits")
+    p.add_argument("--data", metavar="DIR", help="folder of cifar10/cifar100/imagefolder data")
+    p.add_argument("--out", metavar="DIR", required=True)
+    p.add_argument("--seeds", type=int, default=1, help="runs of each configuration (seeds 0..N-1)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs (a quick look)")
+    p.add_argument("--image-size", type=int, help="override the preset's image size (fewer blocks if smaller)")
+    p.add_argument("--columns", type=int, default=4, help="the deepest C of the depth experiment (default 4)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    return p
+
+
+class Runner:
+    """Trains, caches and evaluates the runs of the experiments."""
+
+    def __init__(self, options: argparse.Namespace):
+        self.options = options
+        preset = dict(PRESETS[options.dataset])
+        for key in ("epochs", "image_size"):
+            if getattr(options, key):
+                preset[key] = getattr(options, key)
+        # The experiments re-estimate BatchNorm statistics themselves, for each network evaluated.
+        self.base = dict(DEFAULTS, dataset=options.dataset, data=options.data, reestimate_bn=False, **preset)
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dataset = load_dataset(argparse.Namespace(**self.base))
+        self.base["augment"] = "none" if options.dataset == "digits" else "plus"
+        # Each block halves the image: keep at least a 1x1 map after the last pooling.
+        self.blocks = min(len(preset["widths"]), max(1, (self.dataset.image_size.bit_length() - 1)))
+        self.out = Path(options.out)
+        self.seeds = list(range(options.seeds))
+
+    def args(self, seed: int, out: Path, **overrides) -> argparse.Namespace:
+        options = dict(self.base, seed=seed, out=str(out), device=str(self.device), **overrides)
+        return argparse.Namespace(**options)
+
+    def fractal(self, columns: int, drop_path: tuple = MODEL_DEFAULT) -> tuple[str, Callable[[], FractalNet]]:
+        """The run name and builder of a FractalNet with ``columns`` columns and ``drop_path``
+        (local_drop, global_ratio, drawn per, skip_dropped): one name per configuration, so
+        experiments share the runs they have in common."""
+        local_drop, global_ratio, per, skip = drop_path
+        name = f"fractal-C{columns}-local{local_drop}-global{global_ratio}-per-{per}" + ("-skip" if skip else "")
+        return name, lambda: FractalNet(
+            self.dataset.num_classes, in_channels=self.dataset.channels, widths=self.base["widths"][:self.blocks],
+            dropout=self.base["dropout"][:self.blocks], columns=columns, local_drop=local_drop,
+            global_ratio=global_ratio, drop_path_per=per, skip_dropped=skip)
+
+    def train(self, name: str, seed: int, build: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+        """The model of run ``name`` trained with ``seed``: from its finished result if there is
+        one, resumed from its last checkpoint if it was interrupted, or trained now."""
+        folder = self.out / "runs" / name / f"seed{seed}"
+        args = self.args(seed, folder)
+        torch.manual_seed(seed)
+        model = build().to(self.device)
+        result_path = folder / "result.json"
+        if result_path.exists():
+            model.load_state_dict(load_checkpoint(str(folder / "last.pt"))["model"])
+            return model, json.loads(result_path.read_text())
+        checkpoint = load_checkpoint(str(folder / "last.pt")) if (folder / "last.pt").exists() else None
+        start = time.perf_counter()
+        result = fit(model, self.dataset, args, self.device, checkpoint=checkpoint, verbose=False)
+        result["wall_seconds"] = time.perf_counter() - start  # of this process's share, if it resumed
+        result_path.write_text(json.dumps(result, indent=1))
+        return model, result
+
+    def error(self, model: nn.Module, **mode) -> float:
+        """Test error (%) in eval mode; ``mode`` is columns=k or column=k."""
+        _, accuracy, _ = evaluate(model, self.dataset, argparse.Namespace(**self.base), self.device, **mode)
+        return 100 * (1 - accuracy)
+
+    def reestimated(self, model: nn.Module, **mode) -> nn.Module:
+        """A copy of ``model`` with its BatchNorm statistics re-estimated for the sub-network
+        ``mode`` (columns=k or column=k) over the training set."""
+        model = copy.deepcopy(model)
+        reestimate_batchnorm(model, self.dataset, argparse.Namespace(**self.base), self.device, **mode)
+        return model
+
+    def error_reestimated(self, model: nn.Module, **mode) -> float:
+        """Test error (%) of the sub-network ``mode`` with its own BatchNorm statistics."""
+        return self.error(self.reestimated(model, **mode), **mode)
+
+
+def _mean(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def depth(runner: Runner, columns: int) -> dict:
+    rows = []
+    for c in tqdm(range(1, columns + 1), desc="depth"):
+        fractal, column, plain, losses = [], [], [], {"fractal": [], "plain": []}
+        for seed in runner.seeds:
+            name, build = runner.fractal(c)
+            model, result = runner.train(name, seed, build)
+            fractal.append(runner.error_reestimated(model))
+            column.append(runner.error_reestimated(model, column=c))
+            losses["fractal"].append(result["history"][-1]["train_loss"])
+            alone, result = runner.train(f"plain-C{c}", seed, lambda: build().extract_column(c))
+            plain.append(runner.error(alone))
+            losses["plain"].append(result["history"][-1]["train_loss"])
+        rows.append(dict(columns=c, depth=runner.blocks * 2 ** (c - 1), fractal_error=fractal,
+                         deepest_column_error=column, plain_error=plain, fractal_train_loss=losses["fractal"],
+                         plain_train_loss=losses["plain"]))
+    table = ["| depth (C) | FractalNet error % | its deepest column alone % | plain net trained alone % | "
+             "final train loss fractal / plain |", "|---|---|---|---|---|"]
+    table += [f"| {r['depth']} ({r['columns']}) | {_mean(r['fractal_error'])} | {_mean(r['deepest_column_error'])} | "
+              f"{_mean(r['plain_error'])} | {_mean(r['fractal_train_loss'])} / {_mean(r['plain_train_loss'])} |"
+              for r in rows]
+    return dict(rows=rows, table=table, notes=DEPTH_NOTES)
+
+
+DEPTH_NOTES = ("FractalNets trained with the model's default drop-path and evaluated with BatchNorm statistics "
+               "re-estimated for the network evaluated (the whole network, or the deepest column alone); the "
+               "plain net is the deepest column of an untrained FractalNet, trained alone without drop-path and "
+               "evaluated with its running statistics.")
+
+
+def drop_path(runner: Runner, columns: int) -> dict:
+    rows = []
+    for variant in tqdm(DROP_PATH, desc="drop-path"):
+        label, *drop = variant
+        whole, loss = {"running": [], "reestimated": []}, []
+        alone = {c: {"running": [], "reestimated": []} for c in range(1, columns + 1)}
+        for seed in runner.seeds:
+            name, build = runner.fractal(columns, tuple(drop))
+            model, result = runner.train(name, seed, build)
+            loss.append(result["history"][-1]["train_loss"])
+            whole["running"].append(runner.error(model))
+            whole["reestimated"].append(runner.error_reestimated(model))
+            for c in range(1, columns + 1):
+                alone[c]["running"].append(runner.error(model, column=c))
+                alone[c]["reestimated"].append(runner.error_reestimated(model, column=c))
+        rows.append(dict(variant=label, local_drop=drop[0], global_ratio=drop[1], drawn_per=drop[2],
+                         skip_dropped=drop[3], train_loss=loss, error=whole, column_error=alone))
+    header = " | ".join(f"column {c} alone %" for c in range(1, columns + 1))
+    table = [f"| drop-path | final train loss | whole network % | {header} |", "|---|---|---|" + "---|" * columns]
+    table += [f"| {r['variant']} | {_mean(r['train_loss'])} | " + " | ".join(
+        f"{_mean(e['running'])} / {_mean(e['reestimated'])}" for e in (r["error"], *r["column_error"].values())) + " |"
+        for r in rows]
+    return dict(columns=columns, rows=rows, table=table, notes=DROP_PATH_NOTES)
+
+
+DROP_PATH_NOTES = ("Errors as running statistics / re-estimated: with the BatchNorm running statistics training "
+                   "left, then with statistics re-estimated over the training set for the network evaluated. "
+                   "\"BN of carried samples\" trains with skip_dropped: each segment's BatchNorm statistics cover "
+                   "only the samples that segment carries.")
+
+
+def anytime(runner: Runner, columns: int) -> dict:
+    rows = []
+    for seed in runner.seeds:
+        name, build = runner.fractal(columns)
+        model, _ = runner.train(name, seed, build)
+        args = argparse.Namespace(**runner.base)
+        for mode in ("column", "columns"):
+            for k in range(1, columns + 1):
+                evaluated = runner.reestimated(model, **{mode: k})
+                evaluate(evaluated, runner.dataset, args, runner.device, **{mode: k})  # warm-up
+                _, accuracy, seconds = evaluate(evaluated, runner.dataset, args, runner.device, **{mode: k})
+                units = sum(len(block.columns[c - 1]) for block in model.blocks
+                            for c in ([k] if mode == "column" else range(1, k + 1)))
+                rows.append(dict(mode=mode, k=k, seed=seed, depth=sum(len(block.columns[k - 1]) for block in model.blocks),
+                                 conv_units=units, error=100 * (1 - accuracy),
+                                 ms_per_image=1e3 * seconds / len(runner.dataset.test)))
+    table = ["| network | depth | conv units run | error % | ms/image |", "|---|---|---|---|---|"]
+    table += [f"| {'column ' if r['mode'] == 'column' else 'columns 1..'}{r['k']} | {r['depth']} | {r['conv_units']} | "
+              f"{r['error']:.2f} | {r['ms_per_image']:.3f} |" for r in rows]
+    return dict(columns=columns, rows=rows, table=table, notes=ANYTIME_NOTES)
+
+
+ANYTIME_NOTES = ("The model's default drop-path; each sub-network evaluated with its own re-estimated BatchNorm "
+                 "statistics; latency is the wall time of the test set in batches of 500 on this device, divided "
+                 "by its images.")
+
+
+def plot(name: str, result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["rows"]
+    if name == "depth":
+        depths = [r["depth"] for r in rows]
+        for key, label in (("fractal_error", "FractalNet"), ("deepest_column_error", "its deepest column"),
+                           ("plain_error", "plain net alone")):
+            ax.plot(depths, [statistics.mean(r[key]) for r in rows], marker="o", label=label)
+        ax.set(xscale="log", xticks=depths, xticklabels=[str(d) for d in depths], xlabel="depth (conv layers)",
+               ylabel="test error (%)", title="error by depth")
+    elif name == "drop-path":
+        columns = range(1, result["columns"] + 1)
+        for r in rows:
+            ax.plot(list(columns), [statistics.mean(r["column_error"][c]["reestimated"]) for c in columns],
+                    marker="o", label=r["variant"])
+        ax.set(xticks=list(columns), yscale="log", xlabel="column alone (BatchNorm re-estimated)",
+               ylabel="test error (%)", title="columns by drop-path")
+    else:
+        for mode, marker in (("column", "o"), ("columns", "s")):
+            points = [r for r in rows if r["mode"] == mode]
+            ax.plot([r["ms_per_image"] for r in points], [r["error"] for r in points], marker=marker,
+                    label="column k alone" if mode == "column" else "columns 1..k")
+        ax.set(xlabel="latency (ms per image)", ylabel="test error (%)", title="anytime prediction")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    return dict(device=name, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                threads=torch.get_num_threads())
+
+
+def main(argv=None) -> int:
+    options = parser().parse_args(argv)
+    try:
+        runner = Runner(options)
+    except CLIError as error:
+        print(f"fractalnet experiments: error: {error}", file=sys.stderr)
+        return 2
+    runner.out.mkdir(parents=True, exist_ok=True)
+    if runner.blocks < len(runner.base["widths"]):
+        print(f"{runner.dataset.image_size}x{runner.dataset.image_size} images: {runner.blocks} blocks of the "
+              f"preset's {len(runner.base['widths'])} (each pools by 2)", flush=True)
+    chosen = EXPERIMENTS if options.experiment == "all" else (options.experiment,)
+    began = time.perf_counter()
+    for name in chosen:
+        start = time.perf_counter()
+        result = {"depth": depth, "drop-path": drop_path, "anytime": anytime}[name](runner, options.columns)
+        result.update(experiment=name, dataset=options.dataset, seeds=runner.seeds, blocks=runner.blocks,
+                      recipe={k: runner.base[k] for k in ("image_size", "widths", "dropout", "batch_size", "epochs",
+                                                         "lr", "augment")},
+                      environment=environment(runner.device), wall_seconds=time.perf_counter() - start)
+        stem = runner.out / name
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        heading = (f"# {name}: {options.dataset}, {runner.blocks} blocks, seeds {runner.seeds}\n\n"
+                   f"{result['environment']['device']}, torch {result['environment']['torch']}; "
+                   f"{result['wall_seconds'] / 60:.1f} min; recipe {result['recipe']}\n\n")
+        stem.with_suffix(".md").write_text(heading + "\n".join(result["table"]) + f"\n\n{result['notes']}\n")
+        plot(name, result, stem.with_suffix(".png"))
+        print(f"\n{name} ({result['wall_seconds'] / 60:.1f} min)\n" + "\n".join(result["table"]), flush=True)
+    print(f"\n{', '.join(chosen)}: {(time.perf_counter() - began) / 60:.1f} min in all; wrote {runner.out}/", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

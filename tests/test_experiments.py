@@ -1,0 +1,111 @@
+"""fractalnet.experiments: a tiny run of each experiment writes its table, its JSON and its plot,
+every number is present and in range, and a finished run is not trained again. No claim of the
+paper is asserted here: one epoch of two columns decides nothing."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from fractalnet import experiments
+
+TINY = ["--dataset", "digits", "--epochs", "1", "--columns", "2", "--image-size", "8", "--device", "cpu"]
+
+
+def _percent(value):
+    return isinstance(value, float) and 0.0 <= value <= 100.0
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiments")
+    assert experiments.main(["all", "--out", str(out), *TINY]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", experiments.EXPERIMENTS)
+def test_each_experiment_writes_table_json_and_plot(finished, name):
+    result = json.loads((finished / f"{name}.json").read_text())
+    table = (finished / f"{name}.md").read_text()
+    assert (finished / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["experiment"] == name and result["dataset"] == "digits" and result["seeds"] == [0]
+    assert result["recipe"]["epochs"] == 1 and result["wall_seconds"] > 0
+    assert {"device", "torch", "triton", "python"} <= result["environment"].keys()
+    # One table row per result row, and no cell left empty or undefined.
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == len(result["rows"]) + 1
+    assert "nan" not in table and "| |" not in table
+
+
+def test_depth_numbers(finished):
+    rows = json.loads((finished / "depth.json").read_text())["rows"]
+    blocks = json.loads((finished / "depth.json").read_text())["blocks"]
+    assert [(r["columns"], r["depth"]) for r in rows] == [(1, blocks), (2, 2 * blocks)]
+    for r in rows:
+        for key in ("fractal_error", "deepest_column_error", "plain_error"):
+            assert len(r[key]) == 1 and _percent(r[key][0]), (key, r)
+        for key in ("fractal_train_loss", "plain_train_loss"):
+            assert math.isfinite(r[key][0]) and r[key][0] >= 0, (key, r)
+    # One column has no join and no drop-path: trained as a FractalNet or alone, the same network.
+    assert rows[0]["fractal_train_loss"] == rows[0]["plain_train_loss"]
+
+
+def test_drop_path_numbers(finished):
+    result = json.loads((finished / "drop-path.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == [label for label, *_ in experiments.DROP_PATH]
+    for r in result["rows"]:
+        assert math.isfinite(r["train_loss"][0]) and r["train_loss"][0] >= 0
+        for errors in (r["error"], r["column_error"]["1"], r["column_error"]["2"]):  # JSON keys
+            assert _percent(errors["running"][0]) and _percent(errors["reestimated"][0]), r
+
+
+def test_anytime_numbers(finished):
+    rows = json.loads((finished / "anytime.json").read_text())["rows"]
+    assert sorted((r["mode"], r["k"]) for r in rows) == [("column", 1), ("column", 2), ("columns", 1), ("columns", 2)]
+    for r in rows:
+        assert _percent(r["error"]) and r["ms_per_image"] > 0 and r["depth"] >= 1 and r["conv_units"] >= r["depth"]
+
+
+def test_finished_runs_are_not_trained_again(finished):
+    runs = sorted(finished.glob("runs/**/result.json"))
+    before = {path: path.stat().st_mtime_ns for path in runs}
+    # 4 depth runs (fractal and plain, C = 1, 2) and the drop-path variants, one of which is the
+    # depth experiment's C = 2 FractalNet; anytime trains nothing of its own.
+    assert len(runs) == 4 + len(experiments.DROP_PATH) - 1
+    assert experiments.main(["depth", "--out", str(finished), *TINY]) == 0
+    assert {path: path.stat().st_mtime_ns for path in runs} == before
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    args = ["depth", *TINY, "--columns", "1", "--epochs", "2"]
+    assert experiments.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    fit = experiments.fit
+
+    def interrupted(model, dataset, options, device, **kwargs):
+        options.stop_after = 1
+        fit(model, dataset, options, device, **kwargs)
+        raise KeyboardInterrupt  # after the first epoch's checkpoint
+
+    monkeypatch.setattr(experiments, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.main([*args, "--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(experiments, "fit", fit)
+    (run,) = (tmp_path / "resumed" / "runs").glob("fractal-C1-*/seed0")
+    assert not (run / "result.json").exists() and (run / "last.pt").exists()
+    assert experiments.main([*args, "--out", str(tmp_path / "resumed")]) == 0
+
+    def history(root):
+        (result,) = (json.loads(path.read_text()) for path in root.glob("runs/fractal-C1-*/seed0/result.json"))
+        return [{k: v for k, v in h.items() if k not in ("images_per_s", "epoch_seconds")} for h in result["history"]]
+
+    assert len(history(tmp_path / "resumed")) == 2
+    assert history(tmp_path / "resumed") == history(tmp_path / "whole")
+
+
+def test_bad_options_fail_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "fractalnet.experiments", "depth", "--out", str(tmp_path),
+                          "--dataset", "cifar10", "--data", str(tmp_path / "missing")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "fractalnet experiments: error:" in run.stderr and "Traceback" not in run.stderr
