@@ -166,6 +166,20 @@ def _specialise(kernel, backend, args, kwargs):
     return signature, constexprs, attrs, options
 
 
+def variant_key(record: LaunchRecord, backend) -> tuple:
+    """The compiled variant the JIT would launch for ``record`` on ``backend``: launches with
+    equal keys share one compiled kernel, and a new key is a new compilation."""
+    signature, constexprs, attrs, _ = _specialise(record.kernel, backend, record.args, record.kwargs)
+    return (
+        record.kernel.fn.__name__,
+        tuple(signature.items()),
+        tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
+        tuple(sorted((str(k), str(v)) for k, v in attrs.items())),
+        record.kwargs.get("num_warps"),
+        record.kwargs.get("maxnreg"),
+    )
+
+
 def _config_label(label: str, record: LaunchRecord) -> str:
     flags = ",".join(
         f"{k}={int(v) if isinstance(v, bool) else v}"
@@ -194,17 +208,8 @@ def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
                             with record_launches() as records:
                                 thunk()
                             for record in records:
-                                signature, constexprs, attrs, _ = _specialise(record.kernel, backend, record.args,
-                                                                              record.kwargs)
-                                key = (
-                                    record.kernel.fn.__name__,
-                                    tuple(signature.items()),
-                                    tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
-                                    tuple(sorted((str(k), str(v)) for k, v in attrs.items())),
-                                    record.kwargs.get("num_warps"),
-                                    record.kwargs.get("maxnreg"),
-                                )
-                                distinct.setdefault(key, (_config_label(label, record), record))
+                                distinct.setdefault(variant_key(record, backend),
+                                                    (_config_label(label, record), record))
     return list(distinct.values())
 
 

@@ -13,6 +13,13 @@ bn_backward_reduce_kernel (per-channel sums of g and g * x_hat) and bn_backward_
 backward recomputes x_hat and the ReLU mask from the raw input and the per-channel mean and
 variance, so the ops save their inputs and O(C) statistics, never their output.
 
+Row and chunk counts (``N``, ``rows0``..``rows7``, ``tiles_per_chunk``, ``num_chunks``,
+``num_partials``, ``count``) and the gather backward's ``sample_ptr`` (a slice at a row offset)
+are not specialised (``do_not_specialize``): they only bound loops and masks or index rows, and
+under skip_dropped they change every step, so specialising on them (a value of 1, divisibility
+by 16, 16-byte alignment) would compile new variants of the kernels step after step. Tile sizes
+still follow small row counts (powers of two): a bounded set of variants.
+
 Tensors a kernel writes are whole: per-input results go to [k, ...] tensors at row
 ``first_input + i``, so that a launch for the inputs after the eighth writes the same tensor.
 """
@@ -84,7 +91,8 @@ def add_at(i: tl.constexpr, value, accumulators):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("rows0", "rows1", "rows2", "rows3", "rows4", "rows5", "rows6", "rows7",
+                                "tiles_per_chunk"))
 def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7,
@@ -136,7 +144,7 @@ def bn_stats_kernel(
         tl.store(partials_ptr + 2 * plane + part, count, mask=c_block < C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_chunks",))
 def bn_combine_kernel(
     partials_ptr, stats_ptr,
     running_mean0, running_mean1, running_mean2, running_mean3,
@@ -202,7 +210,7 @@ def bn_combine_kernel(
                 tl.store(rv_ptr + c, running_var.to(rv_ptr.dtype.element_ty), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "tiles_per_chunk"))
 def bn_apply_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -261,7 +269,7 @@ def bn_apply_kernel(
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "tiles_per_chunk"))
 def bn_backward_reduce_kernel(
     grad_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -341,7 +349,7 @@ def channel_totals(i: tl.constexpr, sums_ptr, num_inputs, num_partials, first_in
     return total_g[None, :, None], total_gxhat[None, :, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("sample_ptr", "num_partials", "count", "N", "tiles_per_chunk"))
 def bn_backward_dx_kernel(
     grad_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,

@@ -118,3 +118,46 @@ def test_streaming_kernels_use_the_widest_aligned_accesses(audit_rows, dtype):
         assert width in row["load_widths"], row
         if row["kernel"] in WRITING_KERNELS:
             assert width in row["store_widths"], row
+
+
+VARIANTS_OVER_STEPS = """
+import torch, torch.nn.functional as F
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+import fractal_kernels as fk
+from fractal_kernels.audit import SM_COUNT, variant_key
+from fractal_kernels.channel_tiling import tile_for_gpu
+from fractal_kernels.launch import record_launches
+from fractalnet import FractalNet
+
+torch.manual_seed(0)
+model = FractalNet(10, widths=(16, 32), columns=3, dropout=(0.0, 0.1), skip_dropped=True,
+                   drop_path_per="sample").to("meta")
+x, labels = torch.empty(64, 3, 8, 8, device="meta"), torch.empty(64, dtype=torch.int64, device="meta")
+backend = make_backend(GPUTarget("cuda", 90, 32))
+with fk.use_backend("triton"), tile_for_gpu(SM_COUNT[90]):
+    for step in range(12):
+        with record_launches() as records:
+            F.cross_entropy(model(x), labels).backward()
+        # Tile sizes (constexprs BLOCK_*, and num_warps) follow small row counts by powers of two.
+        keys = set()
+        for record in records:
+            name, signature, constexprs, attrs = variant_key(record, backend)[:4]
+            tiles = {str((i,)) for i, arg in enumerate(record.kernel.arg_names) if arg.startswith("BLOCK")}
+            keys.add((name, signature, tuple(c for c in constexprs if c[0] not in tiles), attrs))
+        if step == 0:
+            first = keys
+        print("new", len(keys - first), flush=True)
+"""
+
+
+def test_skip_dropped_steps_compile_no_new_kernel_variants():
+    """Under skip_dropped every step's segments hold other row counts; the kernels do not
+    specialise on them, so the steps after the first launch only variants it compiled, but for
+    tile sizes (the JIT's own specialisation, as on an sm_90 GPU, on meta tensors)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", VARIANTS_OVER_STEPS], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("new")]
+    assert len(new) == 12 and sum(new) == 0, result.stdout
