@@ -238,7 +238,10 @@ class FractalNet(nn.Module):
         drop_path_per: "batch" (one draw for the whole batch, as the paper's code does: a
             global batch runs its column alone and leaves the running statistics unchanged) or
             "sample" (each sample draws its own, as the PyTorch ports do). Per sample, the
-            40-layer network does not train (docs/experiments/drop-path.md).
+            40-layer network does not train (docs/experiments/drop-path.md). Under
+            torch.compile a global batch runs every column, the masks keeping only its own: the
+            same output and gradients (zeros for the other columns, which eager leaves None),
+            and the running statistics update.
         skip_dropped: in training, run each column segment only on the samples that survive at
             the join ending it (drop-path makes the rest wasted work), and join the compact
             outputs with gather_join_bn_relu. The BatchNorm statistics of a segment then cover
@@ -334,10 +337,12 @@ class FractalNet(nn.Module):
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
                                  self.global_ratio, device, generator, per_batch=per_batch)
-            if per_batch and drop_path.is_global[0]:
+            if per_batch and not torch.compiler.is_compiling() and drop_path.is_global[0]:
                 # The whole batch follows one column: run that column alone (the others would
                 # only feed joins that drop them). Its BatchNorms see a single column, not the
                 # network that eval runs, so their running statistics are left unchanged.
+                # (Traced, a host branch would break the graph: the masks drop the other
+                # columns instead, with the same output.)
                 active, track_running_stats = [int(drop_path.global_column[0])], False
         self.last_drop_path = drop_path
         seeds = None

@@ -176,7 +176,7 @@ def test_compiled_gather_join_bn_relu(k, dtype, channels_last, training):
 @pytest.mark.parametrize("variant", ["fused", "recompute"])
 def test_compiled_training_step(variant):
     torch.manual_seed(0)
-    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0))
+    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="sample")
     model = FractalNet(10, **config, fused=True, recompute=variant == "recompute").to(DEVICE)
     reference = FractalNet(10, **config, fused=False).to(DEVICE)
     reference.load_state_dict(model.state_dict())
@@ -194,6 +194,31 @@ def test_compiled_training_step(variant):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
     for (name, a), b in zip(model.named_buffers(), reference.buffers()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])  # global batches of columns 1, 3, 2 (seeds 0, 2, 3), a local one
+def test_compiled_training_step_drawn_per_batch(seed):
+    """Drawn per batch, a global batch runs its column alone in eager mode; compiled in one graph,
+    the masks drop the other columns instead: the same output and the same gradients (zeros
+    where eager has none)."""
+    torch.manual_seed(0)
+    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="batch")
+    model = FractalNet(10, **config, fused=True).to(DEVICE)
+    reference = FractalNet(10, **config, fused=False).to(DEVICE)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with fk.use_backend("triton"):
+        torch.manual_seed(seed)
+        out = compiled(x)
+        out.square().mean().backward()
+    torch.manual_seed(seed)
+    expected = reference(x)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        want = q.grad if q.grad is not None else torch.zeros_like(q)
+        torch.testing.assert_close(p.grad, want, atol=1e-4, rtol=1e-3, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------
