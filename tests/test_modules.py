@@ -244,6 +244,21 @@ def seeded_step(model, x, seed):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_steps_match(model, original, x, backend, seed, modes):
+    """The fused ``model`` on ``backend`` and the ``original`` agree in each mode, step after step:
+    outputs, parameter gradients and buffers."""
+    for mode in modes:
+        getattr(model, mode)(), getattr(original, mode)()
+        with fk.use_backend(backend):
+            out, grads = seeded_step(model, x, seed)
+        expected, expected_grads = seeded_step(original, x, seed)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        for name, g in expected_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-4, msg=name)
+        for (name, a), b in zip(model.named_buffers(), original.buffers()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuse_finds_pairs_wherever_the_modules_live(backend):
     torch.manual_seed(0)
@@ -259,16 +274,7 @@ def test_fuse_finds_pairs_wherever_the_modules_live(backend):
     assert model.blocks[0].bn.weight is weight
     assert isinstance(model.blocks[2].relu, nn.Identity) and model.blocks[2].relu is model.blocks[3].relu  # shared
     assert set(model.state_dict()) == set(original.state_dict())
-    for mode in ("train", "eval"):
-        getattr(model, mode)(), getattr(original, mode)()
-        with fk.use_backend(backend):
-            out, grads = seeded_step(model, x, 3)
-        expected, expected_grads = seeded_step(original, x, 3)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-        for name, g in expected_grads.items():
-            torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-4, msg=name)
-        for (name, a), b in zip(model.named_buffers(), original.buffers()):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert_steps_match(model, original, x, backend, seed=3, modes=("train", "eval"))
 
 
 def test_masked_join_module_replaces_a_stacked_join():
@@ -314,13 +320,4 @@ def test_fuse_pytorchcv_fractalnet(backend):
     batchnorms = [n for n, m in original.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert sorted(report.swapped) == sorted(batchnorms) and not report.skipped
     assert all(isinstance(m, nn.Identity) for n, m in model.named_modules() if n.endswith(".activ"))
-    for mode in ("eval", "train"):
-        getattr(model, mode)(), getattr(original, mode)()
-        with fk.use_backend(backend):
-            out, grads = seeded_step(model, x, 5)
-        expected, expected_grads = seeded_step(original, x, 5)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-        for name, g in expected_grads.items():
-            torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-4, msg=name)
-        for (name, a), b in zip(model.named_buffers(), original.buffers()):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert_steps_match(model, original, x, backend, seed=5, modes=("eval", "train"))
