@@ -22,13 +22,19 @@ $(STAMP): setup.py
 	$(PY) -m pip install --no-deps pytorchcv==0.0.74
 	touch $(STAMP)
 
-# Without a GPU, the suite runs twice: every kernel in the Triton interpreter, then the GPU path
-# (triton_op registration, torch.compile, kernel-mutation analysis) on a fake sm_90 GPU.
+# Without a GPU, the suite runs twice, side by side (each session keeps about one core busy):
+# every kernel in the Triton interpreter, and the GPU path (triton_op registration,
+# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows.
 FAKE_GPU_TESTS := tests/test_gpu_path.py tests/test_ops.py tests/test_model.py
 test: $(STAMP)
-	$(PY) -m pytest -q tests
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
-		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q $(FAKE_GPU_TESTS); fi
+		log=$$(mktemp); \
+		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(FAKE_GPU_TESTS) > $$log 2>&1 & fake=$$!; \
+		$(PY) -m pytest -q tests; status=$$?; \
+		wait $$fake; fake_status=$$?; \
+		echo "--- fake GPU: $(FAKE_GPU_TESTS)"; cat $$log; rm -f $$log; \
+		exit $$((status || fake_status)); \
+	else $(PY) -m pytest -q tests; fi
 
 # The demo: FractalNet (3 blocks of C=3 columns, widths 32, 64, 128) on the embedded digits data;
 # the Triton kernels on a GPU, the reference ops on a CPU. About 1.5 minutes on 2 CPU cores.

@@ -219,7 +219,7 @@ def test_dropout_equals_the_composition_with_the_same_mask(channels_last, dtype,
 
 
 def test_dropout_gradcheck_and_determinism():
-    x, params = make_case((4, 3, 3, 3), torch.float64)
+    x, params = make_case((4, 2, 2, 2), torch.float64)
     params["running_mean"] = params["running_var"] = None
     w, b = params["weight"], params["bias"]
 
@@ -227,6 +227,8 @@ def test_dropout_gradcheck_and_determinism():
         with fk.use_backend("triton"):
             return fk.bn_relu(x, w, b, None, None, True, dropout=0.25, seed=seed_tensor(3))
 
+    with fk.use_backend("triton"):
+        assert not fk.dropout_mask(x, seed_tensor(3), 0.25).all()  # some elements dropped
     assert torch.autograd.gradcheck(fn, (x, w, b))
     with fk.use_backend("triton"):
         assert torch.equal(fn(x, w, b), fn(x, w, b))

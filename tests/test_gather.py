@@ -261,7 +261,7 @@ def test_convolution_work_skipped_matches_the_drop_path_probabilities():
                 assert abs(seen - expected) < 0.06, (b, column, u, seen, expected)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", [1, 2, 3])  # local with one input dropped, global, local with several
 def test_drawn_per_batch_skipping_is_the_dense_computation(seed):
     """Drawn per batch, every segment carries the whole batch or nothing, so the BatchNorm
     statistics of the dense model already leave out the samples a segment does not carry:

@@ -196,7 +196,7 @@ def test_compiled_training_step(variant):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])  # global batches of columns 1, 3, 2 (seeds 0, 2, 3), a local one
+@pytest.mark.parametrize("seed", [1, 2])  # a local batch, a global batch of column 3
 def test_compiled_training_step_drawn_per_batch(seed):
     """Drawn per batch, a global batch runs its column alone in eager mode; compiled in one graph,
     the masks drop the other columns instead: the same output and the same gradients (zeros
