@@ -25,7 +25,6 @@ on two CPU cores in about 20 minutes; the CIFAR settings are the paper's and wan
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import platform
@@ -33,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from . import data
 from .model import FractalNet
-from .train import DEFAULTS, CLIError, evaluate, fit, load_checkpoint, load_dataset, reestimate_batchnorm
+from .train import DEFAULTS, CLIError, evaluate, fit, load_checkpoint, load_dataset, reestimated
 
 EXPERIMENTS = ("depth", "drop-path", "anytime")
 
@@ -140,11 +139,8 @@ class Runner:
         return 100 * (1 - accuracy)
 
     def reestimated(self, model: nn.Module, **mode) -> nn.Module:
-        """A copy of ``model`` with its BatchNorm statistics re-estimated for the sub-network
-        ``mode`` (columns=k or column=k) over the training set."""
-        model = copy.deepcopy(model)
-        reestimate_batchnorm(model, self.dataset, argparse.Namespace(**self.base), self.device, **mode)
-        return model
+        """A copy of ``model`` with its BatchNorm statistics re-estimated for the sub-network ``mode``."""
+        return reestimated(model, self.dataset, argparse.Namespace(**self.base), self.device, **mode)
 
     def error_reestimated(self, model: nn.Module, **mode) -> float:
         """Test error (%) of the sub-network ``mode`` with its own BatchNorm statistics."""

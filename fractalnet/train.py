@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -274,13 +275,26 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
                 images_per_s=totals["seen"] * world / elapsed, epoch_seconds=elapsed)
 
 
-def anytime_table(model: FractalNet, dataset, args, device) -> list[dict]:
-    """Accuracy and latency of each single column and each truncation columns=k."""
+def reestimated(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> nn.Module:
+    """A copy of ``model`` with its BatchNorm statistics re-estimated for the sub-network
+    ``mode`` (the whole network, columns=k or column=k) over the training set, in this process
+    alone: the copy has no process group (a rank sees the whole training set here, and may be the
+    only one evaluating)."""
+    group = getattr(model, "process_group", None)
+    model = copy.deepcopy(model, memo={id(group): None} if group is not None else None)
+    reestimate_batchnorm(model, dataset, args, device, **mode)
+    return model
+
+
+def anytime_table(model: FractalNet, dataset, args, device, reestimate: bool = False) -> list[dict]:
+    """Accuracy and latency of each single column and each truncation columns=k; with
+    ``reestimate``, each with BatchNorm statistics re-estimated for it (on a copy)."""
     rows = []
     for mode in ("column", "columns"):
         for k in range(1, model.num_columns + 1):
-            evaluate(model, dataset, args, device, **{mode: k})  # warm-up
-            _, accuracy, seconds = evaluate(model, dataset, args, device, **{mode: k})
+            evaluated = reestimated(model, dataset, args, device, **{mode: k}) if reestimate else model
+            evaluate(evaluated, dataset, args, device, **{mode: k})  # warm-up
+            _, accuracy, seconds = evaluate(evaluated, dataset, args, device, **{mode: k})
             depth = sum(len(block.columns[k - 1]) for block in model.blocks)
             rows.append(dict(mode=mode, k=k, depth=depth, accuracy=accuracy,
                              ms_per_image=1e3 * seconds / len(dataset.test)))
@@ -461,7 +475,7 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
                 checkpoint_state = torch.load(out / "last.pt", weights_only=False)
                 checkpoint_state["model"] = model.state_dict()
                 save_atomically(checkpoint_state, out / "last.pt")
-        anytime = anytime_table(model, dataset, args, device)
+        anytime = anytime_table(model, dataset, args, device, reestimate=reestimate)
         result.update(anytime=anytime, peak_memory_bytes=peak_memory_bytes(device),
                       images_per_s=sum(h["images_per_s"] for h in history) / max(len(history), 1))
         if report:
