@@ -58,3 +58,13 @@ def freeze_batchnorm(model):
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
+
+
+def make_rows(sizes, batch: int, seed: int = 0) -> torch.Tensor:
+    """A gather table [len(sizes), batch]: input i holds a random subset of sizes[i] of the
+    samples, row j of it the j-th sample of the subset; -1 elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.full((len(sizes), batch), -1, dtype=torch.int64)
+    for i, size in enumerate(sizes):
+        rows[i, torch.randperm(batch, generator=gen)[:size]] = torch.arange(size)
+    return rows.to(DEVICE)

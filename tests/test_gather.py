@@ -1,6 +1,7 @@
 """gather_join and gather_join_bn_relu (interpreted on CPU) against their references, and the
 skip_dropped model they serve."""
 
+import helpers
 import pytest
 import torch
 from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, freeze_batchnorm, to_layout, train_step
@@ -14,12 +15,7 @@ BATCH = 7
 
 
 def make_rows(sizes, seed=0):
-    """A gather table: input i holds a random subset of sizes[i] of the BATCH samples."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.full((len(sizes), BATCH), -1, dtype=torch.int64)
-    for i, size in enumerate(sizes):
-        rows[i, torch.randperm(BATCH, generator=gen)[:size]] = torch.arange(size)
-    return rows.to(DEVICE)
+    return helpers.make_rows(sizes, BATCH, seed)
 
 
 def make_inputs(sizes, dtype, channels_last, seed=0, shape=(4, 3, 5)):

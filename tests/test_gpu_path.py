@@ -6,6 +6,7 @@ the package makes, the kernels torch.library finds for each op, and direct eager
 import itertools
 import re
 
+import helpers
 import pytest
 import torch
 from helpers import DEVICE, GPU_PATH, STAT_TOLERANCES, TOLERANCES, requires_gpu_path, to_layout
@@ -66,11 +67,7 @@ def make_mask(k, seed=2):
 
 
 def make_rows(sizes, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.full((len(sizes), BATCH), -1, dtype=torch.int64)
-    for i, size in enumerate(sizes):
-        rows[i, torch.randperm(BATCH, generator=gen)[:size]] = torch.arange(size)
-    return rows.to(DEVICE)
+    return helpers.make_rows(sizes, BATCH, seed)
 
 
 def fp64_copy(args):
