@@ -76,7 +76,6 @@ class DropPath:
         self.rows = join_rows(columns, block_columns)
         n, joins = len(columns), len(self.rows)
         samples, batch = batch, 1 if per_batch else batch
-        self.per_batch = per_batch
         draw_device = generator.device if generator is not None else torch.device("cpu" if per_batch else device)
         draw = torch.rand(num_blocks * joins * n * batch + 2 * batch, generator=generator, device=draw_device)
         keep_draw = draw[: num_blocks * joins * n * batch].view(num_blocks, joins, n, batch)

@@ -288,11 +288,13 @@ def reestimated(model: nn.Module, dataset: data.Dataset, args, device, **mode) -
 
 def anytime_table(model: FractalNet, dataset, args, device, reestimate: bool = False) -> list[dict]:
     """Accuracy and latency of each single column and each truncation columns=k; with
-    ``reestimate``, each with BatchNorm statistics re-estimated for it (on a copy)."""
+    ``reestimate`` (``model`` holding the whole network's re-estimated statistics), each other
+    sub-network with BatchNorm statistics re-estimated for it (on a copy)."""
     rows = []
     for mode in ("column", "columns"):
         for k in range(1, model.num_columns + 1):
-            evaluated = reestimated(model, dataset, args, device, **{mode: k}) if reestimate else model
+            whole = mode == "columns" and k == model.num_columns
+            evaluated = reestimated(model, dataset, args, device, **{mode: k}) if reestimate and not whole else model
             evaluate(evaluated, dataset, args, device, **{mode: k})  # warm-up
             _, accuracy, seconds = evaluate(evaluated, dataset, args, device, **{mode: k})
             depth = sum(len(block.columns[k - 1]) for block in model.blocks)
