@@ -10,6 +10,7 @@ start, never a slice), no tensor fills two written slots, and unused slots are N
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -171,13 +172,148 @@ def wrap_triton(kernel):
     return kernel
 
 
+class DirectLaunches:
+    """The compiled variants of one kernel, launched without JITFunction.run.
+
+    JITFunction.run binds every argument, specialises each (dtype and 16-byte alignment of
+    pointers; integers equal to 1, divisible by 16, and their width), builds a cache key of the
+    lot and of the options, and checks the kernel's globals: tens of microseconds a launch, most
+    of a small op's host time. Here the first launch of each variant goes through run, which
+    compiles it and returns the CompiledKernel; later launches compute a guard key that is at
+    least as fine as Triton's specialisation (the same facts of every argument, the kernel's own
+    ``do_not_specialize`` honoured) and call that variant's launcher as run does, every
+    argument in parameter order (as Inductor launches user kernels). The key includes the device:
+    a compiled kernel's function handle belongs to one device.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = kernel.params
+        self.names = [p.name for p in params]
+        #: Per parameter: specialised on alignment and value (Triton's native_specialize_impl).
+        self.specialised = [not p.do_not_specialize for p in params]
+        self.align = [not p.do_not_specialize_on_alignment for p in params]
+        self.variants: dict = {}
+        self._facts: dict = {}
+
+    def facts(self, args: tuple):
+        """A function of the positional ``args`` giving their specialisation facts; generated
+        once per argument count, each argument's test unrolled, like Triton's binder."""
+        n = len(args)
+        fn = self._facts.get(n)
+        if fn is None:
+            fn = self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
+        return fn
+
+    def launch(self, grid: tuple, device: int, args: tuple, kwargs: dict) -> None:
+        key = (device, self.facts(args)(*args), tuple(kwargs.items()))
+        compiled = self.variants.get(key)
+        if compiled is None:
+            compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
+            if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
+                self.variants[key] = compiled
+            return
+        names = self.names
+        bound = args + tuple([kwargs[name] for name in names[len(args):]]) if len(args) < len(names) else args
+        stream = triton.runtime.driver.active.get_current_stream(device)
+        grid_1 = grid[1] if len(grid) > 1 else 1
+        grid_2 = grid[2] if len(grid) > 2 else 1
+        # No hook is set (_direct_launches): no launch metadata for one to read.
+        compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *bound)
+
+
+def _int_width(value: int) -> str:
+    if -2**31 <= value < 2**31:
+        return "i32"
+    return "i64" if -2**63 <= value < 2**63 else "u64"
+
+
+def _scalar_fact(value, specialised: bool):
+    """The specialisation of a non-tensor argument: None, bool, float, or an int's width (and,
+    where specialised, whether it is 1 or divisible by 16)."""
+    kind = type(value)
+    if value is None or kind is bool:
+        return value if value is None else bool
+    if kind is float:
+        return float
+    if kind is int:
+        if not specialised:
+            return _int_width(value)
+        return 1 if value == 1 else (_int_width(value), value % 16 == 0)
+    raise _NotDirect(f"{kind.__name__} argument")
+
+
+class _NotDirect(Exception):
+    """An argument the direct path does not know how Triton specialises."""
+
+
+def _facts_function(specialised: list[bool], align: list[bool]) -> Callable:
+    """``facts(*args)``: a tuple of the specialisation facts of each argument (see _scalar_fact;
+    a tensor's dtype and, where specialised, whether its pointer is 16-byte aligned)."""
+    terms = []
+    for i, (spec, aligned) in enumerate(zip(specialised, align)):
+        tensor = f"(a{i}.dtype, a{i}.data_ptr() % 16 == 0)" if spec and aligned else f"a{i}.dtype"
+        terms.append(f"(None if a{i} is None else {tensor} if isinstance(a{i}, Tensor) else scalar(a{i}, {spec}))")
+    names = ", ".join(f"a{i}" for i in range(len(specialised)))
+    source = f"def facts({names}):\n    return ({', '.join(terms)}{',' if len(terms) == 1 else ''})\n"
+    namespace = {"Tensor": torch.Tensor, "scalar": _scalar_fact}
+    exec(source, namespace)
+    return namespace["facts"]
+
+
+_direct: dict = {}
+
+
+def _direct_launches(kernel) -> Optional[DirectLaunches]:
+    """The kernel's DirectLaunches, None where the direct path cannot follow this Triton (its
+    JITFunction lacks what the path reads) or a launch hook is set (hooks see run's launches, with
+    their metadata)."""
+    direct = _direct.get(kernel)
+    if direct is None:
+        direct = _direct[kernel] = DirectLaunches(kernel) if _DIRECT_PATH and hasattr(kernel, "params") else False
+    if not direct or _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook):
+        return None
+    return direct
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: a callable, or a HookChain (Triton >= 3.5) with calls."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _direct_path_supported() -> bool:
+    """Whether this Triton's JITFunction.run launches as DirectLaunches does (its launcher call,
+    read from its source): otherwise every launch goes through run, with a warning."""
+    import inspect
+    import warnings
+
+    try:
+        source = inspect.getsource(triton.runtime.jit.JITFunction.run)
+    except (OSError, TypeError):
+        source = ""
+    expected = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,"
+                " knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())")
+    if " ".join(expected.split()) in " ".join(source.split()):
+        return True
+    warnings.warn(f"fractal_kernels: triton {triton.__version__} launches kernels differently from what its direct "
+                  "launch path expects; every launch goes through JITFunction.run (slower on the host)")
+    return False
+
+
+#: Whether launches skip JITFunction.run once a variant is compiled (FRACTAL_KERNELS_DIRECT_LAUNCH=0: never).
+_DIRECT_PATH = (not INTERPRETING and os.environ.get("FRACTAL_KERNELS_DIRECT_LAUNCH", "1") != "0"
+                and _direct_path_supported())
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """Launches ``kernel[grid](*args, **kwargs)`` on the device of its tensors; ``args[0]`` is a
     tensor.
 
     While torch traces (fake or functional tensors) the launch goes through
-    torch.library.wrap_triton, which records it as a graph node; otherwise it is direct (no
-    higher-order-op dispatch, nothing added to torch's kernel side table).
+    torch.library.wrap_triton, which records it as a graph node; otherwise it is direct: no
+    higher-order-op dispatch, nothing added to torch's kernel side table, and, once a variant is
+    compiled, no JITFunction.run (DirectLaunches).
     """
     if _recorders:
         records, run = _recorders[-1]
@@ -199,8 +335,19 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         if _has_no_data(first):
             return  # a custom op's fake kernel: only the output metadata matters
     if first.is_cuda:
-        # Triton launches on the current device: make it the tensors' one.
-        with torch.cuda.device(first.device):
-            kernel.run(*args, grid=grid, warmup=False, **kwargs)
-    else:
+        device = first.device.index
+        if device != torch.cuda.current_device():
+            # Triton launches on the current device: make it the tensors' one.
+            with torch.cuda.device(device):
+                kernel.run(*args, grid=grid, warmup=False, **kwargs)
+            return
+    direct = _direct_launches(kernel)
+    if direct is None:
+        kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    if not first.is_cuda:
+        device = triton.runtime.driver.active.get_current_device()  # the fake GPU's
+    try:
+        direct.launch(grid, device, args, kwargs)
+    except _NotDirect:
         kernel.run(*args, grid=grid, warmup=False, **kwargs)

@@ -9,11 +9,14 @@ import re
 import helpers
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import DEVICE, GPU_PATH, STAT_TOLERANCES, TOLERANCES, requires_gpu_path, to_layout
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fractal_kernels as fk
 from fractal_kernels import launch
+from fractal_kernels.testing import fake_gpu
 from fractal_kernels.audit import QUICK_SHAPES
 from fractalnet import FractalNet
 
@@ -295,6 +298,85 @@ def test_mutation_analysis_of_each_launch(label, record, kwargs):
         others = [n for n, v in tensors.items()
                   if n != arg and v.numel() and v.untyped_storage()._cdata == t.untyped_storage()._cdata]
         assert not others, f"{label}: {arg} shares its memory with {others}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct launches: the variant JITFunction.run would pick, with the arguments it would pass
+# ----------------------------------------------------------------------------------------------
+
+requires_fake_gpu = pytest.mark.skipif(not fake_gpu.installed(),
+                                       reason="reads the launcher calls of the fake GPU's compiled kernels")
+
+
+def materialised(value, misaligned: bool):
+    """A tensor of value's shape, strides and dtype with data (fake-GPU memory), 16-byte aligned
+    or one element off; other values as they are."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    offset = 1 if misaligned else 0
+    size = offset + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) + 1 if value.numel() else offset
+    storage = torch.empty(max(size, 1), dtype=value.dtype, device=DEVICE)
+    return storage.as_strided(value.shape, value.stride(), offset)
+
+
+def launcher_calls(kernel, grid, args, kwargs, monkeypatch) -> list:
+    """(compiled variant, launcher arguments) of a direct launch after its variant is compiled,
+    and of JITFunction.run's own launch of the same arguments."""
+    calls = []
+    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
+    direct = launch.DirectLaunches(kernel)
+    direct.launch(grid, 0, args, dict(kwargs))  # compiles (or finds) the variant through run
+    direct.launch(grid, 0, args, dict(kwargs))
+    assert len(direct.variants) == 1  # the second launch found it: it was direct
+    kernel.run(*args, grid=grid, warmup=False, **kwargs)
+    assert len(calls) == 3
+    return calls[1:]
+
+
+def same_arguments(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(a, b))
+
+
+@requires_fake_gpu
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("label,record,kwargs", LAUNCHES,
+                         ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(LAUNCHES)])
+def test_direct_launch_is_what_jit_run_launches(label, record, kwargs, misaligned, monkeypatch):
+    """For every launch configuration the package makes, aligned and not: the direct path
+    launches the variant Triton's binder and cache key pick (the same compiled kernel), with
+    the same grid, stream and arguments."""
+    args = tuple(materialised(a, misaligned) for a in record.args)
+    (direct, direct_call), (run, run_call) = launcher_calls(record.kernel, record.grid, args, record.kwargs,
+                                                            monkeypatch)
+    assert direct is run, label
+    assert same_arguments(direct_call[:4], run_call[:4]) and same_arguments(direct_call[9:], run_call[9:]), label
+
+
+if not launch.INTERPRETING:
+    @triton.jit(do_not_specialize=["m", "q_ptr"])
+    def specialised_kernel(x_ptr, q_ptr, n, m, scale, flag, BLOCK: tl.constexpr):
+        pass
+
+
+@requires_fake_gpu
+def test_direct_launch_keys_are_at_least_as_fine_as_triton_specialisation(monkeypatch):
+    """Over pointers of several dtypes, aligned or not, and integers Triton specialises (1,
+    multiples of 16, widths) or not (do_not_specialize), every direct launch reuses the variant
+    JITFunction.run picks for the same arguments: the guard key never merges two of Triton's."""
+    base = torch.empty(64, device=DEVICE)
+    pointers = [base[:8], base[1:9], base.to(torch.float16)[:8], base.to(torch.float16)[1:9], None]
+    ints = [1, 0, 16, 17, -3, 2**31, 2**33 + 16, 2**63]
+    seen = set()
+    for x, q, n, m, flag in itertools.product(pointers, pointers[:2] + [None], ints, ints[:3] + [2**40], [True, False]):
+        args = (x, q, n, m, 0.5, flag)
+        (direct, direct_call), (run, run_call) = launcher_calls(specialised_kernel, (1,), args, {"BLOCK": 16},
+                                                                monkeypatch)
+        assert direct is run, args
+        assert same_arguments(direct_call[9:], run_call[9:]), args
+        seen.add(run.key)
+    # The sweep reaches every class: x 5 (two dtypes, aligned or not, None), q 2, n 5 (1, i32
+    # divisible by 16 or not, i64, u64), m 2 (widths only).
+    assert len(seen) == 5 * 2 * 5 * 2
 
 
 # ----------------------------------------------------------------------------------------------

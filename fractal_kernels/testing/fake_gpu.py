@@ -76,15 +76,42 @@ def _interpreter(fn) -> InterpretedFunction:
     return _interpreted[fn]
 
 
-def _run(self: JITFunction, *args, grid, warmup, **kwargs):
-    """JITFunction.run: the launch, interpreted."""
-    if _stubbed[0] or warmup:
+class FakeCompiledKernel:
+    """What JITFunction.run compiles on the fake GPU, in the place of a CompiledKernel: the same
+    launcher call (``run(grid_0, grid_1, grid_2, stream, function, packed_metadata,
+    launch_metadata, enter_hook, exit_hook, *args)``, every argument in parameter order), which
+    runs the kernel in the interpreter; under ``stubbed_launches`` it only reads the pointer of
+    each pointer argument of its signature, as the C launcher does, and returns."""
+
+    function = 0
+    packed_metadata = ()
+
+    def __init__(self, kernel: JITFunction, key, signature: dict):
+        self.kernel = kernel
+        #: Triton's cache key of this variant (its specialisation and options).
+        self.key = key
+        self.pointers = [i for i, ty in enumerate(signature.values()) if ty.startswith("*")]
+
+    def launch_metadata(self, grid, stream, *args):
         return None
-    scope = _patch_lang(_LANGUAGE_SCOPE)
-    try:
-        return _interpreter(self.fn).run(*args, grid=grid, warmup=False, **kwargs)
-    finally:
-        scope.restore()
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        if _stubbed[0]:
+            for i in self.pointers:
+                args[i].data_ptr()
+            return
+        scope = _patch_lang(_LANGUAGE_SCOPE)
+        try:
+            _interpreter(self.kernel.fn).run(*args, grid=(grid_0, grid_1, grid_2), warmup=False)
+        finally:
+            scope.restore()
+
+
+def _compile(self: JITFunction, key, signature, device, constexprs, options, attrs, warmup):
+    """JITFunction._do_compile: a FakeCompiledKernel, cached under Triton's own key."""
+    kernel = FakeCompiledKernel(self, key, signature)
+    self.device_caches[device][0][key] = kernel
+    return kernel
 
 
 def _device_call(self: JITFunction, *args, **kwargs):
@@ -102,7 +129,7 @@ def install() -> None:
     if _installed[0]:
         return
     triton.runtime.driver.set_active(FakeDriver())
-    JITFunction.run = _run
+    JITFunction._do_compile = _compile
     JITFunction.__call__ = _device_call
     launch._runs_on_cpu = True
     _installed[0] = True
@@ -114,7 +141,8 @@ def installed() -> bool:
 
 @contextlib.contextmanager
 def stubbed_launches() -> Iterator[None]:
-    """Within the block, kernel launches return at once: what remains is the host's own time."""
+    """Within the block, kernel launches go through Triton's launch path up to the C launcher,
+    which only reads the tensors' pointers: what remains is the host's own time."""
     _stubbed[0] = True
     try:
         yield
