@@ -196,19 +196,23 @@ def _host(report: dict) -> list[str]:
     host = report.get("host")
     if not host:
         return []
-    lines = _table("Host time the package adds (launches stubbed) beside eager",
-                   ["Forward + backward on one-channel tensors: the fused ops on the fake GPU with every kernel "
-                    "launch returning at once, the eager reference for real (its kernels are negligible at this "
-                    "size). Neither side includes a GPU's own launch costs. Best of five repeats."],
-                   ["op", "fused us", "eager us", "fused / eager"],
-                   [[r["op"], f"{r['fused_us']:.0f}", f"{r['eager_us']:.0f}", f"{r['fused_over_eager']:.2f}"]
+    lines = _table("Host time per op, Triton's launch path counted, beside eager",
+                   ["Forward + backward on one-channel tensors, thread CPU time, fused and eager alternated, "
+                    "best of seven: the fused ops on the fake GPU, every launch through Triton's launch path "
+                    "(or the direct launch of its compiled variant) up to the C launcher, which only reads the "
+                    "pointers; the eager reference for real (its kernels are negligible at this size). Neither "
+                    "side includes the CUDA driver's launch. Launches: kernel (arguments) x count."],
+                   ["op", "fused us", "eager us", "fused / eager", "launches"],
+                   [[r["op"], f"{r['fused_us']:.0f}", f"{r['eager_us']:.0f}", f"{r['fused_over_eager']:.2f}",
+                     ", ".join(f"{x['kernel']} ({x['arguments']}) x{x['launches']}" for x in r.get("launches", []))]
                     for r in host["ops"]])
-    rows = [[r["network"], r["batch"], *(f"{r[f'{k}_ms']:.2f}" for k in ("eager", "fused", "fused+recompute",
-                                                                        "fused+skip")),
+    rows = [[r["network"], r["batch"], r.get("drop_path_per", "sample"),
+             *(f"{r[f'{k}_ms']:.2f}" for k in ("eager", "fused", "fused+recompute", "fused+skip")),
              f"{r['fused_over_eager']:.2f}"] for r in host["steps"]]
-    return lines + _table("Host time of a training step (ms, one channel wide, launches stubbed)", [],
-                          ["network", "batch", "eager", "fused", "fused+recompute", "fused+skip", "fused / eager"],
-                          rows)
+    return lines + _table("Host time of a training step (ms, one channel wide, Triton's launch path counted)",
+                          ["The same drop-path draws on every side (one generator, reset before each repeat)."],
+                          ["network", "batch", "drop-path per", "eager", "fused", "fused+recompute", "fused+skip",
+                           "fused / eager"], rows)
 
 
 def _ops_exact(report: dict) -> list[str]:
