@@ -230,13 +230,11 @@ def _int_width(value: int) -> str:
 
 
 def _scalar_fact(value, specialised: bool):
-    """The specialisation of a non-tensor argument: None, bool, float, or an int's width (and,
+    """The specialisation of a non-tensor, non-None argument: bool, float, or an int's width (and,
     where specialised, whether it is 1 or divisible by 16)."""
     kind = type(value)
-    if value is None or kind is bool:
-        return value if value is None else bool
-    if kind is float:
-        return float
+    if kind is bool or kind is float:
+        return kind
     if kind is int:
         if not specialised:
             return _int_width(value)
@@ -334,20 +332,17 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             return
         if _has_no_data(first):
             return  # a custom op's fake kernel: only the output metadata matters
-    if first.is_cuda:
-        device = first.device.index
-        if device != torch.cuda.current_device():
-            # Triton launches on the current device: make it the tensors' one.
-            with torch.cuda.device(device):
-                kernel.run(*args, grid=grid, warmup=False, **kwargs)
-            return
-    direct = _direct_launches(kernel)
-    if direct is None:
-        kernel.run(*args, grid=grid, warmup=False, **kwargs)
+    if first.is_cuda and first.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the tensors' one.
+        with torch.cuda.device(first.device):
+            kernel.run(*args, grid=grid, warmup=False, **kwargs)
         return
-    if not first.is_cuda:
-        device = triton.runtime.driver.active.get_current_device()  # the fake GPU's
-    try:
-        direct.launch(grid, device, args, kwargs)
-    except _NotDirect:
-        kernel.run(*args, grid=grid, warmup=False, **kwargs)
+    direct = _direct_launches(kernel)
+    if direct is not None:
+        device = first.device.index if first.is_cuda else triton.runtime.driver.active.get_current_device()
+        try:
+            direct.launch(grid, device, args, kwargs)
+            return
+        except _NotDirect:
+            pass
+    kernel.run(*args, grid=grid, warmup=False, **kwargs)
