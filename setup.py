@@ -21,6 +21,7 @@ setup(
         # numpy<2.4: the Triton 3.6 interpreter, which the CPU test suite runs, converts size-1
         # arrays with int(), which numpy 2.4 rejects.
         # expecttest: PyTorch's module_db (the BatchNorm2d parity tests) imports it.
-        "test": ["pytest", "pytest-benchmark", "numpy<2.4", "expecttest"],
+        # hypothesis: the property-based tests (tests/test_properties.py).
+        "test": ["pytest", "pytest-benchmark", "numpy<2.4", "expecttest", "hypothesis"],
     },
 )

@@ -39,6 +39,14 @@ from .tensors import accumulation_type
 
 
 @triton.jit
+def exact_scalar(value, ACC: tl.constexpr):
+    """A host float in the accumulation dtype. Floats are fp64 kernel arguments (annotated) and
+    the interpreter's are Python floats; a plain float argument would arrive as fp32, which
+    rounds fp64 results (momentum 0.1 as 0.10000000149)."""
+    return tl.full([], value, tl.float64).to(ACC)
+
+
+@triton.jit
 def channel_params(i: tl.constexpr, c, c_ok, eps, weights, biases, means, variances, ACC: tl.constexpr):
     """Input i's per-channel mean, 1/sqrt(var + eps), weight and bias, shaped [1, BLOCK_C, 1]
     (weight 1 and bias 0 where the input has none)."""
@@ -97,7 +105,7 @@ def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7,
     partials_ptr, first_input, num_inputs,
-    seeds_ptr, dropout_p, dropout_scale,
+    seeds_ptr, dropout_p, dropout_scale: tl.float64,
     C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -115,6 +123,7 @@ def bn_stats_kernel(
     ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
     xs = (x0, x1, x2, x3, x4, x5, x6, x7)
     input_rows = (rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7)
+    dropout_scale = exact_scalar(dropout_scale, ACC)
     cb = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -152,7 +161,7 @@ def bn_combine_kernel(
     running_var0, running_var1, running_var2, running_var3,
     running_var4, running_var5, running_var6, running_var7,
     batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7,
-    momentum, first_input, num_inputs, C, num_chunks,
+    momentum: tl.float64, first_input, num_inputs, C, num_chunks,
     K: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merges the chunk partials in chunk order into batch mean and biased variance, counts the
@@ -175,12 +184,12 @@ def bn_combine_kernel(
                     running_var4, running_var5, running_var6, running_var7)
     batches = (batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7)
     for i in tl.static_range(K):
-        factor = tl.cast(momentum, tl.float32)
+        factor = exact_scalar(momentum, ACC)
         if batches[i] is not None:
             counted = tl.load(batches[i]) + 1
             tl.store(batches[i], counted)
             if CUMULATIVE:
-                factor = 1.0 / counted.to(tl.float32)
+                factor = 1.0 / counted.to(ACC)
         for cb in range(tl.cdiv(C, BLOCK_C)):
             c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
             c_ok = c < C
@@ -218,8 +227,8 @@ def bn_apply_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
     var0, var1, var2, var3, var4, var5, var6, var7,
-    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
-    seeds_ptr, dropout_p, dropout_scale,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps: tl.float64,
+    seeds_ptr, dropout_p, dropout_scale: tl.float64,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
@@ -241,7 +250,8 @@ def bn_apply_kernel(
     biases = (b0, b1, b2, b3, b4, b5, b6, b7)
     means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
     variances = (var0, var1, var2, var3, var4, var5, var6, var7)
-    eps = tl.cast(eps, tl.float32)
+    eps = exact_scalar(eps, ACC)
+    dropout_scale = exact_scalar(dropout_scale, ACC)
     cb = tl.program_id(0)
     c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c_block < C
@@ -277,8 +287,8 @@ def bn_backward_reduce_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
     var0, var1, var2, var3, var4, var5, var6, var7,
-    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
-    seeds_ptr, dropout_p, dropout_scale,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps: tl.float64,
+    seeds_ptr, dropout_p, dropout_scale: tl.float64,
     sums_ptr,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr,
@@ -300,7 +310,8 @@ def bn_backward_reduce_kernel(
     biases = (b0, b1, b2, b3, b4, b5, b6, b7)
     means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
     variances = (var0, var1, var2, var3, var4, var5, var6, var7)
-    eps = tl.cast(eps, tl.float32)
+    eps = exact_scalar(eps, ACC)
+    dropout_scale = exact_scalar(dropout_scale, ACC)
     cb = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -358,8 +369,8 @@ def bn_backward_dx_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
     var0, var1, var2, var3, var4, var5, var6, var7,
-    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps,
-    seeds_ptr, dropout_p, dropout_scale, sample_ptr,
+    join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, eps: tl.float64,
+    seeds_ptr, dropout_p, dropout_scale: tl.float64, sample_ptr,
     sums_ptr, num_partials, param_grads_ptr, count,
     N, C, HW, hw_blocks, tiles_per_chunk,
     K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -388,7 +399,8 @@ def bn_backward_dx_kernel(
     biases = (b0, b1, b2, b3, b4, b5, b6, b7)
     means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
     variances = (var0, var1, var2, var3, var4, var5, var6, var7)
-    eps = tl.cast(eps, tl.float32)
+    eps = exact_scalar(eps, ACC)
+    dropout_scale = exact_scalar(dropout_scale, ACC)
     inv_count = 1.0 / tl.maximum(tl.cast(count, ACC), 1.0)
     cb = tl.program_id(0)
     c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)

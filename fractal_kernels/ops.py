@@ -98,6 +98,8 @@ def _check_unit_options(inputs, training, num_batches_tracked, momentum, dropout
     for i, t in enumerate(num_batches_tracked):
         if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1):
             raise TypeError(f"num_batches_tracked[{i}] must be a one-element int64 tensor or None")
+        if t is not None and t.device != inputs[0].device:
+            raise ValueError(f"num_batches_tracked[{i}] is on {t.device}, expected {inputs[0].device} like the inputs")
     if momentum is None and training and any(t is None for t in num_batches_tracked):
         raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:

@@ -91,8 +91,10 @@ def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], 
         return reference.masked_join(activations, mask)
     args = [dict(fk.batchnorm_arguments(unit.bn), dropout=unit.dropout_rate) for unit in units]
     if not track_running_stats:
+        # A BatchNorm frozen with .eval() keeps normalising by its running statistics.
         for a in args:
-            a.update(running_mean=None, running_var=None, num_batches_tracked=None)
+            if a["training"]:
+                a.update(running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.0)
     shared = {key: args[0][key] for key in ("training", "momentum", "eps", "dropout")}
     if (len(units) > 1 or rows is not None) and all({key: a[key] for key in shared} == shared for a in args):
         lists = {name: [a[key] for a in args] for name, key in (

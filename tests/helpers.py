@@ -17,9 +17,9 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-2),
 }
 #: Tolerances of per-channel statistics (running mean and variance): fp32 for every storage
-#: dtype but fp64, with an fp32 momentum.
+#: dtype but fp64 (fp64 statistics, fp64 momentum).
 STAT_TOLERANCES = {
-    torch.float64: (1e-6, 1e-6),
+    torch.float64: TOLERANCES[torch.float64],
     torch.float32: (1e-6, 1e-6),
     torch.float16: TOLERANCES[torch.float16],
     torch.bfloat16: TOLERANCES[torch.bfloat16],

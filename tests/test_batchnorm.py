@@ -269,6 +269,45 @@ def test_batch_counter_and_cumulative_average(backend, momentum):
     assert launches[0] == (9 if backend == "triton" else 0)  # the counter takes no launch of its own
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_fp64_running_statistics_match_torch_to_fp64_precision(momentum):
+    """fp64 statistics move by an fp64 momentum (or 1 / num_batches_tracked): a Python float
+    reaching a kernel as fp32 would leave 0.20000000298 where torch has 0.2."""
+    x = torch.tensor([[[[1.0, 3.0]]]], dtype=torch.float64, device=DEVICE)
+    mine, plain = ({"running_mean": torch.zeros(1, dtype=torch.float64, device=DEVICE),
+                    "running_var": torch.ones(1, dtype=torch.float64, device=DEVICE),
+                    "num_batches_tracked": torch.tensor(2, device=DEVICE)} for _ in range(2))
+    with fk.use_backend("triton"):
+        fk.bn_relu(x, None, None, training=True, momentum=momentum, **mine)
+    F.batch_norm(x, plain["running_mean"], plain["running_var"], None, None, True,
+                 1 / 3 if momentum is None else momentum)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(mine[name], plain[name], atol=0, rtol=4e-16, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fp64_eps_and_dropout_scale_are_exact(training):
+    """fp64 outputs and gradients see eps and the dropout scale 1 / (1 - p) in fp64 (in fp32 they
+    are off by ~1e-8 relative): a large eps on a small variance shows it."""
+    x, params = make_case((6, 5, 4, 3), torch.float64)
+    params["running_var"] = params["running_var"].detach() * 0.01
+    with torch.no_grad():
+        x.mul_(0.1)
+    ref_params = fp64_copy(params)
+    p, eps = 0.3, 0.1
+    with fk.use_backend("triton"):
+        mask = fk.dropout_mask(x, seed_tensor(5), p)
+        out = fk.bn_relu(x, **params, training=training, eps=eps, dropout=p, seed=seed_tensor(5))
+    x64 = x.detach().clone().requires_grad_()
+    expected = F.relu(F.batch_norm(x64 * mask / (1 - p), ref_params["running_mean"], ref_params["running_var"],
+                                   ref_params["weight"], ref_params["bias"], training, 0.1, eps))
+    grads = torch.autograd.grad(out.sum(), [x, params["weight"], params["bias"]])
+    expected_grads = torch.autograd.grad(expected.sum(), [x64, ref_params["weight"], ref_params["bias"]])
+    torch.testing.assert_close(out, expected, atol=1e-14, rtol=1e-13)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-13, rtol=1e-12)
+
+
 BAD_ARGS = [
     ("rank", lambda x, p: (x[0, 0, 0], p), ValueError, "2 to 5 dimensions"),
     ("one value per channel", lambda x, p: (x[:1, :, :1, :1], p), ValueError, "more than 1 value per channel"),

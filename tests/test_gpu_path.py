@@ -221,6 +221,37 @@ def test_compiled_training_step_drawn_per_batch(seed):
         torch.testing.assert_close(p.grad, want, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("per", ["sample", "batch"])
+def test_compiled_training_step_with_frozen_batchnorm(per):
+    """A training model whose BatchNorms are frozen (eval()), compiled: they normalise by their
+    running statistics and leave them unchanged, global batch or not."""
+    torch.manual_seed(0)
+    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per=per, global_ratio=1.0)
+    model = FractalNet(10, **config, fused=True).to(DEVICE)
+    reference = FractalNet(10, **config, fused=False).to(DEVICE)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    reference.load_state_dict(model.state_dict())
+    for net in (model, reference):
+        helpers.freeze_batchnorm(net)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with fk.use_backend("triton"):
+        torch.manual_seed(3)
+        out = compiled(x)
+        out.square().mean().backward()
+    torch.manual_seed(3)
+    expected = reference(x)
+    expected.square().mean().backward()
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        want = q.grad if q.grad is not None else torch.zeros_like(q)
+        torch.testing.assert_close(p.grad, want, atol=1e-4, rtol=1e-3, msg=name)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+
+
 # ----------------------------------------------------------------------------------------------
 # torch's kernel-mutation analysis on every launch the package makes
 # ----------------------------------------------------------------------------------------------

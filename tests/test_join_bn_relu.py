@@ -85,6 +85,34 @@ def test_more_than_eight_inputs():
         torch.testing.assert_close(g, e)
 
 
+def test_nan_in_dropped_rows_reaches_no_gradient_in_eval():
+    """With running statistics, NaN and Inf in the rows a mask drops reach neither the output nor
+    any gradient, the weight and bias gradients included; torch's composition of bn_relu and the
+    join gives NaN there (0 * NaN in the BatchNorm backward of the dropped rows)."""
+    xs, mask, weights, biases, running_means, running_vars = make_case(3, dtype=torch.float64, all_params=True)
+    mask[1, :3] = False
+    xs = [x.detach().clone() for x in xs]
+    xs[1][:3] = float("nan")
+    xs[1][1, 0] = float("inf")
+    xs = [x.requires_grad_() for x in xs]
+    state = (weights, biases, running_means, running_vars, False)
+
+    def forward_backward(op, inputs):
+        out = op(inputs, mask, *state)
+        return out, torch.autograd.grad(out.sum(), inputs + weights + biases)
+
+    with fk.use_backend("triton"):
+        out, grads = forward_backward(fk.join_bn_relu, xs)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    composed, composed_grads = forward_backward(reference.join_bn_relu, xs)
+    torch.testing.assert_close(out, composed)
+    assert composed_grads[3 + 1].isnan().any()  # the weight of input 1
+    expected, expected_grads = forward_backward(reference.join_bn_relu,
+                                                [x.detach().nan_to_num(0.0, 0.0, 0.0).requires_grad_() for x in xs])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
 def test_without_mask_is_the_plain_mean():
     xs, _, weights, biases, running_means, running_vars = make_case(3, dtype=torch.float64)
     out, expected, grads, expected_grads, _ = run_both((xs, None, weights, biases, running_means, running_vars), True)

@@ -118,6 +118,43 @@ def test_global_drop_path_with_frozen_bn_runs_one_column_per_sample():
             torch.testing.assert_close(out[b], alone[0], atol=1e-5, rtol=1e-5)
 
 
+#: Training modes of a model whose BatchNorms are frozen: (model options, drop-path seeds).
+FROZEN_MODES = {
+    "dense": (dict(local_drop=0.0, global_ratio=0.0), (0,)),
+    "per sample": (dict(drop_path_per="sample"), (0, 1)),
+    "per batch": (dict(drop_path_per="batch"), (0, 1, 2)),
+    "per batch, global": (dict(drop_path_per="batch", global_ratio=1.0), (0, 1)),
+    "skip_dropped": (dict(drop_path_per="sample", skip_dropped=True), (0, 1)),
+    "recompute": (dict(drop_path_per="batch", recompute=True), (0, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("mode", FROZEN_MODES)
+def test_frozen_batchnorm_stays_frozen_in_a_training_model(mode):
+    """Fine-tuning keeps the model in train() with its BatchNorms in eval(): they normalise by
+    their running statistics and leave them (and their counters) as they were, in every mode,
+    fused as eager."""
+    options, seeds = FROZEN_MODES[mode]
+    fused, eager = small_pair(**{**options, "dropout": (0.0,) * 3})
+    if options.get("skip_dropped"):
+        eager.skip_dropped = False  # the eager model runs dense: the frozen statistics make no difference
+    for model in (fused, eager):
+        freeze_batchnorm(model)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.num_batches_tracked.fill_(3)
+    eager.load_state_dict(fused.state_dict())
+    buffers = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = batch()
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        with fk.use_backend("triton"):
+            out_f, grads_f = train_step(fused, x, generator=generator)
+        out_e, grads_e = train_step(eager, x, generator=torch.Generator().manual_seed(seed))
+        assert_same_step(fused, eager, out_f, grads_f, out_e, grads_e)
+        assert all(torch.equal(v, buffers[k]) for k, v in fused.state_dict().items()), mode
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_per_batch_global_batch_is_its_column_alone_and_keeps_running_stats(fused):
     """Drawn per batch, a global batch is the network restricted to its column, step for step,

@@ -119,6 +119,27 @@ def test_module_db_error_inputs_raise_what_batchnorm_raises(backend, training):
         assert expected is None or launches[0] == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["one value per channel", "eps"])
+def test_failed_call_counts_no_batch(backend, bad):
+    """Where nn.BatchNorm2d has already counted the batch (and moved nothing else) before it
+    raises, a failed fused call leaves num_batches_tracked and the running statistics as they
+    were: the checks run before any launch."""
+    plain = nn.BatchNorm2d(3).to(DEVICE)
+    fused = fk.FusedBatchNormReLU2d(3).to(DEVICE)
+    x = torch.randn(1, 3, 1, 1, device=DEVICE) if bad == "one value per channel" else torch.randn(4, 3, 2, 2, device=DEVICE)
+    if bad == "eps":
+        plain.eps = fused.eps = -1.0
+    before = copy.deepcopy(fused.state_dict())
+    with pytest.raises(ValueError):
+        plain(x)
+    assert plain.num_batches_tracked.item() == 1  # torch counted the failed batch
+    with fk.use_backend(backend), pytest.raises(ValueError):
+        fused(x)
+    for key, value in fused.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_module_matches_batchnorm_relu_over_steps():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.BatchNorm2d(6, momentum=None), nn.ReLU()).to(DEVICE)
