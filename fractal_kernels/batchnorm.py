@@ -9,7 +9,8 @@ join_bn_relu and gather_join_bn_relu (library.py).
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -21,7 +22,7 @@ from .batchnorm_kernels import (
     bn_combine_kernel,
     bn_stats_kernel,
 )
-from .channel_tiling import channel_tiling
+from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import join_args, row_samples
 from .launch import (
     REDUCTION_REGISTERS, audit_cases, define_op, eager, input_groups, launch, next_power_of_2, optional, slots,
@@ -46,39 +47,42 @@ def dropout_args(seeds: Optional[torch.Tensor], p: float) -> tuple:
     return seeds, float(p), 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
-def batch_statistics(xs: list[torch.Tensor], running_means: list, running_vars: list, num_batches: Optional[list],
-                     momentum: Optional[float], seeds: Optional[torch.Tensor] = None, dropout: float = 0.0) -> torch.Tensor:
+def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_vars: Sequence,
+                     num_batches: Optional[Sequence], momentum: Optional[float], seeds: Optional[torch.Tensor] = None,
+                     dropout: float = 0.0, tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
     """Batch mean and biased variance of every channel of every (dense) input, after its dropout
     when ``seeds`` [k] are given, as a [2, k, C] tensor (fp32; fp64 for fp64 inputs). Inputs may
     differ in their number of rows (gathered column segments).
 
     Counts the batch in each present ``num_batches`` (int64 num_batches_tracked) and updates the
-    present running statistics (None or empty tensors stand for absent ones) with ``momentum``,
-    or with momentum None by the cumulative average, and the unbiased variance; an input with no
-    rows leaves its running statistics unchanged.
+    present running statistics (None stands for an absent one) with ``momentum``, or with
+    momentum None by the cumulative average, and the unbiased variance; an input with no rows
+    leaves its running statistics unchanged. ``tiling``: the inputs' (computed when None).
 
     Launches bn_stats_kernel and bn_combine_kernel once for up to eight inputs.
     """
-    tiling = channel_tiling(max(xs, key=lambda x: x.shape[0]), len(xs))
-    k, C, chunks = len(xs), tiling.C, tiling.num_chunks
+    k = len(xs)
+    if tiling is None:
+        tiling = channel_tiling(xs[0] if k == 1 else max(xs, key=lambda x: x.shape[0]), k)
+    C, chunks = tiling.C, tiling.num_chunks
     dtype, device = acc_dtype(xs[0].dtype), xs[0].device
     stats = torch.empty(2, k, C, dtype=dtype, device=device)
     partials = torch.empty(3, k, chunks, C, dtype=dtype, device=device)  # mean, m2, count
     block_c = min(_COMBINE_BLOCK_C, next_power_of_2(C))
-    running_means = [optional(t) for t in running_means]
-    running_vars = [optional(t) for t in running_vars]
-    num_batches = [optional(t) for t in num_batches] if num_batches else [None] * k
+    num_batches = num_batches or (None,) * k
     drop = dropout_args(seeds, dropout)
+    factor = 0.0 if momentum is None else float(momentum)
+    rows = [x.shape[0] for x in xs]
     for group in input_groups(k):
         launch(
             wrap_triton(bn_stats_kernel), tiling.grid,
-            *slots(xs, group), *slots([x.shape[0] for x in xs], group), partials, group.start, k, *drop,
+            *slots(xs, group), *slots(rows, group), partials, group.start, k, *drop,
             *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
         )
         launch(
             wrap_triton(bn_combine_kernel), (1,),
             partials, stats, *slots(running_means, group), *slots(running_vars, group), *slots(num_batches, group),
-            0.0 if momentum is None else float(momentum), group.start, k, C, chunks,
+            factor, group.start, k, C, chunks,
             K=len(group), CUMULATIVE=momentum is None, BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
         )
     return stats
@@ -87,25 +91,26 @@ def batch_statistics(xs: list[torch.Tensor], running_means: list, running_vars: 
 def _channel_args(group: range, weights, biases, means, variances, join: tuple, num_inputs: int, eps: float,
                   drop: tuple) -> tuple:
     """The per-channel, join and dropout arguments of the apply and backward kernels, for one
-    group of inputs."""
+    group of inputs (None for absent weights and biases)."""
     return (
-        *slots([optional(w) for w in weights], group), *slots([optional(b) for b in biases], group),
-        *slots(means, group), *slots(variances, group), *join, group.start, num_inputs, float(eps), *drop,
+        *slots(weights, group), *slots(biases, group), *slots(means, group), *slots(variances, group), *join,
+        group.start, num_inputs, float(eps), *drop,
     )
 
 
-def normalize_join(xs: list[torch.Tensor], mask, rows, weights: list, biases: list, means: list,
-                   variances: list, eps: float, relu: bool, seeds: Optional[torch.Tensor] = None,
-                   dropout: float = 0.0) -> torch.Tensor:
+def normalize_join(xs: Sequence[torch.Tensor], mask, rows, weights: Sequence, biases: Sequence, means: Sequence,
+                   variances: Sequence, eps: float, relu: bool, seeds: Optional[torch.Tensor] = None,
+                   dropout: float = 0.0, tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
     """The join (plain mean, ``mask`` or gather table ``rows``) over (dense) inputs of
     act((dropout(x_i) - mean_i) / sqrt(var_i + eps) * w_i + b_i), dropout seeded by ``seeds``
-    [k] where given. None or empty tensors stand for absent weights and biases. One launch for
-    up to eight inputs.
+    [k] where given. None stands for an absent weight or bias. ``tiling``: the output's
+    (computed when None). One launch for up to eight inputs.
     """
     out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
     if out.numel() == 0:
         return out
-    tiling = channel_tiling(out, len(xs))
+    if tiling is None:
+        tiling = channel_tiling(out, len(xs))
     join, mode = join_args(mask, rows)
     drop = dropout_args(seeds, dropout)
     for g, group in enumerate(input_groups(len(xs))):
@@ -118,11 +123,14 @@ def normalize_join(xs: list[torch.Tensor], mask, rows, weights: list, biases: li
     return out
 
 
-def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop) -> torch.Tensor:
+def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop,
+                     tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
     """Per-chunk sums of g_i and of g_i * x_hat_i over the output rows, as [2, k, chunks, C]
-    (bn_backward_reduce_kernel); ``drop`` are the dropout arguments (dropout_args)."""
+    (bn_backward_reduce_kernel); ``drop`` are the dropout arguments (dropout_args), ``tiling``
+    the gradient's (computed when None)."""
     k = len(xs)
-    tiling = channel_tiling(grad, k)
+    if tiling is None:
+        tiling = channel_tiling(grad, k)
     join, mode = join_args(mask, rows)
     sums = torch.empty(2, k, tiling.num_chunks, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
     for group in input_groups(k):
@@ -135,18 +143,19 @@ def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, ep
 
 
 def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop, batch_stats, sums,
-                   count=None, param_grads=True):
+                   count=None, param_grads=True, tiling: Optional[ChannelTiling] = None):
     """Input gradients (the inputs' shapes) and the [2, k, C] weight and bias gradients (None
     without ``param_grads``) from the [2, k, P, C] partial sums (bn_backward_dx_kernel): one
     launch per group of eight inputs, or, for a gather join, one per input over its own rows.
-    ``count``: the elements per channel the sums cover (default: the inputs' own)."""
+    ``count``: the elements per channel the sums cover (default: the inputs' own); ``tiling``:
+    the inputs' (without a gather join; computed when None)."""
     k = len(xs)
     sums = sums.contiguous()  # the kernel indexes it densely
     join, mode = join_args(mask, rows)
     grad_inputs = [torch.empty_like(x) for x in xs]
     grads = torch.empty(2, k, grad.shape[1], dtype=sums.dtype, device=grad.device) if param_grads else None
     if rows is None:
-        tiling = channel_tiling(xs[0], k)
+        tiling = tiling or channel_tiling(xs[0], k)
         launches = [(group, tiling, None) for group in input_groups(k)]
     else:
         samples = row_samples(rows, [x.shape[0] for x in xs])
@@ -165,9 +174,9 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
     return grad_inputs, grads
 
 
-def normalize_join_backward(grad: torch.Tensor, xs: list[torch.Tensor], mask, rows, weights: list, biases: list,
-                            means: list, variances: list, batch_stats: bool, eps: float, relu: bool,
-                            seeds: Optional[torch.Tensor] = None,
+def normalize_join_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mask, rows, weights: Sequence,
+                            biases: Sequence, means: Sequence, variances: Sequence, batch_stats: bool, eps: float,
+                            relu: bool, seeds: Optional[torch.Tensor] = None,
                             dropout: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Backward of normalize_join: the input gradients (through the dropout, which it
     regenerates from ``seeds``) and the [2, k, C] weight and bias gradients; with
@@ -178,17 +187,24 @@ def normalize_join_backward(grad: torch.Tensor, xs: list[torch.Tensor], mask, ro
     affine parameters); a gather join launches the input-gradient kernel once per input.
     """
     grad = grad.contiguous(memory_format=memory_format(xs[0]))
+    tiling = channel_tiling(grad, len(xs)) if rows is None else None
     args = (grad, xs, mask, rows, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
-    if batch_stats or any(optional(t) is not None for t in (*weights, *biases)):
-        sums = bn_backward_sums(*args)
+    if batch_stats or any(t is not None for t in weights) or any(t is not None for t in biases):
+        sums = bn_backward_sums(*args, tiling=tiling)
     else:
         sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
-    return bn_backward_dx(*args, batch_stats, sums)
+    return bn_backward_dx(*args, batch_stats, sums, tiling=tiling)
 
 
-def param_grads(grads: torch.Tensor, params: list) -> list[Optional[torch.Tensor]]:
-    """Row i of the [k, C] ``grads`` in the dtype of the present ``params[i]``, None where absent."""
+def param_grads(grads: torch.Tensor, params: Sequence) -> list[Optional[torch.Tensor]]:
+    """Row i of the [k, C] ``grads`` in the dtype of the present ``params[i]``, None where absent
+    (None or an empty placeholder)."""
     return [None if optional(p) is None else grads[i].to(p.dtype) for i, p in enumerate(params)]
+
+
+def present(tensors: Sequence) -> list:
+    """The ops' tensor lists with their empty placeholders as None, as the launchers take them."""
+    return [optional(t) for t in tensors]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +224,8 @@ def bn_stats(
 ) -> torch.Tensor:
     """batch_statistics as a torch.library op (empty tensors stand for absent running statistics
     and counters)."""
-    return batch_statistics(dense_inputs(inputs), running_means, running_vars, num_batches, momentum, seeds, dropout)
+    return batch_statistics(dense_inputs(inputs), present(running_means), present(running_vars), present(num_batches),
+                            momentum, seeds, dropout)
 
 
 @define_op("fractal_kernels::bn_apply")
@@ -228,8 +245,8 @@ def bn_apply(
 ) -> torch.Tensor:
     """normalize_join as a torch.library op; ``batch_stats`` says whether its backward
     differentiates through the means and variances (see normalize_join_backward)."""
-    return normalize_join(dense_inputs(inputs), mask, rows, weights, biases, means, variances, eps, relu, seeds,
-                          dropout)
+    return normalize_join(dense_inputs(inputs), mask, rows, present(weights), present(biases), means, variances, eps,
+                          relu, seeds, dropout)
 
 
 @define_op("fractal_kernels::bn_backward")
@@ -249,8 +266,8 @@ def bn_backward(
     relu: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """normalize_join_backward as a torch.library op."""
-    return normalize_join_backward(grad, dense_inputs(inputs), mask, rows, weights, biases, means, variances,
-                                   batch_stats, eps, relu, seeds, dropout)
+    return normalize_join_backward(grad, dense_inputs(inputs), mask, rows, present(weights), present(biases), means,
+                                   variances, batch_stats, eps, relu, seeds, dropout)
 
 
 def _apply_setup_context(ctx, inputs, output):
@@ -272,66 +289,107 @@ def _apply_backward(ctx, grad):
 bn_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
 
 
-class NormalizeJoinFunction(torch.autograd.Function):
-    """bn_apply in eager mode: the same launcher and backward, without torch.library's Python
-    dispatch (which costs more host time than the launches themselves)."""
+class BatchNormOptions(NamedTuple):
+    """The non-tensor arguments of one eager batch_norm_join call, and its running statistics
+    and counters (None where absent), which autograd need not see."""
+
+    training: bool
+    momentum: Optional[float]
+    eps: float
+    relu: bool
+    dropout: float
+    running_means: Sequence
+    running_vars: Sequence
+
+
+class BatchNormJoinFunction(torch.autograd.Function):
+    """batch_norm_join in eager mode: the apply launcher and its backward, without torch.library's
+    Python dispatch (which costs more host time than the launches themselves). Its autograd
+    arguments are the inputs, weights and biases (None where absent); ``stats`` are the batch
+    statistics in training (differentiated through, as a function of the inputs) and None in eval."""
 
     @staticmethod
-    def forward(ctx, mask, rows, seeds, dropout, batch_stats, eps, relu, k, *tensors):
-        xs, weights, biases, means, variances = (tensors[j * k:(j + 1) * k] for j in range(5))
-        ctx.options = (k, dropout, batch_stats, eps, relu)
-        ctx.save_for_backward(mask, rows, seeds, *tensors)
-        return normalize_join(xs, mask, rows, weights, biases, means, variances, eps, relu, seeds, dropout)
+    def forward(ctx, options: BatchNormOptions, mask, rows, seeds, stats, tiling, *tensors):
+        k = len(tensors) // 3
+        xs, weights, biases = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
+        means, variances = statistic_rows(stats, options)
+        ctx.options = options
+        ctx.save_for_backward(mask, rows, seeds, stats, *tensors)
+        return normalize_join(xs, mask, rows, weights, biases, means, variances, options.eps, options.relu, seeds,
+                              options.dropout, tiling)
 
     @staticmethod
     def backward(ctx, grad):
-        k, dropout, batch_stats, eps, relu = ctx.options
-        mask, rows, seeds, *saved = ctx.saved_tensors
-        xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
-        grad_inputs, grads = normalize_join_backward(grad, xs, mask, rows, weights, biases, means, variances,
-                                                     batch_stats, eps, relu, seeds, dropout)
-        return ((None,) * 8 + tuple(grad_inputs) + tuple(param_grads(grads[0], weights))
-                + tuple(param_grads(grads[1], biases)) + (None,) * (2 * k))
+        options = ctx.options
+        mask, rows, seeds, stats, *tensors = ctx.saved_tensors
+        k = len(tensors) // 3
+        weights, biases = tensors[k:2 * k], tensors[2 * k:]
+        grad_inputs, grads = normalize_join_backward(grad, tensors[:k], mask, rows, weights, biases,
+                                                     *statistic_rows(stats, options), options.training, options.eps,
+                                                     options.relu, seeds, options.dropout)
+        return (None, None, None, None, None, None, *grad_inputs, *param_grads(grads[0], weights),
+                *param_grads(grads[1], biases))
+
+
+def statistic_rows(stats: Optional[torch.Tensor], options: BatchNormOptions) -> tuple[Sequence, Sequence]:
+    """The per-input means and variances: rows of the [2, k, C] batch statistics, or the running
+    statistics where there are none (eval)."""
+    if stats is None:
+        return options.running_means, options.running_vars
+    k = stats.shape[1]
+    rows = stats.view(2 * k, stats.shape[2]).unbind(0)
+    return rows[:k], rows[k:]
 
 
 def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
                     rows=None, num_batches=None, dropout=0.0, seeds=None):
-    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]:
-    in training the statistics of all inputs (with the running-statistic and batch-count
-    updates), then one apply pass. A nonzero ``dropout`` rate applies, whatever ``training``
-    says (the caller passes 0 where its dropout is off), seeded by ``seeds`` [k] (int64; drawn
-    here from torch's generator when None). In eager mode the launchers run directly
-    (NormalizeJoinFunction carries the autograd); while torch traces, through the torch.library
-    ops."""
+    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]
+    in eager mode: in training the statistics of all inputs (with the running-statistic and
+    batch-count updates), then one apply pass, launched directly (BatchNormJoinFunction carries
+    the autograd). A nonzero ``dropout`` rate applies, whatever ``training`` says (the caller
+    passes 0 where its dropout is off), seeded by ``seeds`` [k] (int64; drawn here from torch's
+    generator when None). None stands for any absent tensor."""
+    xs = dense_inputs(inputs)
+    if dropout and seeds is None:
+        seeds = draw_seeds(len(xs), xs[0].device)
+    # Without a gather table the statistics, apply and backward passes share one tiling.
+    tiling = channel_tiling(xs[0], len(xs)) if rows is None else None
+    stats = None
+    if training:
+        # The statistics carry no autograd of their own (launches record none): the apply's
+        # backward differentiates through them.
+        stats = batch_statistics(xs, running_means, running_vars, num_batches, momentum, seeds, dropout, tiling)
+    options = BatchNormOptions(training, momentum, eps, relu, dropout, running_means, running_vars)
+    out = BatchNormJoinFunction.apply(options, mask, rows, seeds, stats, tiling, *xs, *weights, *biases)
+    if recompute.recording():
+        recompute.register(out, functools.partial(normalize_join, xs, mask, rows, weights, biases,
+                                                  *statistic_rows(stats, options), eps, relu, seeds, dropout, tiling))
+    return out
+
+
+def traced_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
+                           rows=None, num_batches=None, dropout=0.0, seeds=None):
+    """batch_norm_join through the torch.library ops, as torch traces it (the composite ops of
+    library.py): bn_stats, then bn_apply with its registered autograd. Empty placeholders stand
+    for absent tensors (the ops take list[Tensor])."""
     xs = dense_inputs(inputs)
     absent = placeholder(xs[0])
 
     def filled(tensors):
         return [absent if t is None else t for t in tensors]
 
-    weights, biases = filled(weights), filled(biases)
     if dropout and seeds is None:
         seeds = draw_seeds(len(xs), xs[0].device)
-    direct = eager(xs[0])
     if training:
-        # The statistics carry no autograd of their own: the apply's backward differentiates
-        # through them (batch_stats=True).
-        statistics = batch_statistics if direct else bn_stats
-        stats = statistics([x.detach() for x in xs], filled(running_means), filled(running_vars),
-                           filled(num_batches or [None] * len(xs)), momentum, seeds, dropout)
+        stats = bn_stats([x.detach() for x in xs], filled(running_means), filled(running_vars),
+                         filled(num_batches or [None] * len(xs)), momentum, seeds, dropout)
         means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)
-    args = (xs, mask, rows, weights, biases, means, variances)
-    if direct:
-        out = NormalizeJoinFunction.apply(mask, rows, seeds, dropout, training, eps, relu, len(xs), *xs, *weights,
-                                          *biases, *means, *variances)
-        recipe = lambda: normalize_join(*args, eps, relu, seeds, dropout)  # noqa: E731
-    else:
-        out = bn_apply(*args, seeds, dropout, training, eps, relu)
-        recipe = lambda: bn_apply(*args, seeds, dropout, training, eps, relu)  # noqa: E731
+    args = (xs, mask, rows, filled(weights), filled(biases), means, variances, seeds, dropout, training, eps, relu)
+    out = bn_apply(*args)
     if recompute.recording():
-        recompute.register(out, recipe)
+        recompute.register(out, functools.partial(bn_apply, *args))
     return out
 
 

@@ -10,6 +10,7 @@ start, never a slice), no tensor fills two written slots, and unused slots are N
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -68,14 +69,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def input_groups(n: int) -> list[range]:
+@functools.lru_cache(maxsize=None)
+def input_groups(n: int) -> tuple[range, ...]:
     """Splits range(n) into consecutive groups of at most MAX_INPUTS inputs (one launch each)."""
-    return [range(start, min(start + MAX_INPUTS, n)) for start in range(0, n, MAX_INPUTS)]
+    return tuple(range(start, min(start + MAX_INPUTS, n)) for start in range(0, n, MAX_INPUTS))
 
 
-def slots(items: Sequence, group: range) -> list:
+#: None padding of each length up to MAX_INPUTS.
+_PADDING = tuple((None,) * n for n in range(MAX_INPUTS + 1))
+
+
+def slots(items: Sequence, group: range) -> tuple:
     """The group's entries of a per-input kernel argument, padded with None to MAX_INPUTS slots."""
-    return [items[i] for i in group] + [None] * (MAX_INPUTS - len(group))
+    return (*items[group.start:group.stop], *_PADDING[MAX_INPUTS - len(group)])
 
 
 def optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -223,22 +229,18 @@ class DirectLaunches:
                      *bound)
 
 
-def _int_width(value: int) -> str:
-    if -2**31 <= value < 2**31:
-        return "i32"
-    return "i64" if -2**63 <= value < 2**63 else "u64"
-
-
 def _scalar_fact(value, specialised: bool):
-    """The specialisation of a non-tensor, non-None argument: bool, float, or an int's width (and,
-    where specialised, whether it is 1 or divisible by 16)."""
+    """The specialisation of a non-tensor, non-None argument: bool, float, or an int's width and,
+    where specialised, whether it is 1 or divisible by 16. The facts of a 32-bit int ("=1", or
+    whether it divides by 16; "i32" unspecialised) are what the generated facts compute inline."""
     kind = type(value)
     if kind is bool or kind is float:
         return kind
     if kind is int:
-        if not specialised:
-            return _int_width(value)
-        return 1 if value == 1 else (_int_width(value), value % 16 == 0)
+        if -2**31 <= value < 2**31:
+            return ("=1" if value == 1 else value % 16 == 0) if specialised else "i32"
+        width = "i64" if -2**63 <= value < 2**63 else "u64"
+        return (width, value % 16 == 0) if specialised else width
     raise _NotDirect(f"{kind.__name__} argument")
 
 
@@ -251,8 +253,13 @@ def _facts_function(specialised: list[bool], align: list[bool]) -> Callable:
     a tensor's dtype and, where specialised, whether its pointer is 16-byte aligned)."""
     terms = []
     for i, (spec, aligned) in enumerate(zip(specialised, align)):
-        tensor = f"(a{i}.dtype, a{i}.data_ptr() % 16 == 0)" if spec and aligned else f"a{i}.dtype"
-        terms.append(f"(None if a{i} is None else {tensor} if isinstance(a{i}, Tensor) else scalar(a{i}, {spec}))")
+        a = f"a{i}"
+        tensor = f"({a}.dtype, {a}.data_ptr() % 16 == 0)" if spec and aligned else f"{a}.dtype"
+        # A 32-bit int, the usual case, inline (as _scalar_fact gives it); the rest by _scalar_fact.
+        small = f'("=1" if {a} == 1 else {a} % 16 == 0)' if spec else '"i32"'
+        integer = f"{small} if -2147483648 <= {a} < 2147483648 else scalar({a}, {spec})"
+        terms.append(f"(None if {a} is None else {tensor} if isinstance({a}, Tensor) else ({integer}) "
+                     f"if type({a}) is int else scalar({a}, {spec}))")
     names = ", ".join(f"a{i}" for i in range(len(specialised)))
     source = f"def facts({names}):\n    return ({', '.join(terms)}{',' if len(terms) == 1 else ''})\n"
     namespace = {"Tensor": torch.Tensor, "scalar": _scalar_fact}
@@ -267,9 +274,12 @@ def _direct_launches(kernel) -> Optional[DirectLaunches]:
     """The kernel's DirectLaunches, None where the direct path cannot follow this Triton (its
     JITFunction lacks what the path reads) or a launch hook is set (hooks see run's launches, with
     their metadata)."""
-    direct = _direct.get(kernel)
+    # By id: a JITFunction hashes its cache key, which costs more than the lookup. The entry
+    # keeps the kernel alive, so its id stays its own.
+    direct = _direct.get(id(kernel))
     if direct is None:
-        direct = _direct[kernel] = DirectLaunches(kernel) if _DIRECT_PATH and hasattr(kernel, "params") else False
+        direct = _direct[id(kernel)] = (DirectLaunches(kernel) if _DIRECT_PATH and hasattr(kernel, "params")
+                                        else False)
     if not direct or _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook):
         return None
     return direct

@@ -3,14 +3,15 @@
 ``bn_relu``, ``join_bn_relu`` and ``gather_join_bn_relu`` are CompositeImplicitAutograd ops over
 batchnorm.py's ``bn_stats`` (which mutates the running statistics) and ``bn_apply`` (which has
 the autograd): torch.library does not allow an autograd formula on an op that mutates its inputs.
-The kernel ops themselves are registered next to their launchers (join.py, batchnorm.py).
+The kernel ops themselves are registered next to their launchers (join.py, batchnorm.py). In
+eager mode the public ops skip these and call batchnorm.batch_norm_join directly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .batchnorm import batch_norm_join
+from .batchnorm import traced_batch_norm_join
 
 _library = torch.library.Library("fractal_kernels", "FRAGMENT")
 _library.define(
@@ -32,19 +33,19 @@ _library.define(
 
 def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True,
              num_batches_tracked=None, dropout=0.0, seeds=None):
-    return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu,
+    return traced_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu,
                            num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
 
 
 def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5,
                   num_batches_tracked=None, dropout=0.0, seeds=None):
-    return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True,
+    return traced_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True,
                            num_batches=num_batches_tracked, dropout=dropout, seeds=seeds)
 
 
 def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
                          eps=1e-5, num_batches_tracked=None, dropout=0.0, seeds=None):
-    return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps, True,
+    return traced_batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps, True,
                            rows=rows, num_batches=num_batches_tracked, dropout=dropout, seeds=seeds)
 
 

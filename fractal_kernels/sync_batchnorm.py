@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .batchnorm import (
-    batch_statistics, bn_backward_dx, bn_backward_sums, draw_seeds, dropout_args, normalize_join, param_grads, placeholder,
+    batch_statistics, bn_backward_dx, bn_backward_sums, draw_seeds, dropout_args, normalize_join, param_grads,
 )
 from .tensors import acc_dtype, dense_inputs, memory_format
 
@@ -90,10 +90,8 @@ def sync_batch_norm_join(
     seeds: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Training-mode batch_norm_join with statistics synchronised over ``process_group``."""
-    absent = placeholder(inputs[0])
-    params = [absent if t is None else t for t in (*weights, *biases)]
     if dropout and seeds is None:
         seeds = draw_seeds(len(inputs), inputs[0].device)
     running = (tuple(running_means), tuple(running_vars), tuple(num_batches or [None] * len(inputs)))
     return SyncBatchNormJoin.apply(mask, process_group, running, momentum, eps, relu, seeds, dropout, len(inputs),
-                                   *inputs, *params)
+                                   *inputs, *weights, *biases)
