@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench audit clean
+.PHONY: test demo bench audit gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: $(STAMP)
 
 audit: $(STAMP)
 	$(PY) -m fractal_kernels.audit
+
+# On a GPU machine, from the tree with its own Python (no .venv, nothing installed): correctness on
+# the compiled kernels, then the benchmarks, each phase under its own limit, 8 minutes in all.
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--out DIR]
+"""python -m benchmarks [--quick] [--gpu-only] [--out DIR]
 
 With a GPU: kernel benchmarks (eager reference, torch.compile of it and the fused Triton op, side
 by side, on the copy-bandwidth roofline), whole-model training steps and anytime inference. On
@@ -49,13 +49,55 @@ def environment(device) -> dict:
     )
 
 
-def run(quick: bool, out: Path, cpu: bool = False) -> dict:
+def run(quick: bool, out: Path, cpu: bool = False, gpu_only: bool = False) -> dict:
+    """Every measurement (``gpu_only``: only the GPU timings, which the CPU reports cannot hold).
+    The report is written as the GPU rows come (the training steps first), so a run stopped
+    part-way keeps what it measured."""
     device = torch.device("cuda") if torch.cuda.is_available() and not cpu else None
-    result = dict(environment=environment(device), quick=quick)
+    result = dict(environment=environment(device), quick=quick, gpu_only=gpu_only)
     if device is None:
         print(NO_GPU_NOTE, flush=True)  # also with --cpu
         result["note"] = NO_GPU_NOTE
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if device is None else result["environment"]["device"]).lower()).strip("-")
+    stem = out / f"{slug}-{result['environment']['date']}{'-quick' if quick else ''}"
 
+    def checkpoint():
+        report.write_json(result, stem.with_suffix(".json"))
+
+    if not gpu_only:
+        _cpu_measurements(result, quick, device)
+    if device is not None:
+        model_cases = [
+            models.ModelCase(network, implementation, dtype, channels_last)
+            for network in (["fractalnet20_cifar"] if quick else models.BENCHMARKED)
+            for implementation in models.IMPLEMENTATIONS
+            for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16))
+            for channels_last in (False, True)
+        ]
+        result["models_gpu"] = []
+        for case in tqdm(model_cases, desc="models"):
+            result["models_gpu"].append(models.gpu_training_row(case, device))
+            checkpoint()
+        result["anytime_gpu"] = [
+            row for network in (["fractalnet20_cifar"] if quick else models.BENCHMARKED)
+            for row in models.gpu_anytime_rows(network, device, torch.bfloat16)
+        ]
+        result["kernels_gpu"] = []
+        for case in tqdm(cases.op_cases(quick), desc="kernels"):
+            result["kernels_gpu"].append(kernels.gpu_row(case, device))
+            checkpoint()
+        result["goals"] = report.goal_rows(result["kernels_gpu"])
+
+    checkpoint()
+    stem.with_suffix(".md").write_text(report.markdown(result))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *report.plots(result, stem)]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return result
+
+
+def _cpu_measurements(result: dict, quick: bool, device) -> None:
+    """What a CPU measures exactly (saved bytes, launches, traffic, the compile audit, host time)."""
     exact_cases = cases.op_cases(quick, dtypes=(torch.float32,))
     exact_cases = [c for c in exact_cases if not c.channels_last]
     timed = device is None
@@ -88,31 +130,6 @@ def run(quick: bool, out: Path, cpu: bool = False) -> dict:
             for network in tqdm(("fractalnet20_cifar", "fractalnet40_cifar"), desc="skip_dropped")
         ]
 
-    if device is not None:
-        result["kernels_gpu"] = [kernels.gpu_row(case, device) for case in tqdm(cases.op_cases(quick), desc="kernels")]
-        result["goals"] = report.goal_rows(result["kernels_gpu"])
-        model_cases = [
-            models.ModelCase(network, implementation, dtype, channels_last)
-            for network in (["fractalnet20_cifar"] if quick else models.BENCHMARKED)
-            for implementation in models.IMPLEMENTATIONS
-            for dtype in ((torch.bfloat16,) if quick else (torch.float32, torch.bfloat16))
-            for channels_last in (False, True)
-        ]
-        result["models_gpu"] = [models.gpu_training_row(case, device) for case in tqdm(model_cases, desc="models")]
-        result["anytime_gpu"] = [
-            row for network in (["fractalnet20_cifar"] if quick else models.BENCHMARKED)
-            for row in models.gpu_anytime_rows(network, device, torch.bfloat16)
-        ]
-
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", ("cpu" if device is None else result["environment"]["device"]).lower()).strip("-")
-    stem = out / f"{slug}-{result['environment']['date']}{'-quick' if quick else ''}"
-    report.write_json(result, stem.with_suffix(".json"))
-    stem.with_suffix(".md").write_text(report.markdown(result))
-    written = [stem.with_suffix(".json"), stem.with_suffix(".md"), *report.plots(result, stem)]
-    print("wrote " + ", ".join(str(p) for p in written))
-    return result
-
 
 def _subprocess_json(module_and_args: list[str], quick: bool, interpret: bool):
     """Runs ``python -m module args [--quick] --json PATH`` (with or without the Triton
@@ -135,8 +152,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a subset of the shapes, dtypes and models")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
     parser.add_argument("--cpu", action="store_true", help="the CPU measurements only, even with a GPU present")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the GPU timings (none without a GPU); the CPU-exact sections are the CPU reports'")
     args = parser.parse_args(argv)
-    run(args.quick, args.out, args.cpu)
+    run(args.quick, args.out, args.cpu, args.gpu_only)
     return 0
 
 

@@ -63,7 +63,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Benchmarks: {env['device']}", "",
              f"{env['date']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-             f"`python -m benchmarks{' --quick' if report['quick'] else ''}`.", ""]
+             f"`python -m benchmarks{' --quick' if report['quick'] else ''}{' --gpu-only' if report.get('gpu_only') else ''}`.",
+             ""]
     if report.get("note"):
         lines += [report["note"], ""]
     for section in (_goals, _kernels_gpu, _training_gpu, _anytime_gpu, _steps, _traffic, _occupancy, _host,

@@ -1,0 +1,680 @@
+"""One command for a GPU machine: correctness on the compiled kernels, the benchmarks, a summary.
+
+    python -m benchmarks.gpu_check --out DIR            (make gpu-check GPU_CHECK_OUT=DIR)
+    python -m benchmarks.gpu_check --out DIR --dry-run  (no GPU: the same phases at tiny sizes,
+                                                         the kernels in the Triton interpreter)
+
+The phases run one after another, each in its own process under its own time limit (together
+8 minutes on a GPU, compilation included); each phase's result is merged into DIR/gpu-check.json
+and DIR/gpu-check.md as soon as it ends, so a phase that fails, hangs or kills its process costs
+only itself:
+
+  environment  GPU, driver, torch, triton, CUDA, Python
+  ops          every op x dtype x layout x join kind (and training/eval) against the fp64
+               reference, forward and backward, on shapes that fill the GPU: fresh random
+               inputs, the allocator's free memory poisoned with NaN first so that an output
+               element left unwritten shows
+  model        the fused FractalNet-20 training step against the eager one (same weights and
+               drop-path draws): output, gradients, running statistics
+  compile      torch.compile(fullgraph=True) with Inductor (aot_eager in a dry run) of the ops
+               and of a training step, against eager
+  graphs       a fused training step captured in a CUDA graph and replayed: it runs, learns,
+               and how long a replay takes beside the eager step
+  sanitizer    compute-sanitizer memcheck of a short ops run, where the machine has it
+  benchmarks   python -m benchmarks --quick --gpu-only (the training steps first, then the
+               kernels; its report is written row by row)
+
+DIR then holds at most 7 files: gpu-check.md (the summary table, also printed last),
+gpu-check.json (every number and version), gpu-check.log (every phase's output), and the
+benchmark report (<device>-<date>-quick.json and .md, and two plots). Triton's and Inductor's
+caches go to DIR's parent, so a second call on the same machine does not compile again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Test hook: "phase=fail|hang|crash,..." makes those phases fail, hang or kill their process.
+FAULTS_VARIABLE = "FRACTAL_KERNELS_GPU_CHECK_FAULTS"
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    #: Seconds on a GPU, and in a dry run (2 CPU cores, the interpreter).
+    limit_s: int
+    dry_limit_s: int
+    what: str
+
+
+PHASES = [
+    Phase("environment", 15, 60, "GPU, driver and versions"),
+    Phase("ops", 170, 300, "every op x dtype x layout x join kind vs the fp64 reference, forward and backward"),
+    Phase("model", 40, 120, "fused FractalNet-20 training step vs the eager one"),
+    Phase("compile", 80, 300, "torch.compile(fullgraph=True) of the ops and a training step vs eager"),
+    Phase("graphs", 25, 60, "a fused training step captured in a CUDA graph and replayed"),
+    Phase("sanitizer", 40, 60, "compute-sanitizer memcheck of a short ops run"),
+    Phase("benchmarks", 110, 300, "python -m benchmarks --quick --gpu-only"),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver: one process per phase, results merged as they come
+# ----------------------------------------------------------------------------------------------
+
+
+def run_phases(out: Path, dry_run: bool, names: list[str], limits: dict[str, int]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "gpu-check.log"
+    log_path.write_text("")
+    report = dict(command=" ".join(["python -m benchmarks.gpu_check", *sys.argv[1:]]), dry_run=dry_run, phases={})
+    env = _phase_environment(out, dry_run)
+    for phase in PHASES:
+        if phase.name not in names:
+            continue
+        limit = limits.get(phase.name, phase.dry_limit_s if dry_run else phase.limit_s)
+        print(f"[gpu-check] {phase.name}: {phase.what} (limit {limit} s)", flush=True)
+        entry = _run_phase(phase, out, dry_run, limit, env, log_path)
+        report["phases"][phase.name] = entry
+        if phase.name == "environment" and entry.get("details"):
+            report["environment"] = entry["details"]
+        _write(report, out)
+        print(f"[gpu-check] {phase.name}: {entry['status']} in {entry['seconds']:.0f} s: {entry['summary']}", flush=True)
+    print(summary_markdown(report), flush=True)
+    return report
+
+
+def _phase_environment(out: Path, dry_run: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    # Caches beside DIR (not in it): a second call on the same machine reuses the compiled kernels.
+    env.setdefault("TRITON_CACHE_DIR", str(out.resolve().parent / "gpu-check-triton-cache"))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out.resolve().parent / "gpu-check-inductor-cache"))
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _run_phase(phase: Phase, out: Path, dry_run: bool, limit: int, env: dict, log_path: Path) -> dict:
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, open(log_path, "a") as log:
+        result_path = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "benchmarks.gpu_check", "--phase", phase.name, "--out", str(out),
+                   "--result", str(result_path), "--limit", f"{phase.name}={limit}",
+                   *(["--dry-run"] if dry_run else [])]
+        log.write(f"\n===== {phase.name}: {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the phase and anything it started
+            process.wait()
+            returncode = None
+        seconds = time.monotonic() - start
+        if returncode is None:  # what it had checkpointed, if anything, is kept
+            partial = json.loads(result_path.read_text()) if result_path.exists() else {}
+            entry = dict(partial, status="timeout",
+                         summary=f"stopped at its {limit} s limit" + (f"; so far {partial['summary']}" if partial else ""))
+        elif result_path.exists():
+            entry = json.loads(result_path.read_text())
+        else:
+            entry = dict(status="crashed", summary=f"exited with status {returncode} before writing a result")
+        if returncode not in (0, None) and entry["status"] == "passed":
+            entry = dict(entry, status="failed", summary=f"exited with status {returncode}: {entry['summary']}")
+    return dict(entry, seconds=seconds, limit_s=limit, what=phase.what)
+
+
+def _write(report: dict, out: Path) -> None:
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu-check.md").write_text(summary_markdown(report) + "\n" + details_markdown(report))
+
+
+def summary_markdown(report: dict) -> str:
+    env = report.get("environment", {})
+    title = f"# GPU check: {env.get('device', 'unknown device')}" + (" (dry run)" if report["dry_run"] else "")
+    versions = ", ".join(f"{k} {env[k]}" for k in ("driver", "cuda", "torch", "triton", "python") if env.get(k))
+    lines = [title, "", f"`{report['command']}`" + (f"; {versions}." if versions else "."), "",
+             "| phase | status | seconds (limit) | result |", "|---|---|---|---|"]
+    for name, entry in report["phases"].items():
+        lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.0f} ({entry['limit_s']}) | {entry['summary']} |")
+    return "\n".join(lines) + "\n"
+
+
+def details_markdown(report: dict) -> str:
+    lines = []
+    for name, entry in report["phases"].items():
+        rows = entry.get("rows") or []
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        lines += [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases (each runs in its own process)
+# ----------------------------------------------------------------------------------------------
+
+
+def _environment(dry_run: bool, out: Path) -> dict:
+    import platform
+
+    import torch
+    import triton
+
+    details = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                   python=platform.python_version())
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        details.update(device=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
+                       memory_gib=round(props.total_memory / 2**30, 1))
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            query = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=10)
+            details["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 else None
+    else:
+        details["device"] = f"CPU ({platform.machine()}), no GPU"
+    details["compute_sanitizer"] = _sanitizer()
+    return dict(status="passed", summary=f"{details['device']}; torch {details['torch']}, triton {details['triton']}",
+                details=details)
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _poison_free_memory(device) -> None:
+    """Fills memory the caching allocator will hand out next with 0xFF bytes (NaN in every float
+    dtype), small and large blocks, so that an output element a kernel forgets to write reads NaN
+    instead of a lucky value."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+    blocks = [torch.full((n,), -1, dtype=torch.int32, device=device) for n in [2**17] * 64 + [2**25] * 4]
+    del blocks
+
+
+#: (atol, rtol) against the fp64 reference, per storage dtype (the test suite's).
+def _tolerances():
+    import torch
+
+    return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3),
+            torch.bfloat16: (2e-2, 2e-2)}
+
+
+def op_cases(small: bool = False) -> list[dict]:
+    """The ops phase's cases: (op, dtype, layout, join kind, training), the training dtypes first
+    (``small``: fp32 NCHW only, for the sanitizer)."""
+    import torch
+
+    dtypes = [torch.float32] if small else [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    cases = []
+    for dtype in dtypes:
+        for channels_last in (False,) if small else (False, True):
+            for join in ("none", "bool", "float"):
+                cases.append(dict(op="masked_join", dtype=dtype, channels_last=channels_last, join=join, training=True))
+            cases.append(dict(op="gather_join", dtype=dtype, channels_last=channels_last, join="rows", training=True))
+            for training in (True, False):
+                cases.append(dict(op="bn_relu", dtype=dtype, channels_last=channels_last, join="none",
+                                  training=training))
+                for join in ("none", "bool", "float"):
+                    cases.append(dict(op="join_bn_relu", dtype=dtype, channels_last=channels_last, join=join,
+                                      training=training))
+                cases.append(dict(op="gather_join_bn_relu", dtype=dtype, channels_last=channels_last, join="rows",
+                                  training=training))
+    return cases
+
+
+def check_op(case: dict, shape: tuple, device, seed: int) -> dict:
+    """One op case, fused against the fp64 reference: forward, backward, running statistics."""
+    import torch
+
+    import fractal_kernels as fk
+    from fractal_kernels import reference
+
+    dtype, op, k = case["dtype"], case["op"], 1 if case["op"] == "bn_relu" else 3
+    gen = torch.Generator().manual_seed(seed)
+    N, C = shape[0], shape[1]
+    layout = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    rows = None
+    sizes = [N] * k
+    if case["join"] == "rows":
+        held = torch.rand(k, N, generator=gen) < torch.tensor([[1.0], [0.5], [0.25]])
+        held[:, 0] = True  # every input holds a sample: its statistics are defined
+        rows = torch.full((k, N), -1, dtype=torch.int64)
+        for i in range(k):
+            samples = held[i].nonzero().squeeze(1)
+            rows[i, samples] = torch.randperm(len(samples), generator=gen)
+        sizes = held.sum(1).tolist()
+    masters = [torch.randn((n,) + tuple(shape[1:]), generator=gen, dtype=torch.float64) * 2 + 0.5 for n in sizes]
+    xs = [m.to(dtype).to(device).contiguous(memory_format=layout).requires_grad_() for m in masters]
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    mask = None
+    if case["join"] in ("bool", "float"):
+        mask = torch.rand(k, N, generator=gen) < 0.6
+        mask[:, 0] = False  # a sample no input keeps
+        mask = (mask if case["join"] == "bool" else mask.float()).to(device)
+    param = torch.float64 if dtype == torch.float64 else torch.float32
+    state = dict(weights=[torch.rand(C, generator=gen, dtype=torch.float64).add(0.5) for _ in range(k)],
+                 biases=[torch.randn(C, generator=gen, dtype=torch.float64) for _ in range(k)],
+                 running_means=[torch.randn(C, generator=gen, dtype=torch.float64) for _ in range(k)],
+                 running_vars=[torch.rand(C, generator=gen, dtype=torch.float64).add(0.5) for _ in range(k)])
+    mine = {key: [t.to(device, param).requires_grad_(key in ("weights", "biases")) for t in ts]
+            for key, ts in state.items()}
+    theirs = {key: [t.detach().to(device).double().requires_grad_(key in ("weights", "biases")) for t in ts]
+              for key, ts in mine.items()}
+    training = case["training"]
+
+    def call(ns, inputs, bn):
+        if op == "masked_join":
+            return ns.masked_join(inputs, mask)
+        if op == "gather_join":
+            return ns.gather_join(inputs, rows.to(device))
+        if op == "bn_relu":
+            return ns.bn_relu(inputs[0], *(bn[key][0] for key in bn), training)
+        if op == "join_bn_relu":
+            return ns.join_bn_relu(inputs, mask, **bn, training=training)
+        return ns.gather_join_bn_relu(inputs, rows.to(device), **bn, training=training)
+
+    bn = op.endswith("bn_relu")
+    _poison_free_memory(device)
+    with fk.use_backend("triton"):
+        out = call(fk, xs, mine)
+        leaves = xs + (mine["weights"] + mine["biases"] if bn else [])
+        cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+        grads = torch.autograd.grad(out, leaves, cotangent.to(out.dtype), allow_unused=True)
+    expected = call(reference, xs64, theirs)
+    expected_grads = torch.autograd.grad(expected, xs64 + (theirs["weights"] + theirs["biases"] if bn else []),
+                                         cotangent, allow_unused=True)
+    atol, rtol = _tolerances()[dtype]
+    errors = {}
+    pairs = [("forward", out, expected)] + [(f"grad {i}", g, e) for i, (g, e) in enumerate(zip(grads, expected_grads))]
+    if bn and training:
+        pairs += [(f"{key} {i}", t, e) for key in ("running_means", "running_vars")
+                  for i, (t, e) in enumerate(zip(mine[key], theirs[key]))]
+    worst, failures = 0.0, []
+    for name, actual, want in pairs:
+        if actual is None or want is None:
+            continue
+        scale = max(1.0, want.detach().abs().max().item()) if want.numel() else 1.0
+        if name.startswith("grad"):
+            scale *= 4
+        error = (actual.detach().double() - want.detach()).abs()
+        worst = max(worst, (error.max().item() if error.numel() else 0.0) / scale)
+        try:
+            torch.testing.assert_close(actual.detach().double(), want.detach(), atol=atol * scale, rtol=rtol * scale)
+        except AssertionError as failure:
+            failures.append(f"{name}: {str(failure).splitlines()[0]}")
+    errors = dict(ok=not failures, max_scaled_error=worst)
+    if failures:
+        errors["failure"] = "; ".join(failures)[:300]
+    return errors
+
+
+def _ops(dry_run: bool, out: Path, checkpoint: Callable[[dict], None], small: bool = False) -> dict:
+    """Every case against the reference; the failures are the rows. Checkpointed case by case: a
+    phase stopped at its limit (the first call compiles every variant) keeps what it checked."""
+    device = _device()
+    shape = (6, 5, 3, 4) if dry_run or small else (128, 128, 32, 32)
+    cases = op_cases(small)
+    rows = []
+
+    def result(status: str) -> dict:
+        bad = [r for r in rows if not r["ok"]]
+        summary = f"{len(rows) - len(bad)}/{len(rows)} of {len(cases)} cases within tolerance on {list(shape)}"
+        return dict(status=status if not bad else "failed", summary=summary, rows=bad, cases=len(rows),
+                    worst=max([r.get("max_scaled_error", 0.0) for r in rows] or [0.0]))
+
+    for seed, case in enumerate(cases):
+        label = dict(op=case["op"], dtype=str(case["dtype"])[6:], layout="nhwc" if case["channels_last"] else "nchw",
+                     join=case["join"], mode="train" if case["training"] else "eval")
+        try:
+            rows.append(dict(label, **check_op(case, shape, device, seed)))
+        except Exception as error:
+            rows.append(dict(label, ok=False, failure=f"{type(error).__name__}: {error}"[:300]))
+        checkpoint(result("running"))
+    return result("passed")
+
+
+def _relative(a, b) -> float:
+    import torch
+
+    a, b = a.detach().double(), b.detach().double()
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp(min=1e-30)).item()
+
+
+def _model_pair(dry_run: bool, per: str, device):
+    import torch
+
+    from fractalnet import create_model
+
+    torch.manual_seed(0)
+    widths = (2, 3, 4, 4, 4) if dry_run else (64, 128, 256, 512, 512)
+    options = dict(widths=widths, dropout=(0.0,) * 5, drop_path_per=per)
+    fused = create_model("fractalnet20_cifar", 10, **options).to(device)
+    eager = create_model("fractalnet20_cifar", 10, **options, fused=False).to(device)
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2 if dry_run else 32, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    return fused, eager, x
+
+
+def _model(dry_run: bool, out: Path) -> dict:
+    import torch
+
+    import fractal_kernels as fk
+
+    device = _device()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for per in ("sample", "batch"):
+        fused, eager, x = _model_pair(dry_run, per, device)
+        for seed in range(3):
+            results = []
+            for model, backend in ((fused, "triton"), (eager, "reference")):
+                model.zero_grad(set_to_none=True)
+                with fk.use_backend(backend):
+                    out = model(x, generator=torch.Generator().manual_seed(seed))
+                    out.square().mean().backward()
+                grads = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                                   for p in model.parameters()])
+                buffers = torch.cat([b.double().flatten() for b in model.buffers()])
+                results.append((out, grads, buffers))
+            (out_f, grads_f, buffers_f), (out_e, grads_e, buffers_e) = results
+            rows.append(dict(drop_path_per=per, seed=seed, output=_relative(out_f, out_e),
+                             gradients=_relative(grads_f, grads_e), buffers=_relative(buffers_f, buffers_e)))
+    worst = max(max(r["output"], r["gradients"], r["buffers"]) for r in rows)
+    ok = worst < 1e-3
+    summary = f"largest relative difference fused vs eager {worst:.1e} (output, gradients, buffers; limit 1e-3)"
+    return dict(status="passed" if ok else "failed", summary=summary, rows=rows)
+
+
+def _compile(dry_run: bool, out: Path, checkpoint: Callable[[dict], None]) -> dict:
+    """The training step first (the longest compile, the most telling), then the ops; checkpointed."""
+    import torch
+
+    device = _device()
+    backend = "aot_eager" if dry_run else "inductor"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    shape = (6, 5, 3, 4) if dry_run else (64, 128, 32, 32)
+    checks = [("FractalNet-20 training step", lambda: _compiled_step(dry_run, device, backend))]
+    for op, join in (("masked_join", "bool"), ("bn_relu", "none"), ("join_bn_relu", "bool")):
+        for dtype in (torch.float32, torch.bfloat16):
+            case = dict(op=op, join=join, dtype=dtype, channels_last=False, training=True)
+            checks.append((f"{op} {str(dtype)[6:]}", lambda case=case: _compiled_op(case, shape, device, backend)))
+    rows = []
+
+    def result(status: str) -> dict:
+        bad = [r for r in rows if not r["ok"]]
+        return dict(status=status if not bad else "failed", rows=rows,
+                    summary=f"{len(rows) - len(bad)}/{len(rows)} of {len(checks)} compiled ({backend}, fullgraph) "
+                            "match eager")
+
+    for what, check in checks:
+        torch._dynamo.reset()
+        try:
+            rows.append(dict(what=what, **check()))
+        except Exception as error:
+            rows.append(dict(what=what, ok=False, failure=f"{type(error).__name__}: {error}"[:300]))
+        checkpoint(result("running"))
+    return result("passed")
+
+
+def _compiled_step(dry_run: bool, device, backend: str) -> dict:
+    import torch
+
+    import fractal_kernels as fk
+
+    fused, eager, x = _model_pair(dry_run, "sample", device)
+    compiled = torch.compile(fused, fullgraph=True, backend=backend)
+    with fk.use_backend("triton"):
+        torch.manual_seed(3)
+        out = compiled(x)
+        out.square().mean().backward()
+    torch.manual_seed(3)
+    expected = eager(x)
+    expected.square().mean().backward()
+    grads = [_relative(p.grad, q.grad) for p, q in zip(fused.parameters(), eager.parameters())]
+    difference = max(_relative(out, expected), *grads)
+    return dict(ok=difference < 1e-3, max_scaled_error=difference)
+
+
+def _compiled_op(case: dict, shape, device, backend: str) -> dict:
+    """check_op with the op compiled (the fused op traced, against the reference run eagerly)."""
+    import torch
+
+    import fractal_kernels as fk
+
+    op = case["op"]
+    original = getattr(fk, op)
+    compiled = torch.compile(original, fullgraph=True, backend=backend, dynamic=False)
+    setattr(fk, op, compiled)
+    try:
+        return check_op(case, shape, device, seed=0)
+    finally:
+        setattr(fk, op, original)
+
+
+def _graphs(dry_run: bool, out: Path) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import fractal_kernels as fk
+    from fractalnet import create_model
+
+    if not torch.cuda.is_available():
+        return dict(status="skipped", summary="needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    # Drop-path per sample: every step runs every column (its masks are drawn on the device,
+    # which a graph replays with fresh random numbers), so one graph serves every step.
+    model = create_model("fractalnet20_cifar", 10, drop_path_per="sample").to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(100, 3, 32, 32, device=device)
+    labels = torch.randint(10, (100,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        with fk.use_backend("triton"):
+            loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_ms = _cuda_ms(step)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = []
+    for _ in range(5):
+        graph.replay()
+        losses.append(loss.item())
+    moved = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    replay_ms = _cuda_ms(graph.replay)
+    ok = moved and all(v == v and abs(v) < 1e4 for v in losses)
+    rows = [dict(eager_step_ms=eager_ms, graph_replay_ms=replay_ms, speedup=eager_ms / replay_ms,
+                 losses=" ".join(f"{v:.3f}" for v in losses))]
+    summary = (f"captured and replayed: {replay_ms:.2f} ms a replay vs {eager_ms:.2f} ms an eager fused step "
+               f"(FractalNet-20, batch 100, fp32)")
+    return dict(status="passed" if ok else "failed", summary=summary, rows=rows)
+
+
+def _cuda_ms(fn: Callable[[], object], repeats: int = 10) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    for candidate in ("/usr/local/cuda/bin/compute-sanitizer",):
+        if found is None and Path(candidate).exists():
+            found = candidate
+    return found
+
+
+def _sanitize(dry_run: bool, out: Path, limit: int) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return dict(status="skipped", summary="needs a CUDA GPU")
+    tool = _sanitizer()
+    if tool is None:
+        return dict(status="skipped", summary="compute-sanitizer not found (PATH, /usr/local/cuda/bin)")
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "ops.json"
+        command = [tool, "--tool", "memcheck", "--error-exitcode", "7", "--print-limit", "20", sys.executable, "-m",
+                   "benchmarks.gpu_check", "--phase", "ops", "--small", "--out", str(out), "--result", str(result_path)]
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=max(limit - 5, 5), cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return dict(status="timeout", summary=f"memcheck of the small ops run did not end within {limit - 5} s")
+        print(run.stdout[-4000:], run.stderr[-4000:])
+        inner = json.loads(result_path.read_text()) if result_path.exists() else {}
+    errors = run.returncode == 7
+    ok = run.returncode == 0 and inner.get("status") == "passed"
+    summary = ("memcheck found errors (see the log)" if errors else
+               f"memcheck clean over {inner.get('cases', '?')} small op cases" if ok else
+               f"memcheck run exited {run.returncode}: {inner.get('summary', 'no result')}")
+    return dict(status="passed" if ok else "failed", summary=summary)
+
+
+def _benchmarks(dry_run: bool, out: Path, limit: int) -> dict:
+    """python -m benchmarks --quick --gpu-only, stopped short of the phase's limit if need be: its
+    report is written row by row, and a stopped run's markdown is made here from what it has."""
+    from benchmarks import report as benchmark_report
+
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--gpu-only", "--out", str(out),
+               *(["--cpu"] if dry_run else [])]
+    started = time.time()
+    try:
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=max(limit - 10, 5))
+        print(run.stdout[-6000:], run.stderr[-6000:])
+        returncode = run.returncode
+    except subprocess.TimeoutExpired:
+        returncode = None
+    reports = [p for p in sorted(out.glob("*-quick.json")) if p.stat().st_mtime >= started]
+    if not reports:
+        return dict(status="failed", summary=f"python -m benchmarks exited {returncode} and wrote no report")
+    data = json.loads(reports[-1].read_text())
+    if returncode is None:
+        reports[-1].with_suffix(".md").write_text(benchmark_report.markdown(data))
+    models = data.get("models_gpu", [])
+    steps = {(r["implementation"], r["layout"]): r.get("step_ms") for r in models}
+    fused, eager = steps.get(("fused", "nhwc")), steps.get(("eager", "nhwc"))
+    headline = f"; FractalNet-20 bf16 nhwc step: fused {eager / fused:.2f}x eager's speed" if fused and eager else ""
+    summary = (f"{len(models)} training-step rows, {len(data.get('kernels_gpu', []))} kernel rows in "
+               f"{reports[-1].name}{headline}")
+    if returncode is None:
+        return dict(status="timeout", summary=f"stopped {limit - 10} s in, with {summary}")
+    return dict(status="passed" if returncode == 0 else "failed", summary=summary)
+
+
+def run_one(name: str, dry_run: bool, out: Path, limit: int, small: bool,
+            checkpoint: Callable[[dict], None]) -> dict:
+    faults = dict(item.split("=") for item in os.environ.get(FAULTS_VARIABLE, "").split(",") if item)
+    fault = faults.get(name)
+    if fault == "hang":
+        time.sleep(3600)
+    if fault == "crash":
+        os._exit(3)
+    if fault == "fail":
+        raise RuntimeError(f"fault injected into phase {name} ({FAULTS_VARIABLE})")
+    if name == "environment":
+        return _environment(dry_run, out)
+    if name == "ops":
+        return _ops(dry_run, out, checkpoint, small)
+    if name == "sanitizer":
+        return _sanitize(dry_run, out, limit)
+    if name == "benchmarks":
+        return _benchmarks(dry_run, out, limit)
+    if name == "compile":
+        return _compile(dry_run, out, checkpoint)
+    return {"model": _model, "graphs": _graphs}[name](dry_run, out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="output folder (default: gpu-check)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes, the kernels in the Triton interpreter")
+    parser.add_argument("--phases", default=",".join(p.name for p in PHASES), help="a comma-separated subset")
+    parser.add_argument("--limit", action="append", default=[], metavar="PHASE=SECONDS",
+                        help="another time limit for a phase (repeatable)")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # one phase, in this process
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # the sanitizer's ops run
+    args = parser.parse_args(argv)
+    known = {p.name for p in PHASES}
+    names = [n for n in args.phases.split(",") if n]
+    limits = {}
+    for item in args.limit:
+        name, _, seconds = item.partition("=")
+        if name not in known or not seconds.isdigit():
+            parser.error(f"--limit takes PHASE=SECONDS with PHASE one of {', '.join(sorted(known))}, got {item!r}")
+        limits[name] = int(seconds)
+    if unknown := [n for n in names if n not in known]:
+        parser.error(f"unknown phase(s) {', '.join(unknown)}; choose from {', '.join(p.name for p in PHASES)}")
+    if args.phase:
+        def checkpoint(partial: dict) -> None:
+            if args.result:
+                args.result.write_text(json.dumps(partial, default=str))
+
+        try:
+            result = run_one(args.phase, args.dry_run, args.out, limits.get(args.phase, 60), args.small, checkpoint)
+        except Exception as error:
+            traceback.print_exc()
+            result = dict(status="failed", summary=f"{type(error).__name__}: {error}"[:300])
+        checkpoint(result)
+        return 0 if result["status"] in ("passed", "skipped") else 1
+    report = run_phases(args.out, args.dry_run, names, limits)
+    return 0 if all(e["status"] in ("passed", "skipped") for e in report["phases"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
