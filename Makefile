@@ -1,4 +1,4 @@
-# make test: the whole suite; make demo: train FractalNet on the embedded digits data;
+# make test: the lint and the whole suite; make demo: train FractalNet on the embedded digits data;
 # make bench: kernel and model benchmarks; make audit: compile every kernel for sm_80/sm_90.
 # Each creates .venv on first use; later runs reuse it.
 
@@ -27,6 +27,7 @@ $(STAMP): setup.py
 # torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows.
 FAKE_GPU_TESTS := tests/test_gpu_path.py tests/test_ops.py tests/test_model.py
 test: $(STAMP)
+	$(PY) -m ruff check .
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
 		log=$$(mktemp); \
 		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(FAKE_GPU_TESTS) > $$log 2>&1 & fake=$$!; \

@@ -16,12 +16,12 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    entry_points={"console_scripts": ["fractalnet=fractalnet.train:console"]},
+    entry_points={"console_scripts": ["fractalnet=fractalnet.cli:console"]},
     extras_require={
         # numpy<2.4: the Triton 3.6 interpreter, which the CPU test suite runs, converts size-1
         # arrays with int(), which numpy 2.4 rejects.
         # expecttest: PyTorch's module_db (the BatchNorm2d parity tests) imports it.
-        # hypothesis: the property-based tests (tests/test_properties.py).
-        "test": ["pytest", "pytest-benchmark", "numpy<2.4", "expecttest", "hypothesis"],
+        # hypothesis: the property-based tests (tests/test_properties.py); ruff: the lint make test runs.
+        "test": ["pytest", "pytest-benchmark", "numpy<2.4", "expecttest", "hypothesis", "ruff"],
     },
 )

@@ -120,7 +120,8 @@ def _cpu_measurements(result: dict, quick: bool, device) -> None:
         result["cpu_times"].append(dict(what="eager fractalnet20_cifar training step, batch 16", **step))
     print("traffic (interpreter), compile audit and host time run in subprocesses", flush=True)
     result["traffic"] = _subprocess_json(["benchmarks.traffic"], quick, interpret=True)
-    audit = _subprocess_json(["fractal_kernels.audit", "--arch", "90", *([] if quick else ["80"])], quick, interpret=False)
+    audit = _subprocess_json(["fractal_kernels.audit", "--arch", "90", *([] if quick else ["80"])], quick,
+                             interpret=False)
     result["occupancy"] = report.occupancy_rows(audit)
     result["host"] = _subprocess_json(["benchmarks.host"], quick, interpret=False)
     if not quick:

@@ -135,7 +135,8 @@ class OpCase:
 
     def function(self, implementation: str, inputs: OpInputs) -> Callable[[], torch.Tensor]:
         """The op's forward (training mode for BatchNorm) with one implementation."""
-        fn = {"eager": getattr(reference, self.op), "compile": _compiled(self.op), "fused": _fused(self.op)}[implementation]
+        fn = {"eager": getattr(reference, self.op), "compile": _compiled(self.op),
+              "fused": _fused(self.op)}[implementation]
         return lambda: self.spec.call(fn, inputs)
 
     def minimal_bytes(self, direction: str, mask: Optional[torch.Tensor]) -> int:

@@ -92,7 +92,8 @@ def run_phases(out: Path, dry_run: bool, names: list[str], limits: dict[str, int
         if phase.name == "environment" and entry.get("details"):
             report["environment"] = entry["details"]
         _write(report, out)
-        print(f"[gpu-check] {phase.name}: {entry['status']} in {entry['seconds']:.0f} s: {entry['summary']}", flush=True)
+        print(f"[gpu-check] {phase.name}: {entry['status']} in {entry['seconds']:.0f} s: {entry['summary']}",
+              flush=True)
     print(summary_markdown(report), flush=True)
     return report
 
@@ -131,8 +132,8 @@ def _run_phase(phase: Phase, out: Path, dry_run: bool, limit: int, env: dict, lo
         seconds = time.monotonic() - start
         if returncode is None:  # what it had checkpointed, if anything, is kept
             partial = json.loads(result_path.read_text()) if result_path.exists() else {}
-            entry = dict(partial, status="timeout",
-                         summary=f"stopped at its {limit} s limit" + (f"; so far {partial['summary']}" if partial else ""))
+            so_far = f"; so far {partial['summary']}" if partial else ""
+            entry = dict(partial, status="timeout", summary=f"stopped at its {limit} s limit{so_far}")
         elif result_path.exists():
             entry = json.loads(result_path.read_text())
         else:
@@ -154,7 +155,8 @@ def summary_markdown(report: dict) -> str:
     lines = [title, "", f"`{report['command']}`" + (f"; {versions}." if versions else "."), "",
              "| phase | status | seconds (limit) | result |", "|---|---|---|---|"]
     for name, entry in report["phases"].items():
-        lines.append(f"| {name} | {entry['status']} | {entry['seconds']:.0f} ({entry['limit_s']}) | {entry['summary']} |")
+        seconds = f"{entry['seconds']:.0f} ({entry['limit_s']})"
+        lines.append(f"| {name} | {entry['status']} | {seconds} | {entry['summary']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -145,7 +145,8 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
                     optimizer.zero_grad(set_to_none=True)
 
                 steps[implementation] = step
-            times = {name: us / 1e3 for name, us in best_us(steps, calls=5, reset=lambda: generator.manual_seed(1)).items()}
+            times = {name: us / 1e3 for name, us in best_us(steps, calls=5,
+                                                            reset=lambda: generator.manual_seed(1)).items()}
             rows.append(dict(network=network, batch=2, drop_path_per=per, **{f"{k}_ms": v for k, v in times.items()},
                              fused_over_eager=times["fused"] / times["eager"]))
     return rows

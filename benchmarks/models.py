@@ -145,7 +145,8 @@ def step_measurements(network: str, batch: int) -> dict:
             )
             forward = count_kernels(lambda: losses.append(F.cross_entropy(model(x), labels)))
             backward = count_kernels(lambda: losses[-1].backward())
-        result[implementation].update(saved_activation_bytes=saved, launches_forward=forward, launches_backward=backward)
+        result[implementation].update(saved_activation_bytes=saved, launches_forward=forward,
+                                      launches_backward=backward)
     for implementation in ("fused", "fused+recompute"):
         m = result[implementation]
         m["saved_ratio_to_eager"] = m["saved_activation_bytes"] / result["eager"]["saved_activation_bytes"]
@@ -185,7 +186,8 @@ def skip_measurements(network: str, batch: int, steps: int, device: torch.device
         samples = [0]
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d):
-                module.register_forward_hook(lambda m, inputs, out: samples.__setitem__(0, samples[0] + inputs[0].shape[0]))
+                module.register_forward_hook(
+                    lambda m, inputs, out: samples.__setitem__(0, samples[0] + inputs[0].shape[0]))
         step = training_step(case, forward, optimizer, x, labels, device)
         torch.manual_seed(1)
         step()  # warm-up

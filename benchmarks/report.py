@@ -50,12 +50,13 @@ def occupancy_rows(audit: list[dict]) -> list[dict]:
     summary = []
     for (kernel, arch, limited), rows in sorted(groups.items()):
         good = [r for r in rows if not r["error"]]
-        summary.append(dict(
-            kernel=kernel, arch=arch, register_limit=limited, configurations=len(rows),
-            registers_min=min(r["registers"] for r in good), registers_max=max(r["registers"] for r in good),
-            resident_warps_min=min(r["resident_warps"] for r in good), spill_bytes_max=max(r["spill_bytes"] for r in good),
-            shared_bytes_max=max(r["shared_bytes"] for r in good), flagged=sum(bool(r["problems"]) for r in rows),
-        ))
+        summary.append(dict(kernel=kernel, arch=arch, register_limit=limited, configurations=len(rows),
+                            registers_min=min(r["registers"] for r in good),
+                            registers_max=max(r["registers"] for r in good),
+                            resident_warps_min=min(r["resident_warps"] for r in good),
+                            spill_bytes_max=max(r["spill_bytes"] for r in good),
+                            shared_bytes_max=max(r["shared_bytes"] for r in good),
+                            flagged=sum(bool(r["problems"]) for r in rows)))
     return summary
 
 
@@ -63,8 +64,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# Benchmarks: {env['device']}", "",
              f"{env['date']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
-             f"`python -m benchmarks{' --quick' if report['quick'] else ''}{' --gpu-only' if report.get('gpu_only') else ''}`.",
-             ""]
+             f"`python -m benchmarks{' --quick' if report['quick'] else ''}"
+             f"{' --gpu-only' if report.get('gpu_only') else ''}`.", ""]
     if report.get("note"):
         lines += [report["note"], ""]
     for section in (_goals, _kernels_gpu, _training_gpu, _anytime_gpu, _steps, _traffic, _occupancy, _host,
@@ -88,7 +89,8 @@ def _goals(report: dict) -> list[str]:
         compiled = (f"{g['speedup_vs_compile_geomean']:.2f}x / {g['speedup_vs_compile_min']:.2f}x"
                     if "speedup_vs_compile_geomean" in g else "-")
         rows.append([g["op"], g["direction"], g["cases"],
-                     f"{g['speedup_vs_eager_geomean']:.2f}x / {g['speedup_vs_eager_min']:.2f}x (goal {g['eager_goal']}x)",
+                     f"{g['speedup_vs_eager_geomean']:.2f}x / {g['speedup_vs_eager_min']:.2f}x "
+                     f"(goal {g['eager_goal']}x)",
                      compiled, f"{100 * g['fraction_of_copy_median']:.0f}%"])
     return _table("Goals (measured side by side in this run)", [],
                   ["op", "direction", "cases", "vs eager (geomean / min)", "vs compile (geomean / min)",
@@ -104,7 +106,8 @@ def _kernels_gpu(report: dict) -> list[str]:
             e = r[direction]
             ms = [f"{e[i]['ms']:.3f}" if "ms" in e[i] else "error" for i in ("eager", "compile", "fused")]
             rows.append([r["label"], direction, *ms, f"{e.get('speedup_vs_eager', float('nan')):.2f}x",
-                         f"{e.get('speedup_vs_compile', float('nan')):.2f}x", f"{e['fused'].get('gbps', float('nan')):.0f}",
+                         f"{e.get('speedup_vs_compile', float('nan')):.2f}x",
+                         f"{e['fused'].get('gbps', float('nan')):.0f}",
                          f"{100 * e.get('fraction_of_copy', float('nan')):.0f}%"])
     return _table("Kernels (ms, median of do_bench with L2 flushed)", [],
                   ["case", "direction", "eager", "compile", "fused", "vs eager", "vs compile", "fused GB/s", "of copy"],

@@ -65,11 +65,11 @@ def row(case: OpCase, masked: bool) -> dict:
                   dtype=str(case.dtype)[6:], layout="nhwc" if case.channels_last else "nchw", masked=masked)
     for direction, fused in (("forward", fused_forward), ("backward", fused_backward)):
         minimal = case.minimal_bytes(direction, mask)
-        result[direction] = dict(
-            fused_bytes=fused.total, minimal_bytes=minimal, eager_bytes=eager_bytes[direction],
-            counted_over_minimal=fused.total / minimal, eager_over_fused=eager_bytes[direction] / fused.total,
-            model_fused_us=fused.total / MODEL_BANDWIDTH * 1e6, model_eager_us=eager_bytes[direction] / MODEL_BANDWIDTH * 1e6,
-        )
+        result[direction] = dict(fused_bytes=fused.total, minimal_bytes=minimal, eager_bytes=eager_bytes[direction],
+                                 counted_over_minimal=fused.total / minimal,
+                                 eager_over_fused=eager_bytes[direction] / fused.total,
+                                 model_fused_us=fused.total / MODEL_BANDWIDTH * 1e6,
+                                 model_eager_us=eager_bytes[direction] / MODEL_BANDWIDTH * 1e6)
     return result
 
 

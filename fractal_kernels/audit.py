@@ -122,8 +122,8 @@ class AuditRow:
         loads = ",".join(map(str, self.load_widths)) or "-"
         stores = ",".join(map(str, self.store_widths)) or "-"
         flag = "  <- " + "; ".join(self.problems) if self.problems else ""
-        return (f"{self.kernel:<26} {self.label:<58} sm_{self.arch} {limit:>4} {self.registers:>4} {self.spill_bytes:>6} "
-                f"{self.shared_bytes:>6} {self.resident_warps:>3} {loads:<10} {stores:<6}{flag}")
+        return (f"{self.kernel:<26} {self.label:<58} sm_{self.arch} {limit:>4} {self.registers:>4} "
+                f"{self.spill_bytes:>6} {self.shared_bytes:>6} {self.resident_warps:>3} {loads:<10} {stores:<6}{flag}")
 
 
 HEADER = (f"{'kernel':<26} {'configuration':<58} arch  lim regs spills  smem  wps ld bits    st bits\n"

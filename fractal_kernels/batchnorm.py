@@ -25,7 +25,7 @@ from .batchnorm_kernels import (
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import join_args, row_samples
 from .launch import (
-    REDUCTION_REGISTERS, audit_cases, define_op, eager, input_groups, launch, next_power_of_2, optional, slots,
+    REDUCTION_REGISTERS, audit_cases, define_op, input_groups, launch, next_power_of_2, optional, slots,
     wrap_triton,
 )
 from .tensors import acc_dtype, dense, dense_inputs, like_rows, memory_format
@@ -414,7 +414,8 @@ def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=N
     """Runs the statistics, apply and backward launchers once (the audit's cases)."""
     C, k = xs[0].shape[1], len(xs)
     params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else None for _ in range(k)]
-    running_means, running_vars = ([xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) for _ in range(k)] for _ in range(2))
+    statistic = acc_dtype(xs[0].dtype)
+    running_means, running_vars = ([xs[0].new_empty(C, dtype=statistic) for _ in range(k)] for _ in range(2))
     if training:
         stats = batch_statistics(xs, running_means, running_vars, None, 0.1)
         means, variances = list(stats[0]), list(stats[1])

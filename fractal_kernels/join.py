@@ -146,8 +146,8 @@ def join_backward(grad: torch.Tensor, sizes: list[int], mask=None, rows=None) ->
     if rows is None:
         launches = [(group, grad.shape[0], None) for group in input_groups(len(grads))]
     else:
-        launches = [(range(i, i + 1), size, samples) for i, (size, samples) in enumerate(zip(sizes, row_samples(rows, sizes)))
-                    if size]
+        samples = row_samples(rows, sizes)
+        launches = [(range(i, i + 1), size, samples[i]) for i, size in enumerate(sizes) if size]
     for group, rows_covered, samples in launches:
         launch(
             wrap_triton(masked_join_bwd_kernel), (rows_covered * blocks,),

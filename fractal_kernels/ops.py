@@ -164,8 +164,8 @@ def bn_relu(
         return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu,
                                     process_group, [num_batches_tracked], dropout, seeds)
     if eager(x):
-        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps, relu,
-                               num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
+        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps,
+                               relu, num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
     return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                            num_batches_tracked, dropout, seeds)
 
@@ -188,7 +188,8 @@ def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, tr
             raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
     for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
         check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists][:4], *params)
-    _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds, "seeds")
+    _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds,
+                        "seeds")
 
 
 def join_bn_relu(
@@ -231,8 +232,8 @@ def join_bn_relu(
         return sync_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True,
                                     process_group, counters, dropout, seeds)
     if eager(x):
-        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, True,
-                               num_batches=counters, dropout=dropout, seeds=seeds)
+        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps,
+                               True, num_batches=counters, dropout=dropout, seeds=seeds)
     return library.join_bn_relu(list(inputs), mask, list(weights), list(biases), list(running_means),
                                 list(running_vars), training, momentum, eps, counters, dropout, seeds)
 

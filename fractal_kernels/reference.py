@@ -117,7 +117,8 @@ def gather_join_bn_relu(
     activations = []
     for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, counters):
         if x.shape[0]:
-            activations.append(bn_relu(x, w, b, rm, rv, training, momentum, eps, num_batches_tracked=n, dropout=dropout))
+            activations.append(bn_relu(x, w, b, rm, rv, training, momentum, eps, num_batches_tracked=n,
+                                       dropout=dropout))
         else:
             if training and n is not None:
                 n.add_(1)

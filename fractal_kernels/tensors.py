@@ -60,4 +60,5 @@ def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     (inputs may differ in their batch size)."""
     first = dense(inputs[0])
     layout = memory_format(first)
-    return [first] + [x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout) for x in inputs[1:]]
+    return [first] + [x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout)
+                      for x in inputs[1:]]

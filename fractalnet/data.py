@@ -164,7 +164,8 @@ def _image_folder(root: Path, image_size: int) -> Dataset:
         raise DataError(f"no class folders in {root / 'train'}; expected layout: {IMAGEFOLDER_LAYOUT}")
     train, test = _folder_split(root / "train", classes), _folder_split(root / "val", classes)
     # ImageNet statistics: computing them would read every image.
-    return Dataset("imagefolder", train, test, len(classes), 3, image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return Dataset("imagefolder", train, test, len(classes), 3, image_size, [0.485, 0.456, 0.406], [0.229, 0.224,
+                                                                                                    0.225])
 
 
 def read_images(files: list[Path], size: int) -> torch.Tensor:
@@ -183,7 +184,8 @@ def read_images(files: list[Path], size: int) -> torch.Tensor:
     return torch.stack(batch)
 
 
-def batches(split: Split, batch_size: int, indices: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(split: Split, batch_size: int, indices: torch.Tensor,
+            size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) of ``indices`` in batches; the last partial batch is kept."""
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]

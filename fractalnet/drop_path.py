@@ -70,7 +70,8 @@ class DropPath:
         per_batch: bool = False,
     ):
         columns = list(columns)
-        if len(columns) < 2 or columns != list(range(columns[0], columns[0] + len(columns))) or columns[-1] > block_columns:
+        consecutive = columns == list(range(columns[0], columns[0] + len(columns))) if columns else False
+        if len(columns) < 2 or not consecutive or columns[-1] > block_columns:
             raise ValueError(f"columns must be two or more consecutive columns of 1..{block_columns}, got {columns}")
         self.columns, self.block_columns = columns, block_columns
         self.rows = join_rows(columns, block_columns)

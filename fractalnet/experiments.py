@@ -227,9 +227,9 @@ def anytime(runner: Runner, columns: int) -> dict:
                 _, accuracy, seconds = evaluate(evaluated, runner.dataset, args, runner.device, **{mode: k})
                 units = sum(len(block.columns[c - 1]) for block in model.blocks
                             for c in ([k] if mode == "column" else range(1, k + 1)))
-                rows.append(dict(mode=mode, k=k, seed=seed, depth=sum(len(block.columns[k - 1]) for block in model.blocks),
-                                 conv_units=units, error=100 * (1 - accuracy),
-                                 ms_per_image=1e3 * seconds / len(runner.dataset.test)))
+                rows.append(dict(mode=mode, k=k, seed=seed,
+                                 depth=sum(len(block.columns[k - 1]) for block in model.blocks), conv_units=units,
+                                 error=100 * (1 - accuracy), ms_per_image=1e3 * seconds / len(runner.dataset.test)))
     table = ["| network | depth | conv units run | error % | ms/image |", "|---|---|---|---|---|"]
     table += [f"| {'column ' if r['mode'] == 'column' else 'columns 1..'}{r['k']} | {r['depth']} | {r['conv_units']} | "
               f"{r['error']:.2f} | {r['ms_per_image']:.3f} |" for r in rows]
@@ -311,7 +311,8 @@ def main(argv=None) -> int:
         stem.with_suffix(".md").write_text(heading + "\n".join(result["table"]) + f"\n\n{result['notes']}\n")
         plot(name, result, stem.with_suffix(".png"))
         print(f"\n{name} ({result['wall_seconds'] / 60:.1f} min)\n" + "\n".join(result["table"]), flush=True)
-    print(f"\n{', '.join(chosen)}: {(time.perf_counter() - began) / 60:.1f} min in all; wrote {runner.out}/", flush=True)
+    print(f"\n{', '.join(chosen)}: {(time.perf_counter() - began) / 60:.1f} min in all; wrote {runner.out}/",
+          flush=True)
     return 0
 
 

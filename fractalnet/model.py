@@ -79,7 +79,8 @@ def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], 
                        track_running_stats: bool = True) -> torch.Tensor:
     """Dropout, BatchNorm and ReLU of each unit's conv output, then their join by drop-path
     ``mask``, or by gather table ``rows`` for compact outputs (skip_dropped, where one unit may be
-    left: its output is still spread over the batch). A lone unit without a table has no join. The fused ops take the dropout inside their kernels, seeded from ``seeds``. With a
+    left: its output is still spread over the batch). A lone unit without a table has no join.
+    The fused ops take the dropout inside their kernels, seeded from ``seeds``. With a
     ``process_group`` the fused ops use batch statistics over its ranks. Without
     ``track_running_stats`` (training only) the running statistics are left unchanged."""
     if not fused:
@@ -132,7 +133,8 @@ class FractalBlock(nn.Module):
 
     def endings(self, active: Sequence[int]) -> list[tuple[int, list[int]]]:
         """(row, the active columns whose unit ends there) for each row where one does."""
-        rows = [(row, [c for c in active if row % self.span(c) == 0]) for row in range(1, 2 ** (self.num_columns - 1) + 1)]
+        rows = [(row, [c for c in active if row % self.span(c) == 0]) for row in range(1,
+                                                                                       2 ** (self.num_columns - 1) + 1)]
         return [(row, ending) for row, ending in rows if ending]
 
     def unit(self, column: int, row: int) -> ConvUnit:
@@ -335,7 +337,8 @@ class FractalNet(nn.Module):
             # global or not: drawn on the host, both are known there without a synchronisation.
             per_batch = self.drop_path_per == "batch"
             if (self.skip_dropped or per_batch) and generator is not None and generator.device.type != "cpu":
-                raise ValueError("generator: skip_dropped and per-batch drop-path draw on the host; pass a CPU generator")
+                raise ValueError("generator: skip_dropped and per-batch drop-path draw on the host; "
+                                 "pass a CPU generator")
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
                                  self.global_ratio, device, generator, per_batch=per_batch)
@@ -355,7 +358,8 @@ class FractalNet(nn.Module):
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
             h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
-                masks = {row: drop_path.mask(i, row) for row in drop_path.rows} if len(active) > 1 and drop_path is not None else {}
+                masks = ({row: drop_path.mask(i, row) for row in drop_path.rows}
+                         if len(active) > 1 and drop_path is not None else {})
                 h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group, seeds,
                           track_running_stats)
                 if self.pool_last or i < len(self.blocks) - 1:

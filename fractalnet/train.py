@@ -135,7 +135,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise CLIError(f"--resume: cannot read {path}: truncated or not a checkpoint ({type(error).__name__})") from None
+        raise CLIError(f"--resume: cannot read {path}: truncated or not a checkpoint "
+                       f"({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CLIError(f"--resume: {path} is not a fractalnet train checkpoint")
     return checkpoint
@@ -268,8 +269,8 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
         totals["correct"] += (out.argmax(1) == labels).sum().item()
         totals["seen"] += len(labels)
         elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
-                        acc=f"{totals['correct'] / totals['seen']:.3f}", img_s=f"{totals['seen'] * world / elapsed:.0f}")
+        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", acc=f"{totals['correct'] / totals['seen']:.3f}",
+                        img_s=f"{totals['seen'] * world / elapsed:.0f}")
     elapsed = time.perf_counter() - start
     return dict(train_loss=totals["loss"] / totals["seen"], train_accuracy=totals["correct"] / totals["seen"],
                 images_per_s=totals["seen"] * world / elapsed, epoch_seconds=elapsed)
@@ -500,19 +501,6 @@ def main(argv=None) -> int:
         print(f"fractalnet train: error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-def console() -> int:
-    """The ``fractalnet`` console script: ``fractalnet train [options]`` or ``fractalnet experiments ...``."""
-    if len(sys.argv) >= 2 and sys.argv[1] == "train":
-        return main(sys.argv[2:])
-    if len(sys.argv) >= 2 and sys.argv[1] == "experiments":
-        from . import experiments
-
-        return experiments.main(sys.argv[2:])
-    print("usage: fractalnet train [options] | fractalnet experiments {depth,drop-path,anytime,all} [options]\n"
-          "       (--help after either for its options)", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

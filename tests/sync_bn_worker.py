@@ -39,7 +39,8 @@ if __name__ == "__main__":
     }
     x, y = (data[name][rank].clone().requires_grad_() for name in ("x", "y"))
     w, b = (data[name].clone().requires_grad_() for name in ("weight", "bias"))
-    running = [torch.zeros(4, dtype=torch.float64) if i % 2 == 0 else torch.ones(4, dtype=torch.float64) for i in range(6)]
+    running = [torch.zeros(4, dtype=torch.float64) if i % 2 == 0 else torch.ones(4,
+                                                                                 dtype=torch.float64) for i in range(6)]
     group = dist.group.WORLD
     with no_host_reads():
         out = fk.bn_relu(x, w, b, running[0], running[1], True, 0.1, 1e-5, process_group=group)

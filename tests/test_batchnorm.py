@@ -29,8 +29,10 @@ def make_case(shape, dtype, channels_last=False, affine=True, running=True, seed
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     params = {}
     if affine:
-        params["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE, param_dtype).requires_grad_()
-        params["bias"] = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.5).to(DEVICE, param_dtype).requires_grad_()
+        params["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE,
+                                                                                        param_dtype).requires_grad_()
+        params["bias"] = (torch.randn(C, generator=gen, dtype=torch.float64) * 0.5).to(DEVICE,
+                                                                                       param_dtype).requires_grad_()
     else:
         params["weight"] = params["bias"] = None
     if running:
@@ -42,7 +44,8 @@ def make_case(shape, dtype, channels_last=False, affine=True, running=True, seed
 
 
 def fp64_copy(params):
-    return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in params.items()}
+    return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k,
+            v in params.items()}
 
 
 def run_both(x, params, training, relu=True, momentum=0.1):
@@ -312,11 +315,13 @@ BAD_ARGS = [
     ("rank", lambda x, p: (x[0, 0, 0], p), ValueError, "2 to 5 dimensions"),
     ("one value per channel", lambda x, p: (x[:1, :, :1, :1], p), ValueError, "more than 1 value per channel"),
     ("weight shape", lambda x, p: (x, {**p, "weight": torch.ones(5)}), ValueError, r"weight must have shape \[3\]"),
-    ("bias dtype", lambda x, p: (x, {**p, "bias": torch.ones(3, dtype=torch.int32)}), TypeError, "bias must be a floating"),
+    ("bias dtype", lambda x, p: (x, {**p, "bias": torch.ones(3, dtype=torch.int32)}), TypeError,
+     "bias must be a floating"),
     ("weight device", lambda x, p: (x, {**p, "weight": torch.ones(3, device="meta")}), ValueError, "weight is on"),
     ("weight type", lambda x, p: (x, {**p, "weight": [1.0, 1.0, 1.0]}), TypeError, "weight must be a tensor"),
     ("running pair", lambda x, p: (x, {**p, "running_var": None}), ValueError, "both be tensors or both be None"),
-    ("running shape", lambda x, p: (x, {**p, "running_mean": torch.zeros(2)}), ValueError, r"running_mean must have shape"),
+    ("running shape", lambda x, p: (x, {**p, "running_mean": torch.zeros(2)}), ValueError,
+     r"running_mean must have shape"),
     ("x dtype", lambda x, p: (x.long(), p), TypeError, "floating dtype"),
     ("x type", lambda x, p: (x.numpy(), p), TypeError, "x must be a tensor"),
     ("dropout rate", lambda x, p: (x, {**p, "dropout": 1.5}), ValueError, r"dropout must be a probability"),
@@ -362,7 +367,8 @@ def test_synchronised_statistics_across_two_processes(tmp_path, mode):
     data = ranks[0]["data"]
     x, y = (torch.cat(data[name]).requires_grad_() for name in ("x", "y"))
     w, b = (data[name].clone().requires_grad_() for name in ("weight", "bias"))
-    running = [torch.zeros(4, dtype=torch.float64) if i % 2 == 0 else torch.ones(4, dtype=torch.float64) for i in range(6)]
+    running = [torch.zeros(4, dtype=torch.float64) if i % 2 == 0 else torch.ones(4,
+                                                                                 dtype=torch.float64) for i in range(6)]
     out = F.relu(F.batch_norm(x, running[0], running[1], w, b, True, 0.1, 1e-5))
     joined = reference.join_bn_relu([x, y], torch.cat(data["mask"], 1), [w, None], [b, b], [running[2], running[4]],
                                     [running[3], running[5]], True, 0.1, 1e-5)

@@ -20,11 +20,8 @@ def make_rows(sizes, seed=0):
 
 def make_inputs(sizes, dtype, channels_last, seed=0, shape=(4, 3, 5)):
     gen = torch.Generator().manual_seed(seed)
-    return [
-        to_layout((torch.randn(size, *shape, generator=gen, dtype=torch.float64) * (i + 1) + i).to(dtype), channels_last)
-        .to(DEVICE).requires_grad_()
-        for i, size in enumerate(sizes)
-    ]
+    return [to_layout((torch.randn(size, *shape, generator=gen, dtype=torch.float64) * (i + 1) + i).to(dtype),
+                      channels_last) .to(DEVICE).requires_grad_() for i, size in enumerate(sizes)]
 
 
 def grads(out, leaves, grad):
@@ -128,7 +125,8 @@ BAD = [
 
 
 BAD_BN = [
-    ("weights count", lambda p: {**p, "weights": p["weights"][:1]}, ValueError, r"weights must have one entry per input \(2\), got 1"),
+    ("weights count", lambda p: {**p, "weights": p["weights"][:1]}, ValueError,
+     r"weights must have one entry per input \(2\), got 1"),
     ("running_vars shape", lambda p: {**p, "running_vars": [torch.ones(3, device=DEVICE)] * 2}, ValueError,
      r"running_vars\[0\]"),
     ("momentum None", lambda p: {**p, "momentum": None}, ValueError, "needs num_batches_tracked"),
@@ -152,7 +150,8 @@ def gather_bn_arguments():
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_arguments(case, backend):
     _, change, error, message = case
-    xs, rows = change([torch.randn(3, 4, 2, 2, device=DEVICE), torch.randn(5, 4, 2, 2, device=DEVICE)], make_rows((3, 5)))
+    xs, rows = change([torch.randn(3, 4, 2, 2, device=DEVICE), torch.randn(5, 4, 2, 2, device=DEVICE)], make_rows((3,
+                                                                                                                   5)))
     params = {**gather_bn_arguments(), "inputs": xs, "rows": rows}
     for op, args in ((fk.gather_join, dict(inputs=xs, rows=rows)), (fk.gather_join_bn_relu, params)):
         with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):

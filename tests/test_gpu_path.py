@@ -515,7 +515,8 @@ def test_inductor_reinplacing_leaves_no_copy_around_kernels():
     for gm in graphs:
         kernels = {n for n in gm.graph.nodes if n.target in kernel_ops}
         assert kernels
-        cloned = [n.name for n in kernels if n.target is triton_kernel_wrapper_functional and n.kwargs["tensors_to_clone"]]
+        cloned = [n.name for n in kernels
+                  if n.target is triton_kernel_wrapper_functional and n.kwargs["tensors_to_clone"]]
         assert not cloned
         for node in gm.graph.nodes:
             if node.op == "call_function" and str(node.target) in copy_ops:

@@ -162,14 +162,18 @@ def test_saves_raw_inputs_mask_and_per_channel_statistics():
 
 
 BAD_ARGS = [
-    ("weights length", lambda a: {**a, "weights": a["weights"][:2]}, ValueError, "weights must have one entry per input"),
+    ("weights length", lambda a: {**a, "weights": a["weights"][:2]}, ValueError,
+     "weights must have one entry per input"),
     ("biases type", lambda a: {**a, "biases": None}, TypeError, "biases must be a list or tuple"),
-    ("weight shape", lambda a: {**a, "weights": [None, torch.ones(7), None]}, ValueError, r"weights\[1\] must have shape"),
-    ("running pair", lambda a: {**a, "running_vars": [None] * 3}, ValueError, r"running_means\[0\] and running_vars\[0\]"),
+    ("weight shape", lambda a: {**a, "weights": [None, torch.ones(7), None]}, ValueError,
+     r"weights\[1\] must have shape"),
+    ("running pair", lambda a: {**a, "running_vars": [None] * 3}, ValueError,
+     r"running_means\[0\] and running_vars\[0\]"),
     ("mask shape", lambda a: {**a, "mask": torch.ones(2, 6, dtype=torch.bool)}, ValueError, "mask must have shape"),
     ("input shape", lambda a: {**a, "inputs": [a["inputs"][0], a["inputs"][1][:, :2], a["inputs"][2]]}, ValueError,
      r"inputs\[1\] has shape"),
-    ("eval without running", lambda a: {**a, "running_means": [None] * 3, "running_vars": [None] * 3, "training": False},
+    ("eval without running",
+     lambda a: {**a, "running_means": [None] * 3, "running_vars": [None] * 3, "training": False},
      ValueError, "needed when training=False"),
 ]
 

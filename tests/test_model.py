@@ -178,7 +178,8 @@ def test_per_batch_global_batch_is_its_column_alone_and_keeps_running_stats(fuse
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
     with fk.use_backend("triton"):
         train_step(model, x, generator=torch.Generator().set_state(local_state))
-    changed = [k for k, v in model.state_dict().items() if k.endswith("running_mean") and not torch.equal(v, buffers[k])]
+    changed = [k for k, v in model.state_dict().items() if k.endswith("running_mean") and not torch.equal(v,
+                                                                                                          buffers[k])]
     assert changed
 
 

@@ -20,9 +20,8 @@ BACKENDS = ["reference", "triton"]
 
 
 def module_info():
-    common_modules = pytest.importorskip(
-        "torch.testing._internal.common_modules", reason="PyTorch's module_db needs expecttest and torch's test utilities"
-    )
+    common_modules = pytest.importorskip("torch.testing._internal.common_modules",
+                                         reason="PyTorch's module_db needs expecttest and torch's test utilities")
     return next(m for m in common_modules.module_db if m.module_cls is nn.BatchNorm2d)
 
 
@@ -127,7 +126,8 @@ def test_failed_call_counts_no_batch(backend, bad):
     were: the checks run before any launch."""
     plain = nn.BatchNorm2d(3).to(DEVICE)
     fused = fk.FusedBatchNormReLU2d(3).to(DEVICE)
-    x = torch.randn(1, 3, 1, 1, device=DEVICE) if bad == "one value per channel" else torch.randn(4, 3, 2, 2, device=DEVICE)
+    x = torch.randn(1, 3, 1, 1, device=DEVICE) if bad == "one value per channel" else torch.randn(4, 3, 2, 2,
+                                                                                                  device=DEVICE)
     if bad == "eps":
         plain.eps = fused.eps = -1.0
     before = copy.deepcopy(fused.state_dict())

@@ -16,15 +16,18 @@ COMPILE_BACKEND = "aot_eager" if fake_gpu.installed() else "inductor"
 
 def block_inputs(dtype=torch.float64, requires_grad=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(4, 3, 4, 4, generator=gen, dtype=dtype).to(DEVICE).requires_grad_(requires_grad) for _ in range(3)]
+    xs = [torch.randn(4, 3, 4, 4, generator=gen,
+                      dtype=dtype).to(DEVICE).requires_grad_(requires_grad) for _ in range(3)]
     ws = [(torch.rand(3, generator=gen, dtype=dtype) + 0.5).to(DEVICE).requires_grad_(requires_grad) for _ in range(3)]
     bs = [torch.randn(3, generator=gen, dtype=dtype).to(DEVICE).requires_grad_(requires_grad) for _ in range(3)]
-    mask = torch.tensor([[True, False, True, False], [True, True, False, False], [False, True, True, False]], device=DEVICE)
+    mask = torch.tensor([[True, False, True, False], [True, True, False, False], [False, True, True, False]],
+                        device=DEVICE)
     return xs, ws, bs, mask
 
 
 def running(n=3, dtype=torch.float64):
-    return [torch.zeros(3, dtype=dtype, device=DEVICE) for _ in range(n)], [torch.ones(3, dtype=dtype, device=DEVICE) for _ in range(n)]
+    return [torch.zeros(3, dtype=dtype, device=DEVICE) for _ in range(n)], [torch.ones(3, dtype=dtype,
+                                                                                       device=DEVICE) for _ in range(n)]
 
 
 def test_opcheck_joins():

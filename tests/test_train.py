@@ -24,7 +24,8 @@ def test_short_run_writes_checkpoints_metrics_and_plots(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    assert {(r["mode"], r["k"]) for r in metrics["anytime"]} == {("column", 1), ("column", 2), ("columns", 1), ("columns", 2)}
+    assert {(r["mode"], r["k"]) for r in metrics["anytime"]} == {("column", 1), ("column", 2), ("columns", 1),
+                                                                 ("columns", 2)}
     assert 0 <= metrics["final_accuracy"] <= 1 and metrics["images_per_s"] > 0 and metrics["peak_memory_bytes"] > 0
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 2 and {"torch", "data", "augment"} <= set(checkpoint["rng"])
@@ -118,7 +119,8 @@ def test_truncated_and_foreign_checkpoints(tmp_path, capsys):
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     assert "not a fractalnet train checkpoint" in run_failing(["--resume", str(tmp_path / "foreign.pt")], capsys)
     assert "no checkpoint" in run_failing(["--resume", str(tmp_path / "missing.pt")], capsys)
-    assert "other model" in run_failing(["--resume", str(tmp_path / "last.pt"), "--model", "fractalnet40_cifar"], capsys)
+    assert "other model" in run_failing(["--resume", str(tmp_path / "last.pt"), "--model", "fractalnet40_cifar"],
+                                        capsys)
 
 
 def test_batch_size_the_data_cannot_fill(capsys):
