@@ -12,18 +12,16 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensor_list(name: str, tensors, *, min_len: int = 1, same_batch: bool = True) -> list[torch.Tensor]:
-    """Checks that ``tensors`` is a list/tuple of at least ``min_len`` tensors of one shape (but
-    for the batch size when not ``same_batch``), dtype and device."""
+def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[torch.Tensor]:
+    """Checks that ``tensors`` is a list/tuple of one or more tensors of one shape (but for the
+    batch size when not ``same_batch``), dtype and device."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
-    if len(tensors) < min_len:
-        raise ValueError(f"{name} must hold at least {min_len} tensor(s), got {len(tensors)}")
+    if not tensors:
+        raise ValueError(f"{name} must hold at least one tensor, got none")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-    if not tensors:
-        return []
     first = tensors[0]
     if first.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {first.dtype}")

@@ -117,8 +117,8 @@ _counters: list[list[int]] = []
 
 @contextlib.contextmanager
 def record_launches(run: bool = False) -> Iterator[list[LaunchRecord]]:
-    """Records the launches made within the block; they run only with ``run`` (the compile
-    audit records without running; the GPU-path checks run them too)."""
+    """Records the launches made within the block; they run only with ``run`` (the compile audit
+    and the GPU-path checks record without running; the host benchmark runs what it records)."""
     records: list[LaunchRecord] = []
     _recorders.append((records, run))
     try:

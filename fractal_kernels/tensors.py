@@ -49,10 +49,9 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def like_rows(x: torch.Tensor, rows: int, zero: bool = False) -> torch.Tensor:
-    """A tensor like dense x (dtype, device, layout) with ``rows`` rows; uninitialised unless ``zero``."""
-    out = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-    return out.zero_() if zero else out
+def like_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised tensor like dense x (dtype, device, layout) with ``rows`` rows."""
+    return torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
 def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

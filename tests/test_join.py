@@ -194,7 +194,7 @@ def test_triton_backend_on_cpu_without_interpreter_says_how_to_fix():
 
 
 BAD_INPUTS = [
-    ("empty", lambda x: ([], None), ValueError, "at least 1"),
+    ("empty", lambda x: ([], None), ValueError, "at least one tensor"),
     ("tensor not list", lambda x: (x, None), TypeError, "list or tuple"),
     ("not tensors", lambda x: ([x, 3.0], None), TypeError, r"inputs\[1\] must be a tensor"),
     ("shape", lambda x: ([x, x[:, :2]], None), ValueError, r"inputs\[1\] has shape"),
