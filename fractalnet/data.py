@@ -10,6 +10,8 @@ augmentation done on the device.
 
 from __future__ import annotations
 
+import functools
+
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 
@@ -211,6 +214,13 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) 
 
 def normalize(images: torch.Tensor, dataset: Dataset) -> torch.Tensor:
     """uint8 images to normalised float32."""
-    mean = torch.tensor(dataset.mean, device=images.device)[None, :, None, None]
-    std = torch.tensor(dataset.std, device=images.device)[None, :, None, None]
+    constants = _channel_statistics if not is_fake(images) else _channel_statistics.__wrapped__
+    mean, std = constants(tuple(dataset.mean), tuple(dataset.std), images.device)
     return (images.float() / 255 - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants as [1, C, 1, 1] tensors on ``device``, made once (not for fake
+    tensors): a tensor built from a list every step is a host-to-device copy every step."""
+    return tuple(torch.tensor(values, device=device)[None, :, None, None] for values in (mean, std))

@@ -12,9 +12,12 @@ small kernels a step for the whole network, where drawing join by join takes abo
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 
 def join_rows(columns: Sequence[int], block_columns: int) -> list[int]:
@@ -28,11 +31,18 @@ def join_rows(columns: Sequence[int], block_columns: int) -> list[int]:
 
 def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; from the host to a GPU asynchronously through pinned memory, so that
-    the host does not wait."""
+    the host does not wait (a plain copy while torch traces, which cannot trace pinning, and for
+    fake tensors)."""
     device = torch.device(device)
-    if t.device.type != "cpu" or device.type != "cuda":
+    if not pinned_copy(t, device):
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def pinned_copy(t: torch.Tensor, device: torch.device) -> bool:
+    """Whether copy_to_device pins: a real host tensor bound for a GPU, in eager mode."""
+    return (t.device.type == "cpu" and device.type == "cuda" and not torch.compiler.is_compiling()
+            and not is_fake(t))
 
 
 class DropPath:
@@ -53,8 +63,9 @@ class DropPath:
             the host (a handful of numbers), so the model knows which without a synchronisation.
             By default every sample draws its own, as the PyTorch ports do.
 
-    ``is_global`` [B] and ``global_column`` [B] (column numbers) describe the samples;
-    :meth:`mask` gives one join's [k, B] bool mask.
+    ``is_global`` [B] and ``global_column`` [B] (column numbers) describe the samples, and drawn
+    per batch ``batch_column`` says it on the host: the column of a global batch, None for a local
+    one (and while torch traces). :meth:`mask` gives one join's [k, B] bool mask.
     """
 
     def __init__(
@@ -69,6 +80,20 @@ class DropPath:
         generator: Optional[torch.Generator] = None,
         per_batch: bool = False,
     ):
+        # A host draw stays real under FakeTensorMode (memory estimators and FLOP counters trace a
+        # training step on fake tensors): the model branches on it, as on a real step.
+        host = per_batch and (generator is None or generator.device.type == "cpu")
+        fake_mode = detect_fake_mode() if host and not torch.compiler.is_compiling() else None
+        with unset_fake_temporarily() if fake_mode is not None else contextlib.nullcontext():
+            masks = self._draw(batch, columns, block_columns, num_blocks, local_drop, global_ratio, device,
+                               generator, per_batch)
+        if fake_mode is not None:
+            masks = fake_mode.from_tensor(masks)
+        self._masks = copy_to_device(masks, device).expand(-1, -1, -1, batch)
+
+    def _draw(self, batch, columns, block_columns, num_blocks, local_drop, global_ratio, device, generator,
+              per_batch) -> torch.Tensor:
+        """Draws the structure (kept on self) and returns the masks, where they were drawn."""
         columns = list(columns)
         consecutive = columns == list(range(columns[0], columns[0] + len(columns))) if columns else False
         if len(columns) < 2 or not consecutive or columns[-1] > block_columns:
@@ -95,12 +120,16 @@ class DropPath:
         chosen = (sample_draw[1] * n).long()
         self.global_column = chosen + columns[0]
         follows = positions[:, None] == chosen[None, :]
-        self._masks = copy_to_device(torch.where(self.is_global, follows, keep), device).expand(-1, -1, -1, samples)
+        masks = torch.where(self.is_global, follows, keep)
         if per_batch:  # on the host: the model reads them to run a global batch's column alone
+            # (Traced, the model does not branch on it: the masks carry the structure.)
+            self.batch_column = (int(self.global_column[0]) if not torch.compiler.is_compiling()
+                                 and bool(self.is_global[0]) else None)
             self.is_global, self.global_column = self.is_global.expand(samples), self.global_column.expand(samples)
         else:
             self.is_global = self.is_global.to(device)
             self.global_column = self.global_column.to(device)
+        return masks
 
     def mask(self, block: int, row: int) -> torch.Tensor:
         """The [k, B] bool mask of the join at ``row`` of block ``block`` (0-based), over the k

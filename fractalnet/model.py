@@ -342,13 +342,13 @@ class FractalNet(nn.Module):
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
                                  self.global_ratio, device, generator, per_batch=per_batch)
-            if per_batch and not torch.compiler.is_compiling() and drop_path.is_global[0]:
+            if per_batch and not torch.compiler.is_compiling() and drop_path.batch_column is not None:
                 # The whole batch follows one column: run that column alone (the others would
                 # only feed joins that drop them). Its BatchNorms see a single column, not the
                 # network that eval runs, so their running statistics are left unchanged.
                 # (Traced, a host branch would break the graph: the masks drop the other
                 # columns instead, with the same output.)
-                active, track_running_stats = [int(drop_path.global_column[0])], False
+                active, track_running_stats = [drop_path.batch_column], False
         self.last_drop_path = drop_path
         seeds = None
         if self.fused and self.training and any(unit.dropout_rate for unit in self.units()):

@@ -248,7 +248,11 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
     shard = shard[: steps * args.batch_size]
     augment = generators["augment"] if args.augment == "plus" else None
     drop_path_generator = {"generator": generators["drop_path"]} if "drop_path" in generators else {}
-    totals = dict(loss=0.0, correct=0, seen=0)
+    # Loss and accuracy stay on the device, read once at the end of the epoch: no step waits for
+    # the GPU to report them.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     start = time.perf_counter()
     bar = tqdm(data.batches(dataset.train, args.batch_size, shard, dataset.image_size), total=steps,
                desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 and verbose else True, leave=False)
@@ -265,15 +269,14 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
         else:
             loss.backward()
             optimizer.step()
-        totals["loss"] += loss.item() * len(labels)
-        totals["correct"] += (out.argmax(1) == labels).sum().item()
-        totals["seen"] += len(labels)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}", acc=f"{totals['correct'] / totals['seen']:.3f}",
-                        img_s=f"{totals['seen'] * world / elapsed:.0f}")
+        loss_sum += loss.detach() * len(labels)
+        correct += (out.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.set_postfix(img_s=f"{seen * world / (time.perf_counter() - start):.0f}")
+    totals = torch.stack([loss_sum, correct.double()]).tolist()  # the epoch's one read
     elapsed = time.perf_counter() - start
-    return dict(train_loss=totals["loss"] / totals["seen"], train_accuracy=totals["correct"] / totals["seen"],
-                images_per_s=totals["seen"] * world / elapsed, epoch_seconds=elapsed)
+    return dict(train_loss=totals[0] / seen, train_accuracy=totals[1] / seen, images_per_s=seen * world / elapsed,
+                epoch_seconds=elapsed)
 
 
 def reestimated(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> nn.Module:

@@ -97,3 +97,49 @@ def test_per_batch_draws_one_mask_for_the_whole_batch():
         assert dp.is_global.all() or not dp.is_global.any()
     global_batches = sum(bool(dp.is_global[0]) for dp in dps)
     assert 70 <= global_batches <= 130  # half the batches, one column for all
+
+
+@pytest.mark.parametrize("per", ["sample", "batch"])
+def test_a_training_step_runs_under_fake_tensor_mode(per):
+    """Memory estimators and FLOP counters trace a training step on fake tensors: the per-batch
+    structure is a host draw, real under FakeTensorMode, the same as in a real step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from fractalnet import create_model
+
+    real = create_model("fractalnet20_cifar", 10, widths=(2,) * 5, drop_path_per=per)
+    draws = []
+    for seed in range(6):
+        real(torch.randn(2, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+        draws.append(getattr(real.last_drop_path, "batch_column", None))
+    with FakeTensorMode():
+        model = create_model("fractalnet20_cifar", 10, widths=(2,) * 5, drop_path_per=per)
+        x = torch.randn(2, 3, 32, 32)
+        for seed, expected in enumerate(draws):
+            out = model(x, generator=torch.Generator().manual_seed(seed))
+            out.sum().backward()
+            assert is_fake(out) and getattr(model.last_drop_path, "batch_column", None) == expected
+    if per == "batch":
+        assert None in draws and {1, 2, 3} & set(draws)  # local and global batches were traced
+
+
+def test_copy_to_device_pins_only_real_host_tensors_in_eager_mode():
+    """The pinned, asynchronous copy is for a real host tensor bound for a GPU in eager mode;
+    torch.compile cannot trace pinning, and fake tensors have no memory to pin."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fractalnet.drop_path import pinned_copy
+
+    t = torch.ones(3)
+    assert pinned_copy(t, torch.device("cuda")) and not pinned_copy(t, torch.device("cpu"))
+    with FakeTensorMode() as mode:
+        assert not pinned_copy(mode.from_tensor(t), torch.device("cuda"))
+    decisions = []
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def traced(x):
+        decisions.append(pinned_copy(x, torch.device("cuda")))
+        return x + 1
+
+    traced(t)
+    assert decisions == [False]

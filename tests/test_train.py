@@ -125,3 +125,28 @@ def test_truncated_and_foreign_checkpoints(tmp_path, capsys):
 
 def test_batch_size_the_data_cannot_fill(capsys):
     assert "cannot be filled" in run_failing(TINY + ["--batch-size", "5000"], capsys)
+
+
+@pytest.mark.parametrize("per", ["sample", "batch"])
+def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
+    """Loss and accuracy stay on the device during an epoch: the host reads them once, at its end,
+    whatever its number of steps (on a GPU each read would make the host wait for the step)."""
+    reads = []
+    for method in ("item", "tolist"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, original=original, method=method: reads.append(method) or original(self))
+    counts = {}
+    for batch_size in (100, 25):
+        args, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", str(batch_size), "--drop-path-per", per])
+        dataset = train.load_dataset(args)
+        device = torch.device("cpu")
+        model = train.build_model(args, dataset, device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
+                      "drop_path": torch.Generator().manual_seed(2)}
+        reads.clear()
+        stats = train.train_epoch(0, model, optimizer, None, dataset, args, device, generators, 0, 1, verbose=False)
+        counts[batch_size] = list(reads)
+        assert 0 < stats["train_accuracy"] <= 1 and stats["train_loss"] > 0
+    assert counts[100] == counts[25] == ["tolist"]
