@@ -173,39 +173,17 @@ def test_compiled_gather_join_bn_relu(k, dtype, channels_last, training):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["fused", "recompute"])
-def test_compiled_training_step(variant):
+def compiled_and_eager_steps(config: dict, seed: int, prepare=lambda model: None, **options):
+    """The fused model (``options``) compiled with fullgraph and the eager reference model, the
+    same weights after ``prepare``: each runs one forward and backward from torch seed ``seed``.
+    Checks that the outputs and gradients agree (zeros where eager has none) and returns both models."""
     torch.manual_seed(0)
-    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="sample")
-    model = FractalNet(10, **config, fused=True, recompute=variant == "recompute").to(DEVICE)
+    model = FractalNet(10, **config, fused=True, **options).to(DEVICE)
     reference = FractalNet(10, **config, fused=False).to(DEVICE)
+    prepare(model)
     reference.load_state_dict(model.state_dict())
-    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with fk.use_backend("triton"):
-        torch.manual_seed(5)
-        out = compiled(x)
-        out.square().mean().backward()
-    torch.manual_seed(5)
-    expected = reference(x)
-    expected.square().mean().backward()
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
-    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("seed", [1, 2])  # a local batch, a global batch of column 3
-def test_compiled_training_step_drawn_per_batch(seed):
-    """Drawn per batch, a global batch runs its column alone in eager mode; compiled in one graph,
-    the masks drop the other columns instead: the same output and the same gradients (zeros
-    where eager has none)."""
-    torch.manual_seed(0)
-    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="batch")
-    model = FractalNet(10, **config, fused=True).to(DEVICE)
-    reference = FractalNet(10, **config, fused=False).to(DEVICE)
-    reference.load_state_dict(model.state_dict())
+    for mine, theirs in zip(model.modules(), reference.modules()):
+        theirs.train(mine.training)
     x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with fk.use_backend("triton"):
@@ -219,36 +197,41 @@ def test_compiled_training_step_drawn_per_batch(seed):
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         want = q.grad if q.grad is not None else torch.zeros_like(q)
         torch.testing.assert_close(p.grad, want, atol=1e-4, rtol=1e-3, msg=name)
+    return model, reference
+
+
+@pytest.mark.parametrize("variant", ["fused", "recompute"])
+def test_compiled_training_step(variant):
+    config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="sample")
+    model, reference = compiled_and_eager_steps(config, 5, recompute=variant == "recompute")
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("seed", [1, 2])  # a local batch, a global batch of column 3
+def test_compiled_training_step_drawn_per_batch(seed):
+    """Drawn per batch, a global batch runs its column alone in eager mode; compiled in one graph,
+    the masks drop the other columns instead: the same output and the same gradients (zeros
+    where eager has none)."""
+    compiled_and_eager_steps(dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="batch"), seed)
 
 
 @pytest.mark.parametrize("per", ["sample", "batch"])
 def test_compiled_training_step_with_frozen_batchnorm(per):
     """A training model whose BatchNorms are frozen (eval()), compiled: they normalise by their
     running statistics and leave them unchanged, global batch or not."""
-    torch.manual_seed(0)
+
+    buffers = {}
+
+    def frozen(model):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+        helpers.freeze_batchnorm(model)
+        buffers.update((k, v.clone()) for k, v in model.state_dict().items())
+
     config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per=per, global_ratio=1.0)
-    model = FractalNet(10, **config, fused=True).to(DEVICE)
-    reference = FractalNet(10, **config, fused=False).to(DEVICE)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-    reference.load_state_dict(model.state_dict())
-    for net in (model, reference):
-        helpers.freeze_batchnorm(net)
-    buffers = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with fk.use_backend("triton"):
-        torch.manual_seed(3)
-        out = compiled(x)
-        out.square().mean().backward()
-    torch.manual_seed(3)
-    expected = reference(x)
-    expected.square().mean().backward()
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        want = q.grad if q.grad is not None else torch.zeros_like(q)
-        torch.testing.assert_close(p.grad, want, atol=1e-4, rtol=1e-3, msg=name)
+    model, _ = compiled_and_eager_steps(config, 3, prepare=frozen)
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
 
 
