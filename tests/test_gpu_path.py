@@ -236,6 +236,84 @@ def test_compiled_training_step_with_frozen_batchnorm(per):
 
 
 # ----------------------------------------------------------------------------------------------
+# What a CUDA graph of a training step depends on (the fake GPU cannot replay one)
+# ----------------------------------------------------------------------------------------------
+
+
+def launch_sequence(step) -> list[tuple]:
+    """The Triton launches of ``step()``: each kernel, its grid and every non-tensor argument (a
+    graph replays them as captured), tensors only by dtype."""
+    with launch.record_launches(run=True) as records:
+        step()
+
+    def value(a):
+        return ("tensor", a.dtype) if isinstance(a, torch.Tensor) else a
+
+    return [(r.kernel.fn.__name__, tuple(r.grid), tuple(map(value, r.args)), tuple(sorted(r.kwargs.items())))
+            for r in records]
+
+
+class RandomDraws(torch.utils._python_dispatch.TorchDispatchMode):
+    """The random ops run inside the block, with the generator each was given (None: the
+    default generator of its device, which a CUDA graph registers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.draws.append((func.__name__, kwargs.get("generator")))
+        return func(*args, **kwargs)
+
+
+def small_training_step(per: str):
+    torch.manual_seed(0)
+    model = FractalNet(10, widths=(4, 8), columns=3, dropout=(0.1, 0.2), drop_path_per=per).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    generator = torch.Generator().manual_seed(2)
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        with fk.use_backend("triton"):
+            model(x, generator=generator if per == "batch" else None).square().mean().backward()
+        optimizer.step()
+
+    return model, step
+
+
+def test_per_sample_step_launches_the_same_kernels_and_draws_on_the_device():
+    """Drawn per sample, every step is one graph: the same launches with the same non-tensor
+    arguments step after step, and every random number (drop-path masks, dropout seeds) from
+    the device's default generator, inside the step (that it reads nothing back is
+    test_model.py's test_training_step_reads_nothing_back_from_the_device, on meta tensors)."""
+    model, step = small_training_step("sample")
+    step()  # the first step creates the gradients and the momentum buffers
+    sequences = [launch_sequence(step) for _ in range(3)]
+    assert sequences[0] and sequences[0] == sequences[1] == sequences[2]
+    with RandomDraws() as random:
+        step()
+    assert random.draws and all(generator is None for _, generator in random.draws)
+
+
+def test_per_batch_steps_of_one_structure_launch_the_same_kernels():
+    """Drawn per batch, a step's launches depend only on its structure (local, or the global
+    column): one graph per structure serves every step of it."""
+    model, step = small_training_step("batch")
+    step()
+    by_structure = {}
+    for _ in range(12):
+        sequence = launch_sequence(step)
+        by_structure.setdefault(model.last_drop_path.batch_column, []).append(sequence)
+    assert None in by_structure and len(by_structure) >= 3  # local batches and two or more columns
+    for structure, sequences in by_structure.items():
+        assert all(s == sequences[0] for s in sequences), structure
+    assert len({tuple(map(str, s[0])) for s in by_structure.values()}) == len(by_structure)
+
+
+# ----------------------------------------------------------------------------------------------
 # torch's kernel-mutation analysis on every launch the package makes
 # ----------------------------------------------------------------------------------------------
 
