@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .join_modes import JOIN_GATHER, join_args, join_row, join_scale, row_samples
 from .launch import (
-    STREAMING_REGISTERS, audit_cases, cdiv, define_op, eager, input_groups, launch, next_power_of_2, slots,
+    STREAMING_REGISTERS, audit_cases, cdiv, define_op, input_groups, launch, next_power_of_2, runs_eagerly, slots,
     wrap_triton,
 )
 from .tensors import accumulation_type, dense, dense_inputs, like_rows
@@ -225,14 +225,14 @@ class JoinFunction(torch.autograd.Function):
 
 def masked_join(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The masked join: JoinFunction in eager mode, the torch.library op while torch traces."""
-    if eager(inputs[0]):
+    if runs_eagerly(inputs[0]):
         return JoinFunction.apply(mask, None, *inputs)
     return masked_join_op(inputs, mask)
 
 
 def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """The gather join: JoinFunction in eager mode, the torch.library op while torch traces."""
-    if eager(inputs[0]):
+    if runs_eagerly(inputs[0]):
         return JoinFunction.apply(None, rows, *inputs)
     return gather_join_op(inputs, rows)
 

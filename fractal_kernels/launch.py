@@ -147,7 +147,7 @@ def _has_no_data(t: torch.Tensor) -> bool:
     return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
 
 
-def eager(x: torch.Tensor) -> bool:
+def runs_eagerly(x: torch.Tensor) -> bool:
     """Whether an op on x may launch through a plain autograd.Function instead of its
     torch.library op: plain tensors, and nothing tracing or intercepting ops (torch.compile, a
     dispatch mode such as fake tensors or functionalization, a functorch transform)."""

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from . import join, library, reference
 from .batchnorm import batch_norm_join
 from .checks import check_bn_input, check_bn_params, check_mask, check_rows, check_tensor_list
-from .launch import check_launchable, eager
+from .launch import check_launchable, runs_eagerly
 from .sync_batchnorm import sync_batch_norm_join
 
 BACKENDS = ("auto", "triton", "reference")
@@ -163,7 +163,7 @@ def bn_relu(
     if _synchronised(training, process_group):
         return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu,
                                     process_group, [num_batches_tracked], dropout, seeds)
-    if eager(x):
+    if runs_eagerly(x):
         return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps,
                                relu, num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
     return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
@@ -231,7 +231,7 @@ def join_bn_relu(
     if _synchronised(training, process_group):
         return sync_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True,
                                     process_group, counters, dropout, seeds)
-    if eager(x):
+    if runs_eagerly(x):
         return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps,
                                True, num_batches=counters, dropout=dropout, seeds=seeds)
     return library.join_bn_relu(list(inputs), mask, list(weights), list(biases), list(running_means),
@@ -293,7 +293,7 @@ def gather_join_bn_relu(
     if not _use_triton(inputs[0]):
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
                                              momentum, eps, num_batches_tracked=counters, dropout=dropout)
-    if eager(inputs[0]):
+    if runs_eagerly(inputs[0]):
         return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
                                True, rows=rows, num_batches=counters, dropout=dropout, seeds=seeds)
     return library.gather_join_bn_relu(list(inputs), rows, list(weights), list(biases), list(running_means),

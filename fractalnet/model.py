@@ -336,6 +336,9 @@ class FractalNet(nn.Module):
             # skip_dropped sizes its segments from the masks, and a batch drawn as a whole is
             # global or not: drawn on the host, both are known there without a synchronisation.
             per_batch = self.drop_path_per == "batch"
+            if self.skip_dropped and self.process_group is not None:
+                raise ValueError("skip_dropped and process_group do not combine: compact column segments keep "
+                                 "per-rank BatchNorm statistics; set model.process_group = None or skip_dropped=False")
             if (self.skip_dropped or per_batch) and generator is not None and generator.device.type != "cpu":
                 raise ValueError("generator: skip_dropped and per-batch drop-path draw on the host; "
                                  "pass a CPU generator")

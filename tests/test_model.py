@@ -183,6 +183,17 @@ def test_per_batch_global_batch_is_its_column_alone_and_keeps_running_stats(fuse
     assert changed
 
 
+def test_skip_dropped_refuses_synchronised_statistics():
+    """Compact column segments have no synchronised BatchNorm: a model set to both raises in
+    training instead of quietly keeping per-rank statistics (eval uses the running ones)."""
+    model = FractalNet(10, **{**SMALL, "skip_dropped": True}).to(DEVICE)
+    model.process_group = "a process group"
+    with pytest.raises(ValueError, match="skip_dropped and process_group do not combine"):
+        model(batch())
+    model.eval()
+    assert model(batch()).shape == (8, 10)
+
+
 def test_anytime_truncation_and_single_columns():
     model, eager = small_pair()
     model.eval(), eager.eval()
