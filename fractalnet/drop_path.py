@@ -62,6 +62,9 @@ class DropPath:
             global (one column for every sample) or local (one mask for every sample), drawn on
             the host (a handful of numbers), so the model knows which without a synchronisation.
             By default every sample draws its own, as the PyTorch ports do.
+        local: with ``per_batch``, a local batch whatever the draw, its masks drawn on ``device``
+            (from ``generator``, or the device's default generator, which a CUDA graph registers):
+            the local structure of a graphed training step (fractalnet.graphs).
 
     ``is_global`` [B] and ``global_column`` [B] (column numbers) describe the samples, and drawn
     per batch ``batch_column`` says it on the host: the column of a global batch, None for a local
@@ -79,20 +82,23 @@ class DropPath:
         device: torch.device,
         generator: Optional[torch.Generator] = None,
         per_batch: bool = False,
+        local: bool = False,
     ):
+        if local and not per_batch:
+            raise ValueError("local=True is a per-batch structure: pass per_batch=True")
         # A host draw stays real under FakeTensorMode (memory estimators and FLOP counters trace a
         # training step on fake tensors): the model branches on it, as on a real step.
-        host = per_batch and (generator is None or generator.device.type == "cpu")
+        host = per_batch and not local and (generator is None or generator.device.type == "cpu")
         fake_mode = detect_fake_mode() if host and not torch.compiler.is_compiling() else None
         with unset_fake_temporarily() if fake_mode is not None else contextlib.nullcontext():
             masks = self._draw(batch, columns, block_columns, num_blocks, local_drop, global_ratio, device,
-                               generator, per_batch)
+                               generator, per_batch, local)
         if fake_mode is not None:
             masks = fake_mode.from_tensor(masks)
         self._masks = copy_to_device(masks, device).expand(-1, -1, -1, batch)
 
     def _draw(self, batch, columns, block_columns, num_blocks, local_drop, global_ratio, device, generator,
-              per_batch) -> torch.Tensor:
+              per_batch, local) -> torch.Tensor:
         """Draws the structure (kept on self) and returns the masks, where they were drawn."""
         columns = list(columns)
         consecutive = columns == list(range(columns[0], columns[0] + len(columns))) if columns else False
@@ -102,7 +108,8 @@ class DropPath:
         self.rows = join_rows(columns, block_columns)
         n, joins = len(columns), len(self.rows)
         samples, batch = batch, 1 if per_batch else batch
-        draw_device = generator.device if generator is not None else torch.device("cpu" if per_batch else device)
+        host = per_batch and not local
+        draw_device = generator.device if generator is not None else torch.device("cpu" if host else device)
         draw = torch.rand(num_blocks * joins * n * batch + 2 * batch, generator=generator, device=draw_device)
         keep_draw = draw[: num_blocks * joins * n * batch].view(num_blocks, joins, n, batch)
         sample_draw = draw[num_blocks * joins * n * batch:].view(2, batch)
@@ -116,14 +123,14 @@ class DropPath:
         # fell below local_drop, that input is uniform among the join's inputs.
         restored = positions[:, None] == torch.where(ends, keep_draw, -1.0).argmax(2, keepdim=True)
         keep |= restored & ~keep.any(2, keepdim=True)
-        self.is_global = sample_draw[0] < global_ratio
+        self.is_global = (sample_draw[0] < global_ratio) & (not local)
         chosen = (sample_draw[1] * n).long()
         self.global_column = chosen + columns[0]
         follows = positions[:, None] == chosen[None, :]
         masks = torch.where(self.is_global, follows, keep)
         if per_batch:  # on the host: the model reads them to run a global batch's column alone
             # (Traced, the model does not branch on it: the masks carry the structure.)
-            self.batch_column = (int(self.global_column[0]) if not torch.compiler.is_compiling()
+            self.batch_column = (int(self.global_column[0]) if not local and not torch.compiler.is_compiling()
                                  and bool(self.is_global[0]) else None)
             self.is_global, self.global_column = self.is_global.expand(samples), self.global_column.expand(samples)
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -258,6 +258,10 @@ class FractalNet(nn.Module):
 
     ``model(x, columns=k)`` runs the network truncated to its k shallowest columns (the fractal
     f_k; in training with drop-path among them); ``model(x, column=k)`` runs column k alone.
+    In training with drop-path drawn per batch, ``model(x, structure=s)`` takes structure s
+    instead of drawing one (see :meth:`structures`): "local" (the masks drawn on the device, from
+    its default generator) or a column c (a global batch of column c): a CUDA graph per
+    structure then serves every step (fractalnet.graphs).
     """
 
     def __init__(
@@ -328,10 +332,15 @@ class FractalNet(nn.Module):
         columns: Optional[int] = None,
         column: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        structure: Union[str, int, None] = None,
     ) -> torch.Tensor:
         active = self.active_columns(columns, column)
         drop_path = None
         track_running_stats = True
+        if structure is not None:
+            self._check_structure(structure, active)
+            if structure != "local":  # a global batch of that column: it runs alone (see below)
+                active, track_running_stats = [structure], False
         if self.training and len(active) > 1:
             # skip_dropped sizes its segments from the masks, and a batch drawn as a whole is
             # global or not: drawn on the host, both are known there without a synchronisation.
@@ -344,7 +353,8 @@ class FractalNet(nn.Module):
                                  "pass a CPU generator")
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
-                                 self.global_ratio, device, generator, per_batch=per_batch)
+                                 self.global_ratio, device, None if structure else generator, per_batch=per_batch,
+                                 local=structure == "local")
             if per_batch and not torch.compiler.is_compiling() and drop_path.batch_column is not None:
                 # The whole batch follows one column: run that column alone (the others would
                 # only feed joins that drop them). Its BatchNorms see a single column, not the
@@ -368,6 +378,19 @@ class FractalNet(nn.Module):
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+    def structures(self, columns: Optional[int] = None) -> list:
+        """The drop-path structures a training step of the truncation to ``columns`` can take: drawn
+        per batch, "local" and each active column (a global batch); per sample, one (None)."""
+        active = self.active_columns(columns)
+        return ["local", *active] if self.drop_path_per == "batch" and len(active) > 1 else [None]
+
+    def _check_structure(self, structure, active: list[int]) -> None:
+        if not self.training or self.drop_path_per != "batch" or self.skip_dropped or len(active) < 2:
+            raise ValueError("structure: a forced drop-path structure is for training a model that draws drop-path "
+                             "per batch over two or more columns, without skip_dropped")
+        if structure != "local" and (isinstance(structure, bool) or structure not in active):
+            raise ValueError(f"structure must be 'local' or one of the active columns {active}, got {structure!r}")
 
     def units(self) -> Iterator[ConvUnit]:
         """Every conv unit of the network, block by block."""

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data
+from .graphs import GraphedTrainingStep
 from .model import FractalNet, create_model, list_models
 
 CHECKPOINT_FORMAT = "fractalnet-checkpoint-1"
@@ -35,7 +36,7 @@ DEFAULTS = dict(
     dataset="digits", data=None, model="fractalnet20_cifar", epochs=400, batch_size=100, lr=0.02,
     weight_decay=0.0, columns=None, widths=None, dropout=None, local_drop=0.15, global_ratio=0.5,
     image_size=None, augment=None, seed=0, out=None, stop_after=None, amp=None, channels_last=False,
-    compile=False, fused=True, recompute=False, skip_dropped=False, sync_bn=False, device=None,
+    compile=False, fused=True, recompute=False, skip_dropped=False, sync_bn=False, device=None, cuda_graphs=False,
     drop_path_per=None, reestimate_bn=True,
 )
 #: Options that shape the model or the data: a resumed run takes them from its checkpoint.
@@ -87,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
                    help="compute only the column segments drop-path keeps (fused model)")
     p.add_argument("--sync-bn", action="store_const", const=True,
                    help="BatchNorm statistics over all ranks (torchrun)")
+    p.add_argument("--cuda-graphs", action="store_const", const=True,
+                   help="replay the training step from CUDA graphs, one per drop-path structure (fractalnet.graphs)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     return p
 
@@ -240,8 +243,9 @@ def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, args, device, 
 
 
 def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
-                verbose: bool = True) -> dict:
-    """One epoch over this rank's shard of a permutation shared by all ranks (full batches only)."""
+                verbose: bool = True, graphed: Optional[GraphedTrainingStep] = None) -> dict:
+    """One epoch over this rank's shard of a permutation shared by all ranks (full batches only);
+    with ``graphed``, each step a replay of its CUDA graphs."""
     permutation = torch.randperm(len(dataset.train), generator=generators["data"])
     shard = permutation[rank::world]
     steps = len(permutation) // world // args.batch_size
@@ -258,6 +262,11 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
                desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 and verbose else True, leave=False)
     for images, labels in bar:
         labels = labels.to(device, non_blocking=True)
+        if graphed is not None:
+            graphed(prepared(images, dataset, args, device, augment), labels)
+            seen += len(labels)
+            bar.set_postfix(img_s=f"{seen * world / (time.perf_counter() - start):.0f}")
+            continue
         with autocast(args, device):
             out = forward(prepared(images, dataset, args, device, augment), **drop_path_generator)
             loss = F.cross_entropy(out.float(), labels)
@@ -273,10 +282,24 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
         correct += (out.argmax(1) == labels).sum()
         seen += len(labels)
         bar.set_postfix(img_s=f"{seen * world / (time.perf_counter() - start):.0f}")
-    totals = torch.stack([loss_sum, correct.double()]).tolist()  # the epoch's one read
+    if graphed is not None:
+        totals = graphed.epoch_totals()
+        totals = [totals[0] * seen, totals[1] * seen]
+    else:
+        totals = torch.stack([loss_sum, correct.double()]).tolist()  # the epoch's one read
     elapsed = time.perf_counter() - start
     return dict(train_loss=totals[0] / seen, train_accuracy=totals[1] / seen, images_per_s=seen * world / elapsed,
                 epoch_seconds=elapsed)
+
+
+def graphed_step(model, optimizer, dataset, args, device, generators, graphed=None, capture=None):
+    """The run's GraphedTrainingStep (made once, on a batch of the training set's shapes)."""
+    if graphed is not None:
+        return graphed
+    images, labels = next(data.batches(dataset.train, args.batch_size, torch.arange(args.batch_size),
+                                       dataset.image_size))
+    return GraphedTrainingStep(model, optimizer, prepared(images, dataset, args, device), labels.to(device),
+                               generator=generators.get("drop_path"), capture=capture)
 
 
 def reestimated(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> nn.Module:
@@ -352,12 +375,25 @@ def digest(tensors) -> str:
     return sha.hexdigest()[:16]
 
 
+def check_cuda_graphs(args, device: torch.device, world: int) -> None:
+    """--cuda-graphs: what the graphed step needs (fractalnet.graphs), as CLI errors."""
+    if device.type != "cuda":
+        raise CLIError(f"--cuda-graphs needs a CUDA device, got {device}")
+    refused = {"--skip-dropped": args.skip_dropped, "--compile": args.compile, "--amp": args.amp,
+               "--sync-bn or several processes": args.sync_bn or world > 1, "--no-fused": not args.fused}
+    for option, given in refused.items():
+        if given:
+            raise CLIError(f"--cuda-graphs does not combine with {option}")
+
+
 def run(argv=None) -> dict:
     args, checkpoint = resolve(argv)
     rank, world, device = distributed_setup(args)
     dataset = load_dataset(args, world)
     if args.sync_bn and args.skip_dropped:
         raise CLIError("--sync-bn and --skip-dropped do not combine: compact segments keep per-rank statistics")
+    if args.cuda_graphs:
+        check_cuda_graphs(args, device, world)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, dataset, device)
     if args.sync_bn and world > 1:
@@ -423,6 +459,7 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
     trained = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=leaves_parameters_out)
                if world > 1 else model)
     forward = torch.compile(trained) if args.compile else trained
+    graphed = None
     out = Path(args.out) if args.out else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -433,8 +470,11 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, args)
         model.train()
+        if args.cuda_graphs:
+            graphed = graphed_step(model, optimizer, dataset, args, device, generators, graphed)
+            graphed.set_lr(lr_at(epoch, args))
         stats = train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
-                            verbose)
+                            verbose, graphed)
         test_loss, test_accuracy, _ = evaluate(model, dataset, args, device)
         history.append(dict(epoch=epoch + 1, lr=lr_at(epoch, args), **stats, test_loss=test_loss,
                             test_accuracy=test_accuracy))

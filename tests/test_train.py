@@ -150,3 +150,39 @@ def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
         counts[batch_size] = list(reads)
         assert 0 < stats["train_accuracy"] <= 1 and stats["train_loss"] > 0
     assert counts[100] == counts[25] == ["tolist"]
+
+
+def test_cuda_graphs_needs_a_gpu_and_refuses_what_it_cannot_capture(capsys):
+    assert "--cuda-graphs needs a CUDA device" in run_failing(TINY + ["--epochs", "1", "--cuda-graphs"], capsys)
+    cuda = torch.device("cuda")  # only its type is read
+    for extra, option in ((["--skip-dropped"], "--skip-dropped"), (["--compile"], "--compile"),
+                          (["--amp", "bf16"], "--amp"), (["--sync-bn"], "--sync-bn"), (["--no-fused"], "--no-fused")):
+        args, _ = train.resolve(TINY + ["--epochs", "1", "--cuda-graphs", *extra])
+        with pytest.raises(train.CLIError, match=f"does not combine with {option}"):
+            train.check_cuda_graphs(args, cuda, 1)
+    args, _ = train.resolve(TINY + ["--epochs", "1", "--cuda-graphs"])
+    with pytest.raises(train.CLIError, match="several processes"):
+        train.check_cuda_graphs(args, cuda, 2)
+    train.check_cuda_graphs(args, cuda, 1)
+
+
+@pytest.mark.parametrize("per", ["sample", "batch"])
+def test_a_graphed_epoch_runs_the_graphed_step(per, monkeypatch):
+    """The --cuda-graphs epoch loop, its capture replaced by a plain call (no GPU here): every
+    step goes through the graphed step, and the epoch's totals are its device sums."""
+    args, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50", "--drop-path-per", per])
+    dataset = train.load_dataset(args)
+    device = torch.device("cpu")
+    model = train.build_model(args, dataset, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
+                  "drop_path": torch.Generator().manual_seed(2)}
+    graphed = train.graphed_step(model, optimizer, dataset, args, device, generators, capture=lambda step: step)
+    calls = []
+    original = type(graphed).__call__
+    monkeypatch.setattr(type(graphed), "__call__", lambda self, x, y: calls.append(x.shape[0]) or original(self, x, y))
+    stats = train.train_epoch(0, model, optimizer, None, dataset, args, device, generators, 0, 1, verbose=False,
+                              graphed=graphed)
+    steps = len(dataset.train) // 50
+    assert calls == [50] * steps
+    assert stats["train_loss"] > 0 and 0 < stats["train_accuracy"] <= 1

@@ -1,0 +1,170 @@
+"""fractalnet.graphs: the graphed training step. On a CPU the capture is replaced by a plain
+call (the fake GPU cannot replay a graph): the tests check what the graphs rest on, that the
+steps are the structure-forced eager steps, the state after warm-up and capture, and the
+combinations refused; on a GPU, K replayed steps against K eager ones."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, requires_gpu
+
+import fractal_kernels as fk
+from fractalnet import DropPath, FractalNet
+from fractalnet.graphs import GraphedTrainingStep
+
+CONFIG = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.1))
+
+
+def eager_capture(step):
+    """A capture that records nothing: its replay runs the step."""
+    return step
+
+
+def setup(per="batch", seed=0, **options):
+    torch.manual_seed(seed)
+    model = FractalNet(10, **CONFIG, drop_path_per=per, **options).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.randn(4, 3, 8, 8, generator=gen).to(DEVICE) for _ in range(6)]
+    labels = [torch.randint(10, (4,), generator=gen).to(DEVICE) for _ in range(6)]
+    return model, optimizer, images, labels
+
+
+def test_structures():
+    assert FractalNet(10, **CONFIG, drop_path_per="batch").structures() == ["local", 1, 2, 3]
+    assert FractalNet(10, **CONFIG, drop_path_per="batch").structures(columns=2) == ["local", 1, 2]
+    assert FractalNet(10, **CONFIG, drop_path_per="sample").structures() == [None]
+
+
+def test_a_forced_global_structure_is_the_drawn_global_batch():
+    """model(x, structure=c) is the step a per-batch draw of a global batch of column c takes."""
+    model, _, images, _ = setup()
+    twin = copy.deepcopy(model)
+    seed = next(s for s in range(100) if DropPath(4, [1, 2, 3], 3, 2, 0.15, 0.5, DEVICE,
+                                                   torch.Generator().manual_seed(s), per_batch=True).batch_column)
+    with fk.use_backend("triton"):
+        torch.manual_seed(5)
+        drawn = model(images[0], generator=torch.Generator().manual_seed(seed))
+        column = model.last_drop_path.batch_column
+        torch.manual_seed(5)
+        forced = twin(images[0], structure=column)
+    torch.testing.assert_close(drawn, forced, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
+
+
+def test_a_forced_local_structure_draws_its_masks_from_the_device_generator():
+    model, _, images, _ = setup()
+    with fk.use_backend("triton"):
+        torch.manual_seed(3)
+        first = model(images[0], structure="local")
+        assert not model.last_drop_path.is_global.any()
+        torch.manual_seed(3)
+        again = model(images[0], structure="local")
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    masks = [model.last_drop_path.mask(b, row) for b in range(2) for row in model.last_drop_path.rows]
+    assert all(m.any(0).all() for m in masks)  # every sample keeps an input at every join
+
+
+@pytest.mark.parametrize("structure, message", [(0, "one of the active columns"), (True, "one of the active"),
+                                                ("global", "one of the active")])
+def test_bad_structures(structure, message):
+    model, _, images, _ = setup()
+    with pytest.raises(ValueError, match=message):
+        model(images[0], structure=structure)
+    with pytest.raises(ValueError, match="per batch"):
+        setup("sample")[0](images[0], structure="local")
+
+
+@pytest.mark.parametrize("per", ["batch", "sample"])
+def test_graphed_steps_are_the_structure_forced_eager_steps(per):
+    """Each replay runs the step of its structure on the copied batch; the warm-up and capture
+    leave no trace: K graphed steps equal K eager steps given the same structures and torch seed,
+    parameters, running statistics and momentum buffers included."""
+    model, optimizer, images, labels = setup(per)
+    twin, twin_optimizer = copy.deepcopy(model), None
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    with fk.use_backend("triton"):
+        step = GraphedTrainingStep(model, optimizer, images[0], labels[0], generator=torch.Generator().manual_seed(7),
+                                   capture=eager_capture)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+        torch.manual_seed(11)
+        structures = [step(x, y) for x, y in zip(images, labels)]
+        torch.manual_seed(11)
+        for p in twin.parameters():
+            p.grad = torch.zeros_like(p)
+        for x, y, structure in zip(images, labels, structures):
+            twin_optimizer.zero_grad(set_to_none=False)
+            out = twin(x) if structure is None else twin(x, structure=structure)
+            F.cross_entropy(out, y).backward()
+            twin_optimizer.step()
+    if per == "batch":
+        assert "local" in structures and len(set(structures)) >= 2
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(optimizer.state[p]["momentum_buffer"], twin_optimizer.state[q]["momentum_buffer"],
+                                   rtol=1e-6, atol=1e-7)
+    loss, accuracy = step.epoch_totals()
+    assert loss > 0 and 0 <= accuracy <= 1 and step.seen == 0
+
+
+def test_structure_draw_follows_the_per_batch_recipe():
+    model, optimizer, images, labels = setup()
+    step = GraphedTrainingStep(model, optimizer, images[0], labels[0], generator=torch.Generator().manual_seed(0),
+                               capture=eager_capture, warmup=1)
+    draws = [step.draw_structure() for _ in range(3000)]
+    share_global = 1 - draws.count("local") / len(draws)
+    assert abs(share_global - model.global_ratio) < 0.03
+    for column in (1, 2, 3):
+        assert abs(draws.count(column) / len(draws) - model.global_ratio / 3) < 0.03
+
+
+def test_refused_combinations():
+    model, optimizer, images, labels = setup()
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
+        if DEVICE == "cpu":
+            GraphedTrainingStep(model, optimizer, images[0], labels[0])
+        else:
+            raise ValueError("CUDA graphs need CUDA tensors")  # (on a GPU the tensors are CUDA ones)
+    for options, error, message in ((dict(skip_dropped=True), ValueError, "skip_dropped"),):
+        m, o, x, y = setup(**options)
+        with pytest.raises(error, match=message):
+            GraphedTrainingStep(m, o, x[0], y[0], capture=eager_capture)
+    model.process_group = "a group"
+    with pytest.raises(ValueError, match="process_group"):
+        GraphedTrainingStep(model, optimizer, images[0], labels[0], capture=eager_capture)
+    model.process_group = None
+    with pytest.raises(TypeError, match="torch.optim.SGD"):
+        GraphedTrainingStep(model, torch.optim.Adam(model.parameters()), images[0], labels[0], capture=eager_capture)
+    model.eval()
+    with pytest.raises(ValueError, match="training mode"):
+        GraphedTrainingStep(model, optimizer, images[0], labels[0], capture=eager_capture)
+    model.train()
+    step = GraphedTrainingStep(model, optimizer, images[0], labels[0], capture=eager_capture, warmup=1)
+    with pytest.raises(ValueError, match="example's shapes"):
+        step(images[0][:2], labels[0][:2])
+
+
+@requires_gpu
+@pytest.mark.parametrize("per", ["batch", "sample"])
+def test_cuda_graph_replays_equal_eager_steps(per):
+    """On a GPU: the CUDA graphs themselves, against the structure-forced eager steps from the
+    same torch seed (graph-safe RNG draws what eager draws)."""
+    model, optimizer, images, labels = setup(per)
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    step = GraphedTrainingStep(model, optimizer, images[0], labels[0], generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(11)
+    structures = [step(x, y) for x, y in zip(images, labels)]
+    torch.manual_seed(11)
+    for p in twin.parameters():
+        p.grad = torch.zeros_like(p)
+    for x, y, structure in zip(images, labels, structures):
+        twin_optimizer.zero_grad(set_to_none=False)
+        out = twin(x) if structure is None else twin(x, structure=structure)
+        F.cross_entropy(out, y).backward()
+        twin_optimizer.step()
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
