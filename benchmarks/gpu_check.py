@@ -18,8 +18,8 @@ only itself:
                drop-path draws): output, gradients, running statistics
   compile      torch.compile(fullgraph=True) with Inductor (aot_eager in a dry run) of the ops
                and of a training step, against eager
-  graphs       a fused training step captured in a CUDA graph and replayed: it runs, learns,
-               and how long a replay takes beside the eager step
+  graphs       fractalnet.graphs on the paper's recipe, batch 32 and 100: replays against the
+               structure-forced eager steps, step time and host time, graphed against eager
   sanitizer    compute-sanitizer memcheck of a short ops run, where the machine has it
   benchmarks   python -m benchmarks --quick --gpu-only (the training steps first, then the
                kernels; its report is written row by row)
@@ -65,9 +65,9 @@ PHASES = [
     Phase("ops", 170, 300, "every op x dtype x layout x join kind vs the fp64 reference, forward and backward"),
     Phase("model", 40, 120, "fused FractalNet-20 training step vs the eager one"),
     Phase("compile", 80, 300, "torch.compile(fullgraph=True) of the ops and a training step vs eager"),
-    Phase("graphs", 25, 60, "a fused training step captured in a CUDA graph and replayed"),
+    Phase("graphs", 40, 120, "fractalnet.graphs: replays vs eager steps, step and host time"),
     Phase("sanitizer", 40, 60, "compute-sanitizer memcheck of a short ops run"),
-    Phase("benchmarks", 110, 300, "python -m benchmarks --quick --gpu-only"),
+    Phase("benchmarks", 95, 300, "python -m benchmarks --quick --gpu-only"),
 ]
 
 
@@ -488,54 +488,98 @@ def _compiled_op(case: dict, shape, device, backend: str) -> dict:
 
 
 def _graphs(dry_run: bool, out: Path) -> dict:
+    """fractalnet.graphs on the paper's recipe (FractalNet-20, drop-path per batch, fp32), batch
+    100 and 32: three replays against three structure-forced eager steps from the same seed, then
+    step time and host time per step (thread CPU time, no synchronisation inside), eager fused
+    step against graphed."""
+    import copy
+
     import torch
     import torch.nn.functional as F
 
-    import fractal_kernels as fk
     from fractalnet import create_model
+    from fractalnet.graphs import GraphedTrainingStep
 
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if not cuda and not dry_run:
         return dict(status="skipped", summary="needs a CUDA GPU")
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    # Drop-path per sample: every step runs every column (its masks are drawn on the device,
-    # which a graph replays with fresh random numbers), so one graph serves every step.
-    model = create_model("fractalnet20_cifar", 10, drop_path_per="sample").to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(100, 3, 32, 32, device=device)
-    labels = torch.randint(10, (100,), device=device)
+    # A dry run goes through the same steps on the CPU, tiny, the capture a plain call.
+    device = torch.device("cuda" if cuda else "cpu")
+    capture = None if cuda else (lambda step: step)
+    widths = (64, 128, 256, 512, 512) if cuda else (2, 3, 4, 4, 4)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for batch in (32, 100) if cuda else (2, 4):
+        torch.manual_seed(0)
+        model = create_model("fractalnet20_cifar", 10, widths=widths).to(device)
+        twin = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.02, momentum=0.9)
+        images = torch.randn(batch, 3, 32, 32, device=device)
+        labels = torch.randint(10, (batch,), device=device)
+        step = GraphedTrainingStep(model, optimizer, images, labels, generator=torch.Generator().manual_seed(0),
+                                   capture=capture)
+        for p in twin.parameters():
+            p.grad = torch.zeros_like(p)
 
-    def step():
-        optimizer.zero_grad(set_to_none=False)
-        with fk.use_backend("triton"):
-            loss = F.cross_entropy(model(x), labels)
-        loss.backward()
-        optimizer.step()
-        return loss
+        def eager_step(structure=None):
+            twin_optimizer.zero_grad(set_to_none=False)
+            drawn = dict(generator=structure_generator) if structure is None else dict(structure=structure)
+            out = twin(images, **drawn)
+            F.cross_entropy(out, labels).backward()
+            twin_optimizer.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    eager_ms = _cuda_ms(step)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
-    before = [p.detach().clone() for p in model.parameters()]
-    losses = []
-    for _ in range(5):
-        graph.replay()
-        losses.append(loss.item())
-    moved = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    replay_ms = _cuda_ms(graph.replay)
-    ok = moved and all(v == v and abs(v) < 1e4 for v in losses)
-    rows = [dict(eager_step_ms=eager_ms, graph_replay_ms=replay_ms, speedup=eager_ms / replay_ms,
-                 losses=" ".join(f"{v:.3f}" for v in losses))]
-    summary = (f"captured and replayed: {replay_ms:.2f} ms a replay vs {eager_ms:.2f} ms an eager fused step "
-               f"(FractalNet-20, batch 100, fp32)")
+        structure_generator = torch.Generator().manual_seed(1)
+        torch.manual_seed(5)
+        structures = [step(images, labels) for _ in range(3)]
+        torch.manual_seed(5)
+        for structure in structures:
+            eager_step(structure)
+        difference = max(_relative(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        graphed_ms, eager_ms = _device_ms(lambda: step(images, labels)), _device_ms(eager_step)
+        graphed_host, eager_host = _host_us(lambda: step(images, labels)), _host_us(eager_step)
+        rows.append(dict(batch=batch, structures=" ".join(map(str, structures)), max_relative_difference=difference,
+                         eager_step_ms=eager_ms, graphed_step_ms=graphed_ms, eager_host_us=eager_host,
+                         graphed_host_us=graphed_host, host_ratio=graphed_host / eager_host))
+    ok = all(r["max_relative_difference"] < 1e-3 for r in rows)
+    last = rows[-1]
+    summary = (f"replays match eager steps ({max(r['max_relative_difference'] for r in rows):.1e}); "
+               f"batch {last['batch']}: "
+               f"{last['graphed_step_ms']:.2f} ms graphed vs {last['eager_step_ms']:.2f} ms eager a step, host "
+               f"{last['host_ratio']:.3f}x eager's")
     return dict(status="passed" if ok else "failed", summary=summary, rows=rows)
+
+
+def _host_us(fn: Callable[[], object], repeats: int = 20) -> float:
+    """Host (thread CPU) microseconds per call of ``fn``, the device left to catch up afterwards."""
+    fn()
+    _synchronize()
+    start = time.thread_time()
+    for _ in range(repeats):
+        fn()
+    host = time.thread_time() - start
+    _synchronize()
+    return host / repeats * 1e6
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _device_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds per call: CUDA events on a GPU, the wall clock on a CPU (a dry run)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return _cuda_ms(fn)
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
 
 
 def _cuda_ms(fn: Callable[[], object], repeats: int = 10) -> float:
