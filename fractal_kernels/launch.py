@@ -274,13 +274,14 @@ def _direct_launches(kernel) -> Optional[DirectLaunches]:
     """The kernel's DirectLaunches, None where the direct path cannot follow this Triton (its
     JITFunction lacks what the path reads) or a launch hook is set (hooks see run's launches, with
     their metadata)."""
-    # By id: a JITFunction hashes its cache key, which costs more than the lookup. The entry
-    # keeps the kernel alive, so its id stays its own.
+    # By id: a JITFunction hashes its cache key, which costs more than the lookup. An entry holds
+    # its kernel, so the kernel stays alive and its id its own.
     direct = _direct.get(id(kernel))
     if direct is None:
-        direct = _direct[id(kernel)] = (DirectLaunches(kernel) if _DIRECT_PATH and hasattr(kernel, "params")
-                                        else False)
-    if not direct or _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook):
+        if not (_DIRECT_PATH and hasattr(kernel, "params")):
+            return None
+        direct = _direct[id(kernel)] = DirectLaunches(kernel)
+    if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook):
         return None
     return direct
 

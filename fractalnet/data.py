@@ -11,7 +11,6 @@ augmentation done on the device.
 from __future__ import annotations
 
 import functools
-
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,8 +166,8 @@ def _image_folder(root: Path, image_size: int) -> Dataset:
         raise DataError(f"no class folders in {root / 'train'}; expected layout: {IMAGEFOLDER_LAYOUT}")
     train, test = _folder_split(root / "train", classes), _folder_split(root / "val", classes)
     # ImageNet statistics: computing them would read every image.
-    return Dataset("imagefolder", train, test, len(classes), 3, image_size, [0.485, 0.456, 0.406], [0.229, 0.224,
-                                                                                                    0.225])
+    return Dataset("imagefolder", train, test, len(classes), 3, image_size, [0.485, 0.456, 0.406],
+                   [0.229, 0.224, 0.225])
 
 
 def read_images(files: list[Path], size: int) -> torch.Tensor:

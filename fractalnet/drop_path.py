@@ -86,19 +86,23 @@ class DropPath:
     ):
         if local and not per_batch:
             raise ValueError("local=True is a per-batch structure: pass per_batch=True")
+        # Drawn per batch (and not local), the structure is a host draw; otherwise the draw is on
+        # the device that uses it. Either way, a given generator's device.
+        host = per_batch and not local
+        draw_device = generator.device if generator is not None else torch.device("cpu" if host else device)
         # A host draw stays real under FakeTensorMode (memory estimators and FLOP counters trace a
         # training step on fake tensors): the model branches on it, as on a real step.
-        host = per_batch and not local and (generator is None or generator.device.type == "cpu")
-        fake_mode = detect_fake_mode() if host and not torch.compiler.is_compiling() else None
+        on_host = host and draw_device.type == "cpu" and not torch.compiler.is_compiling()
+        fake_mode = detect_fake_mode() if on_host else None
         with unset_fake_temporarily() if fake_mode is not None else contextlib.nullcontext():
             masks = self._draw(batch, columns, block_columns, num_blocks, local_drop, global_ratio, device,
-                               generator, per_batch, local)
+                               generator, draw_device, per_batch, local)
         if fake_mode is not None:
             masks = fake_mode.from_tensor(masks)
         self._masks = copy_to_device(masks, device).expand(-1, -1, -1, batch)
 
     def _draw(self, batch, columns, block_columns, num_blocks, local_drop, global_ratio, device, generator,
-              per_batch, local) -> torch.Tensor:
+              draw_device, per_batch, local) -> torch.Tensor:
         """Draws the structure (kept on self) and returns the masks, where they were drawn."""
         columns = list(columns)
         consecutive = columns == list(range(columns[0], columns[0] + len(columns))) if columns else False
@@ -108,8 +112,6 @@ class DropPath:
         self.rows = join_rows(columns, block_columns)
         n, joins = len(columns), len(self.rows)
         samples, batch = batch, 1 if per_batch else batch
-        host = per_batch and not local
-        draw_device = generator.device if generator is not None else torch.device("cpu" if host else device)
         draw = torch.rand(num_blocks * joins * n * batch + 2 * batch, generator=generator, device=draw_device)
         keep_draw = draw[: num_blocks * joins * n * batch].view(num_blocks, joins, n, batch)
         sample_draw = draw[num_blocks * joins * n * batch:].view(2, batch)

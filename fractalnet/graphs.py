@@ -22,10 +22,11 @@ graph's replay writes.
 Capture needs every kernel compiled, the gradients and the optimizer state allocated and the
 learning rate fixed: each structure is warmed up on a side stream first, and the model, its
 buffers and the optimizer state are put back as they were afterwards (the warm-up steps do not
-count). ``set_lr`` recaptures when the learning rate changes (the paper's schedule changes it four
-times). SGD only (its state at the first step, a momentum buffer equal to the gradient, is what a
-zero buffer gives in the captured step); skip_dropped (shapes change every step), synchronised
-BatchNorm and an fp16 GradScaler are refused. Every parameter gets a gradient every step (zeros
+count). A step whose optimizer's learning rates differ from the captured ones captures again
+first (the paper's schedule changes the rate four times). SGD only (its state at the first step,
+a momentum buffer equal to the gradient, is what a zero buffer gives in the captured step);
+skip_dropped (shapes change every step), synchronised BatchNorm and an fp16 GradScaler are
+refused. Every parameter gets a gradient every step (zeros
 where a global batch's column does not reach), as in the paper's Caffe code: momentum moves every
 parameter every step.
 """
@@ -135,6 +136,7 @@ class GraphedTrainingStep:
             torch.cuda.current_stream().wait_stream(side)
             self._pool = self._pool or torch.cuda.graph_pool_handle()
         capture = self._capture or cuda_graph_capture(self._pool)
+        self._captured_lrs = self._lrs()
         self.replays = {structure: capture(lambda structure=structure: self._step(structure))
                         for structure in self.structures}
         with torch.no_grad():
@@ -147,6 +149,9 @@ class GraphedTrainingStep:
                     t.zero_()
             for p in self.model.parameters():
                 p.grad.zero_()
+
+    def _lrs(self) -> list:
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     def draw_structure(self):
         """The structure of the next step, drawn on the host as DropPath draws it per batch."""
@@ -164,20 +169,14 @@ class GraphedTrainingStep:
         if images.shape != self.images.shape or labels.shape != self.labels.shape:
             raise ValueError(f"images and labels must have the example's shapes {tuple(self.images.shape)} and "
                              f"{tuple(self.labels.shape)}, got {tuple(images.shape)} and {tuple(labels.shape)}")
+        if self._lrs() != self._captured_lrs:  # the graphs hold the rate they were captured with
+            self._capture_all()
         self.images.copy_(images, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
         structure = self.draw_structure()
         self.replays[structure]()
         self.seen += labels.shape[0]
         return structure
-
-    def set_lr(self, lr: float) -> None:
-        """Sets the learning rate of every parameter group, capturing the graphs again if it changed."""
-        if all(group["lr"] == lr for group in self.optimizer.param_groups):
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._capture_all()
 
     def epoch_totals(self) -> tuple[float, float]:
         """(mean loss, accuracy) over the steps since the last call, read from the device once."""

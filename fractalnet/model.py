@@ -133,8 +133,8 @@ class FractalBlock(nn.Module):
 
     def endings(self, active: Sequence[int]) -> list[tuple[int, list[int]]]:
         """(row, the active columns whose unit ends there) for each row where one does."""
-        rows = [(row, [c for c in active if row % self.span(c) == 0]) for row in range(1,
-                                                                                       2 ** (self.num_columns - 1) + 1)]
+        rows = [(row, [c for c in active if row % self.span(c) == 0])
+                for row in range(1, 2 ** (self.num_columns - 1) + 1)]
         return [(row, ending) for row, ending in rows if ending]
 
     def unit(self, column: int, row: int) -> ConvUnit:

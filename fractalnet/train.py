@@ -283,12 +283,12 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
         seen += len(labels)
         bar.set_postfix(img_s=f"{seen * world / (time.perf_counter() - start):.0f}")
     if graphed is not None:
-        totals = graphed.epoch_totals()
-        totals = [totals[0] * seen, totals[1] * seen]
+        train_loss, train_accuracy = graphed.epoch_totals()
     else:
-        totals = torch.stack([loss_sum, correct.double()]).tolist()  # the epoch's one read
+        loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()  # the epoch's one read
+        train_loss, train_accuracy = loss_total / seen, correct_total / seen
     elapsed = time.perf_counter() - start
-    return dict(train_loss=totals[0] / seen, train_accuracy=totals[1] / seen, images_per_s=seen * world / elapsed,
+    return dict(train_loss=train_loss, train_accuracy=train_accuracy, images_per_s=seen * world / elapsed,
                 epoch_seconds=elapsed)
 
 
@@ -472,7 +472,6 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
         model.train()
         if args.cuda_graphs:
             graphed = graphed_step(model, optimizer, dataset, args, device, generators, graphed)
-            graphed.set_lr(lr_at(epoch, args))
         stats = train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
                             verbose, graphed)
         test_loss, test_accuracy, _ = evaluate(model, dataset, args, device)

@@ -117,6 +117,29 @@ def test_graphed_steps_are_the_structure_forced_eager_steps(per):
     assert loss > 0 and 0 <= accuracy <= 1 and step.seen == 0
 
 
+def test_a_new_learning_rate_is_captured_before_the_next_step():
+    """The graphs hold the learning rate they were captured with: a step after the optimizer's
+    rate changed (the schedule sets it each epoch) captures every structure again first, and
+    only then."""
+    model, optimizer, images, labels = setup()
+    captured = []
+
+    def counting_capture(step):
+        captured.append(step)
+        return step
+
+    step = GraphedTrainingStep(model, optimizer, images[0], labels[0], capture=counting_capture, warmup=1)
+    structures = len(model.structures())
+    assert len(captured) == structures
+    step(images[1], labels[1])
+    for group in optimizer.param_groups:
+        group["lr"] = 0.005
+    assert len(captured) == structures
+    step(images[2], labels[2])
+    step(images[3], labels[3])
+    assert len(captured) == 2 * structures
+
+
 def test_structure_draw_follows_the_per_batch_recipe():
     model, optimizer, images, labels = setup()
     step = GraphedTrainingStep(model, optimizer, images[0], labels[0], generator=torch.Generator().manual_seed(0),
