@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -115,9 +115,11 @@ class Runner:
             dropout=self.base["dropout"][:self.blocks], columns=columns, local_drop=local_drop,
             global_ratio=global_ratio, drop_path_per=per, skip_dropped=skip)
 
-    def train(self, name: str, seed: int, build: Callable[[], nn.Module]) -> tuple[nn.Module, dict]:
+    def train(self, name: str, seed: int, build: Callable[[], nn.Module],
+              curves: Optional[dict[str, dict]] = None) -> tuple[nn.Module, dict]:
         """The model of run ``name`` trained with ``seed``: from its finished result if there is
-        one, resumed from its last checkpoint if it was interrupted, or trained now."""
+        one, resumed from its last checkpoint if it was interrupted, or trained now. ``curves``
+        names sub-networks (label -> mode) whose learning curves the run's history records."""
         folder = self.out / "runs" / name / f"seed{seed}"
         args = self.args(seed, folder)
         torch.manual_seed(seed)
@@ -128,7 +130,8 @@ class Runner:
             return model, json.loads(result_path.read_text())
         checkpoint = load_checkpoint(str(folder / "last.pt")) if (folder / "last.pt").exists() else None
         start = time.perf_counter()
-        result = fit(model, self.dataset, args, self.device, checkpoint=checkpoint, verbose=False)
+        monitor = None if curves is None else lambda trained: self.curve_point(trained, curves)
+        result = fit(model, self.dataset, args, self.device, checkpoint=checkpoint, verbose=False, monitor=monitor)
         result["wall_seconds"] = time.perf_counter() - start  # of this process's share, if it resumed
         result_path.write_text(json.dumps(result, indent=1))
         return model, result
@@ -146,6 +149,19 @@ class Runner:
         """Test error (%) of the sub-network ``mode`` with its own BatchNorm statistics."""
         return self.error(self.reestimated(model, **mode), **mode)
 
+    def curve_point(self, model: nn.Module, curves: dict[str, dict]) -> dict:
+        """For each sub-network (label -> mode), evaluated alone with its own re-estimated
+        BatchNorm statistics: its loss over the whole training set (no augmentation, dropout or
+        drop-path) and its test error. Uses no random numbers: training goes on as without it."""
+        point = {}
+        args = argparse.Namespace(**self.base)
+        for label, mode in curves.items():
+            evaluated = self.reestimated(model, **mode)
+            train_loss, _, _ = evaluate(evaluated, self.dataset, args, self.device, split="train", **mode)
+            _, accuracy, _ = evaluate(evaluated, self.dataset, args, self.device, **mode)
+            point[label] = dict(train_loss=train_loss, test_error=100 * (1 - accuracy))
+        return point
+
 
 def _mean(values: list[float]) -> str:
     if len(values) == 1:
@@ -157,18 +173,27 @@ def depth(runner: Runner, columns: int) -> dict:
     rows = []
     for c in tqdm(range(1, columns + 1), desc="depth"):
         fractal, column, plain, losses = [], [], [], {"fractal": [], "plain": []}
+        deepest = c == columns  # the training-apparatus curves: the deepest network only
+        curves = []
         for seed in runner.seeds:
             name, build = runner.fractal(c)
-            model, result = runner.train(name, seed, build)
+            model, result = runner.train(name, seed, build,
+                                         {"fractal": {}, "deepest column": {"column": c}} if deepest else None)
             fractal.append(runner.error_reestimated(model))
             column.append(runner.error_reestimated(model, column=c))
             losses["fractal"].append(result["history"][-1]["train_loss"])
-            alone, result = runner.train(f"plain-C{c}", seed, lambda: build().extract_column(c))
+            alone, plain_result = runner.train(f"plain-C{c}", seed, lambda: build().extract_column(c),
+                                               {"plain": {}} if deepest else None)
             plain.append(runner.error(alone))
-            losses["plain"].append(result["history"][-1]["train_loss"])
+            losses["plain"].append(plain_result["history"][-1]["train_loss"])
+            if deepest:
+                curves.append({label: [h[label] for h in history]
+                               for history, labels in ((result["history"], ("fractal", "deepest column")),
+                                                       (plain_result["history"], ("plain",)))
+                               for label in labels})
         rows.append(dict(columns=c, depth=runner.blocks * 2 ** (c - 1), fractal_error=fractal,
                          deepest_column_error=column, plain_error=plain, fractal_train_loss=losses["fractal"],
-                         plain_train_loss=losses["plain"]))
+                         plain_train_loss=losses["plain"], **({"curves": curves} if deepest else {})))
     table = ["| depth (C) | FractalNet error % | its deepest column alone % | plain net trained alone % | "
              "final train loss fractal / plain |", "|---|---|---|---|---|"]
     table += [f"| {r['depth']} ({r['columns']}) | {_mean(r['fractal_error'])} | {_mean(r['deepest_column_error'])} | "
@@ -180,7 +205,9 @@ def depth(runner: Runner, columns: int) -> dict:
 DEPTH_NOTES = ("FractalNets trained with the model's default drop-path and evaluated with BatchNorm statistics "
                "re-estimated for the network evaluated (the whole network, or the deepest column alone); the "
                "plain net is the deepest column of an untrained FractalNet, trained alone without drop-path and "
-               "evaluated with its running statistics.")
+               "evaluated with its running statistics. depth-curves.png: for the deepest network, after every "
+               "epoch, the loss over the training set and the test error of the fractal, of its deepest column "
+               "alone and of the plain net, each with BatchNorm statistics re-estimated for it (mean over seeds).")
 
 
 def drop_path(runner: Runner, columns: int) -> dict:
@@ -270,6 +297,33 @@ def plot(name: str, result: dict, path: Path) -> None:
                     label="column k alone" if mode == "column" else "columns 1..k")
         ax.set(xlabel="latency (ms per image)", ylabel="test error (%)", title="anytime prediction")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    curves = [r["curves"] for r in rows if "curves" in r]
+    if curves:
+        plot_curves(curves[0], rows[-1]["depth"], path.with_name(f"{name}-curves.png"))
+
+
+def plot_curves(curves: list[dict], depth: int, path: Path) -> None:
+    """The paper's training-apparatus figure: loss over the training set and test error by epoch,
+    mean over seeds, of the fractal, its deepest column alone and the plain net of that depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label in curves[0]:
+        epochs = range(1, len(curves[0][label]) + 1)
+        for ax, key in zip(axes, ("train_loss", "test_error")):
+            ax.plot(epochs, [statistics.mean(seed[label][e - 1][key] for seed in curves) for e in epochs],
+                    label=f"{label} ({depth} layers)" if label != "fractal" else "fractal")
+    axes[0].set(yscale="log", xlabel="epoch", ylabel="training loss (whole training set)",
+                title="training loss, evaluated alone")
+    axes[1].set(yscale="log", xlabel="epoch", ylabel="test error (%)", title="test error")
+    for ax in axes:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

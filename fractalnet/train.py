@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -204,20 +204,23 @@ def prepared(images, dataset, args, device, generator=None):
     return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
 
 
-def evaluate(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> tuple[float, float, float]:
-    """(loss, accuracy, seconds) on the test split; ``mode`` is columns=k or column=k."""
+def evaluate(model: nn.Module, dataset: data.Dataset, args, device, split: str = "test",
+             **mode) -> tuple[float, float, float]:
+    """(loss, accuracy, seconds) on ``split`` ("test" or "train", never augmented); ``mode`` is
+    columns=k or column=k."""
     model.eval()
+    images_of = {"test": dataset.test, "train": dataset.train}[split]
     correct, loss, start = 0, 0.0, time.perf_counter()
-    indices = torch.arange(len(dataset.test))
+    indices = torch.arange(len(images_of))
     with torch.no_grad(), autocast(args, device):
-        for images, labels in data.batches(dataset.test, 500, indices, dataset.image_size):
+        for images, labels in data.batches(images_of, 500, indices, dataset.image_size):
             labels = labels.to(device)
             out = model(prepared(images, dataset, args, device), **mode).float()
             loss += F.cross_entropy(out, labels, reduction="sum").item()
             correct += (out.argmax(1) == labels).sum().item()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return loss / len(dataset.test), correct / len(dataset.test), time.perf_counter() - start
+    return loss / len(images_of), correct / len(images_of), time.perf_counter() - start
 
 
 def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> None:
@@ -426,10 +429,13 @@ def load_dataset(args, world: int = 1) -> data.Dataset:
 
 
 def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, rank: int = 0, world: int = 1,
-        checkpoint: Optional[dict] = None, verbose: bool = True) -> dict:
+        checkpoint: Optional[dict] = None, verbose: bool = True,
+        monitor: Optional[Callable[[nn.Module], dict]] = None) -> dict:
     """Trains ``model`` (a FractalNet, or any classifier, such as a column extracted from one)
     with the recipe in ``args``: SGD with momentum, the paper's schedule, checkpoints and
-    metrics under ``args.out``. A FractalNet also gets its anytime table. Returns the result."""
+    metrics under ``args.out``. A FractalNet also gets its anytime table. ``monitor(model)``, if
+    given, runs after each epoch's test and its dict joins that epoch's history (it must leave
+    the model and the random streams as it found them). Returns the result."""
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     generators = {"data": torch.Generator().manual_seed(args.seed),
@@ -476,7 +482,7 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
                             verbose, graphed)
         test_loss, test_accuracy, _ = evaluate(model, dataset, args, device)
         history.append(dict(epoch=epoch + 1, lr=lr_at(epoch, args), **stats, test_loss=test_loss,
-                            test_accuracy=test_accuracy))
+                            test_accuracy=test_accuracy, **(monitor(model) if monitor is not None else {})))
         improved = test_accuracy > best
         best = max(best, test_accuracy)
         if report:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fractalnet import experiments
 
@@ -49,6 +50,31 @@ def test_depth_numbers(finished):
             assert math.isfinite(r[key][0]) and r[key][0] >= 0, (key, r)
     # One column has no join and no drop-path: trained as a FractalNet or alone, the same network.
     assert rows[0]["fractal_train_loss"] == rows[0]["plain_train_loss"]
+
+
+def test_depth_records_the_deepest_networks_learning_curves(finished):
+    rows = json.loads((finished / "depth.json").read_text())["rows"]
+    assert "curves" not in rows[0]
+    (curves,) = rows[-1]["curves"]  # one seed
+    assert sorted(curves) == ["deepest column", "fractal", "plain"]
+    for points in curves.values():
+        assert len(points) == 1  # one epoch
+        assert math.isfinite(points[0]["train_loss"]) and points[0]["train_loss"] >= 0
+        assert _percent(points[0]["test_error"])
+    assert (finished / "depth-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_curves_leave_training_as_it_was(tmp_path):
+    """The curves' evaluations draw no random numbers and touch no trained state: a run that
+    records them trains the same parameters and statistics as one that does not."""
+    runner = experiments.Runner(experiments.parser().parse_args(["depth", "--out", str(tmp_path), *TINY]))
+    name, build = runner.fractal(2)
+    plain_model, _ = runner.train(name, 0, build)
+    runner.out = tmp_path / "with-curves"
+    curved_model, result = runner.train(name, 0, build, {"fractal": {}, "deepest column": {"column": 2}})
+    assert {"fractal", "deepest column"} <= result["history"][0].keys()
+    for (key, a), (_, b) in zip(plain_model.state_dict().items(), curved_model.state_dict().items()):
+        assert torch.equal(a, b), key
 
 
 def test_drop_path_numbers(finished):
