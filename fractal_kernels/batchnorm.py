@@ -176,8 +176,8 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
 
 def normalize_join_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mask, rows, weights: Sequence,
                             biases: Sequence, means: Sequence, variances: Sequence, batch_stats: bool, eps: float,
-                            relu: bool, seeds: Optional[torch.Tensor] = None,
-                            dropout: float = 0.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+                            relu: bool, seeds: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                            tiling: Optional[ChannelTiling] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Backward of normalize_join: the input gradients (through the dropout, which it
     regenerates from ``seeds``) and the [2, k, C] weight and bias gradients; with
     ``batch_stats`` the means and variances are the inputs' batch statistics (training), which
@@ -185,9 +185,11 @@ def normalize_join_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mask
 
     Two launches for up to eight inputs (one when no sums are needed: running statistics and no
     affine parameters); a gather join launches the input-gradient kernel once per input.
+    ``tiling``: the inputs' (computed when None; none for a gather join).
     """
     grad = grad.contiguous(memory_format=memory_format(xs[0]))
-    tiling = channel_tiling(grad, len(xs)) if rows is None else None
+    if rows is None and tiling is None:
+        tiling = channel_tiling(grad, len(xs))
     args = (grad, xs, mask, rows, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
     if batch_stats or any(t is not None for t in weights) or any(t is not None for t in biases):
         sums = bn_backward_sums(*args, tiling=tiling)
@@ -199,7 +201,9 @@ def normalize_join_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mask
 def param_grads(grads: torch.Tensor, params: Sequence) -> list[Optional[torch.Tensor]]:
     """Row i of the [k, C] ``grads`` in the dtype of the present ``params[i]``, None where absent
     (None or an empty placeholder)."""
-    return [None if optional(p) is None else grads[i].to(p.dtype) for i, p in enumerate(params)]
+    rows = grads.unbind(0)
+    return [None if optional(p) is None else row if row.dtype == p.dtype else row.to(p.dtype)
+            for row, p in zip(rows, params)]
 
 
 def present(tensors: Sequence) -> list:
@@ -313,7 +317,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
         k = len(tensors) // 3
         xs, weights, biases = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
         means, variances = statistic_rows(stats, options)
-        ctx.options = options
+        ctx.options, ctx.tiling = options, tiling  # the backward's tiling too: computed once
         ctx.save_for_backward(mask, rows, seeds, stats, *tensors)
         return normalize_join(xs, mask, rows, weights, biases, means, variances, options.eps, options.relu, seeds,
                               options.dropout, tiling)
@@ -326,7 +330,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
         weights, biases = tensors[k:2 * k], tensors[2 * k:]
         grad_inputs, grads = normalize_join_backward(grad, tensors[:k], mask, rows, weights, biases,
                                                      *statistic_rows(stats, options), options.training, options.eps,
-                                                     options.relu, seeds, options.dropout)
+                                                     options.relu, seeds, options.dropout, ctx.tiling)
         return (None, None, None, None, None, None, *grad_inputs, *param_grads(grads[0], weights),
                 *param_grads(grads[1], biases))
 

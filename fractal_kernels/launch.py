@@ -185,11 +185,13 @@ class DirectLaunches:
     pointers; integers equal to 1, divisible by 16, and their width), builds a cache key of the
     lot and of the options, and checks the kernel's globals: tens of microseconds a launch, most
     of a small op's host time. Here the first launch of each variant goes through run, which
-    compiles it and returns the CompiledKernel; later launches compute a guard key that is at
-    least as fine as Triton's specialisation (the same facts of every argument, the kernel's own
-    ``do_not_specialize`` honoured) and call that variant's launcher as run does, every
-    argument in parameter order (as Inductor launches user kernels). The key includes the device:
-    a compiled kernel's function handle belongs to one device.
+    compiles it and returns the CompiledKernel; later launches find that variant by a guard,
+    generated for it, which tests each argument for exactly the facts it was compiled for (the
+    facts of _facts_function: at least as fine as Triton's specialisation, the kernel's own
+    ``do_not_specialize`` honoured), and call its launcher as run does, every argument in
+    parameter order (as Inductor launches user kernels). A guard is a chain of comparisons: no
+    tuple of facts is built or hashed. Variants are grouped by device (a compiled kernel's
+    function handle belongs to one device), argument count and keyword arguments.
     """
 
     def __init__(self, kernel):
@@ -199,25 +201,23 @@ class DirectLaunches:
         #: Per parameter: specialised on alignment and value (Triton's native_specialize_impl).
         self.specialised = [not p.do_not_specialize for p in params]
         self.align = [not p.do_not_specialize_on_alignment for p in params]
+        #: (device, argument count, keyword arguments) -> [(guard, compiled variant)].
         self.variants: dict = {}
-        self._facts: dict = {}
 
-    def facts(self, args: tuple):
-        """A function of the positional ``args`` giving their specialisation facts; generated
-        once per argument count, each argument's test unrolled, like Triton's binder."""
-        n = len(args)
-        fn = self._facts.get(n)
-        if fn is None:
-            fn = self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
-        return fn
+    def compiled_variants(self) -> list:
+        return [compiled for variants in self.variants.values() for _, compiled in variants]
 
     def launch(self, grid: tuple, device: int, args: tuple, kwargs: dict) -> None:
-        key = (device, self.facts(args)(*args), tuple(kwargs.items()))
-        compiled = self.variants.get(key)
-        if compiled is None:
+        key = (device, len(args), *kwargs.items())
+        for guard, compiled in self.variants.get(key, ()):
+            if guard(*args):
+                break
+        else:
+            n = len(args)
+            facts = _facts_function(self.specialised[:n], self.align[:n])(*args)  # _NotDirect before any launch
             compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
             if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
-                self.variants[key] = compiled
+                self.variants.setdefault(key, []).append((_guard_function(facts, self.specialised[:n]), compiled))
             return
         names = self.names
         bound = args + tuple([kwargs[name] for name in names[len(args):]]) if len(args) < len(names) else args
@@ -260,11 +260,43 @@ def _facts_function(specialised: list[bool], align: list[bool]) -> Callable:
         integer = f"{small} if -2147483648 <= {a} < 2147483648 else scalar({a}, {spec})"
         terms.append(f"(None if {a} is None else {tensor} if isinstance({a}, Tensor) else ({integer}) "
                      f"if type({a}) is int else scalar({a}, {spec}))")
-    names = ", ".join(f"a{i}" for i in range(len(specialised)))
-    source = f"def facts({names}):\n    return ({', '.join(terms)}{',' if len(terms) == 1 else ''})\n"
-    namespace = {"Tensor": torch.Tensor, "scalar": _scalar_fact}
+    return _generated("facts", len(specialised), f"({', '.join(terms)}{',' if len(terms) == 1 else ''})", {})
+
+
+def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[..., bool]:
+    """``guard(*args)``: whether every argument has the facts ``facts`` (those of the arguments
+    a variant was compiled for), tested one comparison after another."""
+    terms, constants = [], {}
+    for i, (fact, spec) in enumerate(zip(facts, specialised)):
+        a = f"a{i}"
+        small = f"type({a}) is int and -2147483648 <= {a} < 2147483648"
+        if fact is None:
+            terms.append(f"{a} is None")
+        elif isinstance(fact, torch.dtype) or (isinstance(fact, tuple) and isinstance(fact[0], torch.dtype)):
+            dtype, aligned = (fact, None) if isinstance(fact, torch.dtype) else fact
+            constants[f"d{i}"] = dtype
+            alignment = "" if aligned is None else f" and ({a}.data_ptr() % 16 == 0) is {aligned}"
+            terms.append(f"isinstance({a}, Tensor) and {a}.dtype is d{i}{alignment}")
+        elif fact is bool or fact is float:
+            terms.append(f"type({a}) is {fact.__name__}")
+        elif fact == "=1":
+            terms.append(f"{a} == 1 and {small}")
+        elif fact == "i32":
+            terms.append(small)
+        elif fact is True or fact is False:
+            terms.append(f"{small} and {a} != 1 and ({a} % 16 == 0) is {fact}")
+        else:  # a wide int's facts
+            constants[f"f{i}"] = fact
+            terms.append(f"type({a}) is int and not -2147483648 <= {a} < 2147483648 and scalar({a}, {spec}) == f{i}")
+    return _generated("guard", len(facts), " and ".join(f"({t})" for t in terms) or "True", constants)
+
+
+def _generated(name: str, n: int, expression: str, constants: dict) -> Callable:
+    """``def name(a0, .., a{n-1}): return expression``, with ``constants`` in its globals."""
+    source = f"def {name}({', '.join(f'a{i}' for i in range(n))}):\n    return {expression}\n"
+    namespace = {"Tensor": torch.Tensor, "scalar": _scalar_fact, **constants}
     exec(source, namespace)
-    return namespace["facts"]
+    return namespace[name]
 
 
 _direct: dict = {}

@@ -411,15 +411,18 @@ def materialised(value, misaligned: bool):
     return storage.as_strided(value.shape, value.stride(), offset)
 
 
-def launcher_calls(kernel, grid, args, kwargs, monkeypatch) -> list:
+def launcher_calls(kernel, grid, args, kwargs, monkeypatch, direct=None) -> list:
     """(compiled variant, launcher arguments) of a direct launch after its variant is compiled,
-    and of JITFunction.run's own launch of the same arguments."""
+    and of JITFunction.run's own launch of the same arguments. ``direct``: the DirectLaunches to
+    launch through (a new one when None), which may hold the variants of other arguments."""
     calls = []
     monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
-    direct = launch.DirectLaunches(kernel)
+    direct = direct or launch.DirectLaunches(kernel)
+    before = len(direct.compiled_variants())
     direct.launch(grid, 0, args, dict(kwargs))  # compiles (or finds) the variant through run
     direct.launch(grid, 0, args, dict(kwargs))
-    assert len(direct.variants) == 1  # the second launch found it: it was direct
+    # At most one variant more, and the second launch found a variant: it was direct.
+    assert len(direct.compiled_variants()) - before in (0, 1)
     kernel.run(*args, grid=grid, warmup=False, **kwargs)
     assert len(calls) == 3
     return calls[1:]
@@ -459,10 +462,13 @@ def test_direct_launch_keys_are_at_least_as_fine_as_triton_specialisation(monkey
     pointers = [base[:8], base[1:9], base.to(torch.float16)[:8], base.to(torch.float16)[1:9], None]
     ints = [1, 0, 16, 17, -3, 2**31, 2**33 + 16, 2**63]
     seen = set()
+    # One DirectLaunches over the whole sweep: each launch must pass by the guards of every
+    # variant compiled before it and find its own.
+    shared = launch.DirectLaunches(specialised_kernel)
     for x, q, n, m, flag in itertools.product(pointers, pointers[:2] + [None], ints, ints[:3] + [2**40], [True, False]):
         args = (x, q, n, m, 0.5, flag)
         (direct, direct_call), (run, run_call) = launcher_calls(specialised_kernel, (1,), args, {"BLOCK": 16},
-                                                                monkeypatch)
+                                                                monkeypatch, shared)
         assert direct is run, args
         assert same_arguments(direct_call[9:], run_call[9:]), args
         seen.add(run.key)
