@@ -45,6 +45,16 @@ def pinned_copy(t: torch.Tensor, device: torch.device) -> bool:
             and not is_fake(t))
 
 
+@contextlib.contextmanager
+def real_host_draws():
+    """A block whose host draws are real tensors under FakeTensorMode (memory estimators and FLOP
+    counters trace a training step on fake tensors): the model branches on them, as on a real
+    step. Yields the fake mode set aside (None when there is none, or while torch compiles)."""
+    fake_mode = None if torch.compiler.is_compiling() else detect_fake_mode()
+    with unset_fake_temporarily() if fake_mode is not None else contextlib.nullcontext():
+        yield fake_mode
+
+
 class DropPath:
     """The drop-path draws of one training forward pass over a batch.
 
@@ -90,11 +100,8 @@ class DropPath:
         # the device that uses it. Either way, a given generator's device.
         host = per_batch and not local
         draw_device = generator.device if generator is not None else torch.device("cpu" if host else device)
-        # A host draw stays real under FakeTensorMode (memory estimators and FLOP counters trace a
-        # training step on fake tensors): the model branches on it, as on a real step.
-        on_host = host and draw_device.type == "cpu" and not torch.compiler.is_compiling()
-        fake_mode = detect_fake_mode() if on_host else None
-        with unset_fake_temporarily() if fake_mode is not None else contextlib.nullcontext():
+        on_host = host and draw_device.type == "cpu"
+        with real_host_draws() if on_host else contextlib.nullcontext() as fake_mode:
             masks = self._draw(batch, columns, block_columns, num_blocks, local_drop, global_ratio, device,
                                generator, draw_device, per_batch, local)
         if fake_mode is not None:

@@ -8,10 +8,10 @@ replayed with no host work but a copy of the batch and the choice of a graph.
 
 Drop-path drawn per sample is one graph (its masks and the dropout seeds are drawn inside it
 from the device's default generator, which every captured graph registers, so each replay draws
-afresh). Drawn per batch, the structure is a host draw (global or local, and the column; the
-same formula as DropPath's, from ``generator``, the same on every rank) and each structure has
-its own graph: "local", whose masks are drawn on the device inside the graph, and one per
-column, the column alone (``FractalNet.structures``: C + 1 graphs).
+afresh). Drawn per batch, the structure is a host draw (``FractalNet.draw_structure``: global or
+local, and the column, from ``generator``, as the eager training loop draws it) and each
+structure has its own graph: "local", whose masks are drawn on the device inside the graph, and
+one per column, the column alone (``FractalNet.structures``: C + 1 graphs).
 
 The graphs share one memory pool. That is safe for replays in any order: every tensor a step
 keeps past its end (parameters, gradients, optimizer state, running statistics, the loss and
@@ -153,16 +153,6 @@ class GraphedTrainingStep:
     def _lrs(self) -> list:
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def draw_structure(self):
-        """The structure of the next step, drawn on the host as DropPath draws it per batch."""
-        if self.structures == [None]:
-            return None
-        columns = self.structures[1:]
-        draw = torch.rand(2, generator=self.generator)
-        if float(draw[0]) < self.model.global_ratio:
-            return columns[int(float(draw[1]) * len(columns))]
-        return "local"
-
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
         """One training step on (images, labels), of the example's shapes; returns the structure
         it ran."""
@@ -173,7 +163,7 @@ class GraphedTrainingStep:
             self._capture_all()
         self.images.copy_(images, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
-        structure = self.draw_structure()
+        structure = self.model.draw_structure(self.generator)
         self.replays[structure]()
         self.seen += labels.shape[0]
         return structure

@@ -27,7 +27,7 @@ from torch import nn
 import fractal_kernels as fk
 from fractal_kernels import reference
 
-from .drop_path import DropPath, copy_to_device
+from .drop_path import DropPath, copy_to_device, real_host_draws
 
 
 class ConvUnit(nn.Module):
@@ -242,10 +242,11 @@ class FractalNet(nn.Module):
         drop_path_per: "batch" (one draw for the whole batch, as the paper's code does: a
             global batch runs its column alone and leaves the running statistics unchanged) or
             "sample" (each sample draws its own, as the PyTorch ports do). Per sample, the
-            40-layer network does not train (docs/experiments/drop-path.md). Under
-            torch.compile a global batch runs every column, the masks keeping only its own: the
-            same output and gradients (zeros for the other columns, which eager leaves None),
-            and the running statistics update.
+            40-layer network does not train (docs/experiments/drop-path.md). A compiled
+            ``model(x)`` cannot branch on a host draw: there a global batch runs every column,
+            the masks keeping only its own (the same output and gradients, zeros for the other
+            columns), and every running statistic updates; pass ``structure=`` (as the training
+            loop does) to compile the step eager mode takes.
         skip_dropped: in training, run each column segment only on the samples that survive at
             the join ending it (drop-path makes the rest wasted work), and join the compact
             outputs with gather_join_bn_relu. The BatchNorm statistics of a segment then cover
@@ -259,9 +260,11 @@ class FractalNet(nn.Module):
     ``model(x, columns=k)`` runs the network truncated to its k shallowest columns (the fractal
     f_k; in training with drop-path among them); ``model(x, column=k)`` runs column k alone.
     In training with drop-path drawn per batch, ``model(x, structure=s)`` takes structure s
-    instead of drawing one (see :meth:`structures`): "local" (the masks drawn on the device, from
-    its default generator) or a column c (a global batch of column c): a CUDA graph per
-    structure then serves every step (fractalnet.graphs).
+    instead of drawing one (see :meth:`structures` and :meth:`draw_structure`): "local" (the
+    masks drawn from ``generator`` where its device is, by default on x's device from its default
+    generator) or a column c (a global batch of column c): one CUDA graph, or one compiled graph,
+    per structure then serves every step (fractalnet.graphs; the training loop passes the
+    structure it draws in every mode).
     """
 
     def __init__(
@@ -348,13 +351,13 @@ class FractalNet(nn.Module):
             if self.skip_dropped and self.process_group is not None:
                 raise ValueError("skip_dropped and process_group do not combine: compact column segments keep "
                                  "per-rank BatchNorm statistics; set model.process_group = None or skip_dropped=False")
-            if (self.skip_dropped or per_batch) and generator is not None and generator.device.type != "cpu":
+            host_draw = self.skip_dropped or (per_batch and structure is None)
+            if host_draw and generator is not None and generator.device.type != "cpu":
                 raise ValueError("generator: skip_dropped and per-batch drop-path draw on the host; "
                                  "pass a CPU generator")
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
-                                 self.global_ratio, device, None if structure else generator, per_batch=per_batch,
-                                 local=structure == "local")
+                                 self.global_ratio, device, generator, per_batch=per_batch, local=structure == "local")
             if per_batch and not torch.compiler.is_compiling() and drop_path.batch_column is not None:
                 # The whole batch follows one column: run that column alone (the others would
                 # only feed joins that drop them). Its BatchNorms see a single column, not the
@@ -384,6 +387,24 @@ class FractalNet(nn.Module):
         per batch, "local" and each active column (a global batch); per sample, one (None)."""
         active = self.active_columns(columns)
         return ["local", *active] if self.drop_path_per == "batch" and len(active) > 1 else [None]
+
+    def draw_structure(self, generator: Optional[torch.Generator] = None, columns: Optional[int] = None):
+        """The drop-path structure of a training step drawn per batch, on the host: with
+        probability ``global_ratio`` a global batch of one active column (drawn uniformly),
+        otherwise "local"; two numbers from the CPU ``generator`` (or torch's), so that ranks
+        seeded alike draw alike. None where :meth:`structures` has one (drawn per sample, or one
+        column). What ``model(x, structure=...)`` takes: the training loop draws it for eager,
+        compiled and graphed steps alike."""
+        structures = self.structures(columns)
+        if structures == [None]:
+            return None
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("generator: the structure is drawn on the host; pass a CPU generator")
+        with real_host_draws():
+            first, second = torch.rand(2, generator=generator).tolist()
+        if first < self.global_ratio:
+            return structures[1 + int(second * (len(structures) - 1))]
+        return "local"
 
     def _check_structure(self, structure, active: list[int]) -> None:
         if not self.training or self.drop_path_per != "batch" or self.skip_dropped or len(active) < 2:

@@ -245,16 +245,51 @@ def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, args, device, 
     model.eval()
 
 
+def drop_path_arguments(model: nn.Module, generators: dict, world: int) -> Callable[[], dict]:
+    """The drop-path arguments of each training step's forward. Drawn per batch (without
+    skip_dropped), the structure is drawn here, on the host, from the run's drop-path generator
+    (the same on every rank) and passed in: eager, compiled and graphed steps take the same
+    structures and run the same step for each (a compiled step one graph per structure). A local
+    batch's masks come from the device's default generator, or with several ranks from the
+    shared host generator, since every rank must drop alike. With skip_dropped the model draws
+    everything on the host from that generator."""
+    if not (isinstance(model, FractalNet) and model.drop_path_per == "batch"):
+        return dict
+    generator = generators["drop_path"]
+    if model.skip_dropped:
+        return lambda: {"generator": generator}
+    masks = generator if world > 1 else None
+
+    def arguments():
+        structure = model.draw_structure(generator)
+        return {"structure": structure, "generator": masks} if structure == "local" else {"structure": structure}
+
+    return arguments
+
+
+def give_every_parameter_a_gradient(model: nn.Module) -> None:
+    """Zero gradients for the parameters that have none. The training loop then zeroes gradients
+    in place (never to None): every step gives every parameter a gradient, zeros where a global
+    batch's column or an empty skip_dropped segment does not reach it, so that momentum and weight
+    decay move every parameter every step, as the paper's Caffe code does, in eager, compiled
+    (whose graphs give those zeros themselves) and graphed steps alike (CUDA graphs need the
+    gradients to exist before capture)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
-                verbose: bool = True, graphed: Optional[GraphedTrainingStep] = None) -> dict:
+                verbose: bool = True, graphed: Optional[GraphedTrainingStep] = None,
+                drop_path: Callable[[], dict] = dict) -> dict:
     """One epoch over this rank's shard of a permutation shared by all ranks (full batches only);
-    with ``graphed``, each step a replay of its CUDA graphs."""
+    ``drop_path()`` gives each step's drop-path arguments (drop_path_arguments); with
+    ``graphed``, each step a replay of its CUDA graphs."""
     permutation = torch.randperm(len(dataset.train), generator=generators["data"])
     shard = permutation[rank::world]
     steps = len(permutation) // world // args.batch_size
     shard = shard[: steps * args.batch_size]
     augment = generators["augment"] if args.augment == "plus" else None
-    drop_path_generator = {"generator": generators["drop_path"]} if "drop_path" in generators else {}
     # Loss and accuracy stay on the device, read once at the end of the epoch: no step waits for
     # the GPU to report them.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -271,9 +306,9 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
             bar.set_postfix(img_s=f"{seen * world / (time.perf_counter() - start):.0f}")
             continue
         with autocast(args, device):
-            out = forward(prepared(images, dataset, args, device, augment), **drop_path_generator)
+            out = forward(prepared(images, dataset, args, device, augment), **drop_path())
             loss = F.cross_entropy(out.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # see give_every_parameter_a_gradient
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -465,6 +500,8 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
     trained = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=leaves_parameters_out)
                if world > 1 else model)
     forward = torch.compile(trained) if args.compile else trained
+    give_every_parameter_a_gradient(model)
+    drop_path = drop_path_arguments(model, generators, world)
     graphed = None
     out = Path(args.out) if args.out else None
     if out is not None and rank == 0:
@@ -479,7 +516,7 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
         if args.cuda_graphs:
             graphed = graphed_step(model, optimizer, dataset, args, device, generators, graphed)
         stats = train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, generators, rank, world,
-                            verbose, graphed)
+                            verbose, graphed, drop_path)
         test_loss, test_accuracy, _ = evaluate(model, dataset, args, device)
         history.append(dict(epoch=epoch + 1, lr=lr_at(epoch, args), **stats, test_loss=test_loss,
                             test_accuracy=test_accuracy, **(monitor(model) if monitor is not None else {})))

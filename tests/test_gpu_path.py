@@ -235,6 +235,44 @@ def test_compiled_training_step_with_frozen_batchnorm(per):
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
 
 
+def trained_by_the_training_loop(compile: bool, monkeypatch) -> tuple:
+    """A small FractalNet (drop-path per batch, dropout on) after one epoch of fit, eager or
+    compiled (aot_eager: what the fake GPU can run), and the structures its steps drew."""
+    import argparse
+    import functools
+
+    from fractalnet import train
+
+    args = argparse.Namespace(**dict(train.DEFAULTS, dataset="digits", image_size=8, epochs=1, batch_size=180,
+                                     columns=3, widths=(4, 8), dropout=(0.1, 0.2), compile=compile,
+                                     reestimate_bn=False, weight_decay=1e-3, stop_after=1))
+    dataset = train.load_dataset(args)
+    torch.manual_seed(0)
+    model = train.build_model(args, dataset, torch.device(DEVICE))
+    structures = []
+    draw = FractalNet.draw_structure
+    with monkeypatch.context() as patch, fk.use_backend("triton"):
+        patch.setattr(FractalNet, "draw_structure",
+                      lambda self, *a, **k: structures.append(draw(self, *a, **k)) or structures[-1])
+        patch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+        train.fit(model, dataset, args, torch.device(DEVICE), verbose=False)
+    return model, structures
+
+
+def test_compiled_training_loop_trains_what_eager_trains(monkeypatch):
+    """fractalnet train --compile against eager: the loop draws each step's structure on the host
+    and passes it in, so a compiled step (one graph per structure) is eager's step: a global
+    batch trains its column alone and leaves every running statistic unchanged, and every
+    parameter gets a gradient (zeros outside the column), so that momentum and weight decay move
+    it. After an epoch of local and global batches: the same parameters and statistics."""
+    eager, structures = trained_by_the_training_loop(False, monkeypatch)
+    torch._dynamo.reset()
+    compiled, compiled_structures = trained_by_the_training_loop(True, monkeypatch)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert compiled_structures == structures and "local" in structures and len(set(structures)) >= 3
+
+
 # ----------------------------------------------------------------------------------------------
 # What a CUDA graph of a training step depends on (the fake GPU cannot replay one)
 # ----------------------------------------------------------------------------------------------

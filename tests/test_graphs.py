@@ -4,6 +4,7 @@ steps are the structure-forced eager steps, the state after warm-up and capture,
 combinations refused; on a GPU, K replayed steps against K eager ones."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -141,14 +142,34 @@ def test_a_new_learning_rate_is_captured_before_the_next_step():
 
 
 def test_structure_draw_follows_the_per_batch_recipe():
-    model, optimizer, images, labels = setup()
-    step = GraphedTrainingStep(model, optimizer, images[0], labels[0], generator=torch.Generator().manual_seed(0),
-                               capture=eager_capture, warmup=1)
-    draws = [step.draw_structure() for _ in range(3000)]
+    model, _, _, _ = setup()
+    generator = torch.Generator().manual_seed(0)
+    draws = [model.draw_structure(generator) for _ in range(3000)]
     share_global = 1 - draws.count("local") / len(draws)
     assert abs(share_global - model.global_ratio) < 0.03
     for column in (1, 2, 3):
         assert abs(draws.count(column) / len(draws) - model.global_ratio / 3) < 0.03
+    assert {model.draw_structure(generator, columns=2) for _ in range(200)} == {"local", 1, 2}
+    # Seeded alike, alike (every rank draws the same structures).
+    again = torch.Generator().manual_seed(0)
+    assert [model.draw_structure(again) for _ in range(3000)] == draws
+    assert setup("sample")[0].draw_structure(generator) is None
+    with pytest.raises(ValueError, match="CPU generator"):  # a device generator, as far as it tells
+        model.draw_structure(types.SimpleNamespace(device=torch.device("cuda")))
+
+
+def test_structure_draw_is_real_under_fake_tensors():
+    """Memory estimators and FLOP counters trace a training step on fake tensors: the host's draw
+    stays a real one there, and gives what it gives outside."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model, _, _, _ = setup()
+    generator = torch.Generator().manual_seed(3)
+    expected = [model.draw_structure(generator) for _ in range(20)]
+    generator.manual_seed(3)
+    with FakeTensorMode():
+        drawn = [model.draw_structure(generator) for _ in range(20)]
+    assert drawn == expected
 
 
 def test_refused_combinations():
