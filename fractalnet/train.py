@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data
+from .drop_path import copy_to_device
 from .graphs import GraphedTrainingStep
 from .model import FractalNet, create_model, list_models
 
@@ -197,7 +198,9 @@ def autocast(args, device):
 
 
 def prepared(images, dataset, args, device, generator=None):
-    images = images.to(device, non_blocking=True)
+    """A batch of uint8 images on ``device`` (from pinned memory, without a host wait, to a GPU),
+    augmented with ``generator`` if given, normalised, in the run's memory format."""
+    images = copy_to_device(images, device)
     if generator is not None:
         images = data.augment(images, generator)
     x = data.normalize(images, dataset)
@@ -214,7 +217,7 @@ def evaluate(model: nn.Module, dataset: data.Dataset, args, device, split: str =
     indices = torch.arange(len(images_of))
     with torch.no_grad(), autocast(args, device):
         for images, labels in data.batches(images_of, 500, indices, dataset.image_size):
-            labels = labels.to(device)
+            labels = copy_to_device(labels, device)
             out = model(prepared(images, dataset, args, device), **mode).float()
             loss += F.cross_entropy(out, labels, reduction="sum").item()
             correct += (out.argmax(1) == labels).sum().item()
@@ -299,7 +302,7 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, args, device, genera
     bar = tqdm(data.batches(dataset.train, args.batch_size, shard, dataset.image_size), total=steps,
                desc=f"epoch {epoch + 1}/{args.epochs}", disable=None if rank == 0 and verbose else True, leave=False)
     for images, labels in bar:
-        labels = labels.to(device, non_blocking=True)
+        labels = copy_to_device(labels, device)
         if graphed is not None:
             graphed(prepared(images, dataset, args, device, augment), labels)
             seen += len(labels)
@@ -336,8 +339,8 @@ def graphed_step(model, optimizer, dataset, args, device, generators, graphed=No
         return graphed
     images, labels = next(data.batches(dataset.train, args.batch_size, torch.arange(args.batch_size),
                                        dataset.image_size))
-    return GraphedTrainingStep(model, optimizer, prepared(images, dataset, args, device), labels.to(device),
-                               generator=generators.get("drop_path"), capture=capture)
+    return GraphedTrainingStep(model, optimizer, prepared(images, dataset, args, device),
+                               copy_to_device(labels, device), generator=generators.get("drop_path"), capture=capture)
 
 
 def reestimated(model: nn.Module, dataset: data.Dataset, args, device, **mode) -> nn.Module:

@@ -152,6 +152,34 @@ def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
     assert counts[100] == counts[25] == ["tolist"]
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_batches_reach_the_device_through_pinned_copies(graphs, monkeypatch):
+    """Every batch the training and test loops send to the device goes through copy_to_device,
+    which a GPU run turns into a pinned, asynchronous copy: each is a real host tensor, for which
+    its pinning decision (the branch a CPU run cannot take) says pin when bound for a GPU."""
+    from fractalnet.drop_path import copy_to_device, pinned_copy
+
+    copied = []
+    monkeypatch.setattr(train, "copy_to_device", lambda t, device: copied.append(t) or copy_to_device(t, device))
+    args, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50"])
+    dataset = train.load_dataset(args)
+    device = torch.device("cpu")
+    model = train.build_model(args, dataset, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
+                  "drop_path": torch.Generator().manual_seed(2)}
+    graphed = (train.graphed_step(model, optimizer, dataset, args, device, generators, capture=lambda step: step)
+               if graphs else None)
+    copied.clear()
+    train.train_epoch(0, model, optimizer, None, dataset, args, device, generators, 0, 1, verbose=False,
+                      graphed=graphed)
+    steps = len(dataset.train) // 50
+    assert len(copied) == 2 * steps  # images and labels of every step
+    train.evaluate(model, dataset, args, device)
+    assert len(copied) == 2 * steps + 2 * -(-len(dataset.test) // 500)
+    assert all(pinned_copy(t, torch.device("cuda")) for t in copied)
+
+
 def test_cuda_graphs_needs_a_gpu_and_refuses_what_it_cannot_capture(capsys):
     assert "--cuda-graphs needs a CUDA device" in run_failing(TINY + ["--epochs", "1", "--cuda-graphs"], capsys)
     cuda = torch.device("cuda")  # only its type is read
