@@ -17,7 +17,8 @@ only itself:
   model        the fused FractalNet-20 training step against the eager one (same weights and
                drop-path draws): output, gradients, running statistics
   compile      torch.compile(fullgraph=True) with Inductor (aot_eager in a dry run) of the ops
-               and of a training step, against eager
+               and of a training step, against eager; then, drawn per batch, the compiled step
+               of each structure (and with mode reduce-overhead) against the eager one
   graphs       fractalnet.graphs on the paper's recipe, batch 32 and 100: replays against the
                structure-forced eager steps, step time and host time, graphed against eager
   sanitizer    compute-sanitizer memcheck of a short ops run, where the machine has it
@@ -436,6 +437,12 @@ def _compile(dry_run: bool, out: Path, checkpoint: Callable[[dict], None]) -> di
         for dtype in (torch.float32, torch.bfloat16):
             case = dict(op=op, join=join, dtype=dtype, channels_last=False, training=True)
             checks.append((f"{op} {str(dtype)[6:]}", lambda case=case: _compiled_op(case, shape, device, backend)))
+    # Last, since they compile a graph per structure (on a small two-block network: Inductor's
+    # time goes by the graph's size): a phase that runs out of time loses only them.
+    checks.append(("per-batch steps, each structure", lambda: _compiled_structures(dry_run, device, backend)))
+    if not dry_run:
+        checks.append(("the same, mode reduce-overhead",
+                       lambda: _compiled_structures(dry_run, device, backend, "reduce-overhead")))
     rows = []
 
     def result(status: str) -> dict:
@@ -471,6 +478,46 @@ def _compiled_step(dry_run: bool, device, backend: str) -> dict:
     grads = [_relative(p.grad, q.grad) for p, q in zip(fused.parameters(), eager.parameters())]
     difference = max(_relative(out, expected), *grads)
     return dict(ok=difference < 1e-3, max_scaled_error=difference)
+
+
+def _compiled_structures(dry_run: bool, device, backend: str, mode=None) -> dict:
+    """Drawn per batch, the compiled step of each structure of a two-block FractalNet (C = 3), as
+    the training loop compiles it
+    (``model(x, structure=s)``: one graph each; with ``mode`` reduce-overhead, CUDA graphs of
+    them, run three times as replays would be) against the eager model forced to that structure:
+    outputs and gradients (None, as zeros, where a column is not reached)."""
+    import torch
+
+    import fractal_kernels as fk
+
+    from fractalnet import FractalNet
+
+    torch.manual_seed(0)
+    options = dict(widths=(2, 3) if dry_run else (32, 64), columns=3, dropout=(0.0, 0.0), drop_path_per="batch")
+    fused = FractalNet(10, **options).to(device)
+    eager = FractalNet(10, **options, fused=False).to(device)
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2 if dry_run else 32, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    compiled = torch.compile(fused, fullgraph=True, backend=backend, **({"mode": mode} if mode else {}))
+    differences = {}
+    for structure in fused.structures():
+        results = []
+        for model, runs in ((compiled, 3 if mode else 1), (eager, 1)):
+            for _ in range(runs):
+                if mode:
+                    torch.compiler.cudagraph_mark_step_begin()
+                fused.zero_grad(set_to_none=True), eager.zero_grad(set_to_none=True)
+                torch.manual_seed(3)
+                with fk.use_backend("triton"):
+                    out = model(x, structure=structure)
+                    out.square().mean().backward()
+            parameters = fused.parameters() if model is compiled else eager.parameters()
+            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in parameters])
+            results.append((out.detach().clone(), grads))
+        (out_c, grads_c), (out_e, grads_e) = results
+        differences[str(structure)] = max(_relative(out_c, out_e), _relative(grads_c, grads_e))
+    worst = max(differences.values())
+    return dict(ok=worst < 1e-3, max_scaled_error=worst, by_structure=differences)
 
 
 def _compiled_op(case: dict, shape, device, backend: str) -> dict:

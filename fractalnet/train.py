@@ -40,6 +40,8 @@ DEFAULTS = dict(
     compile=False, fused=True, recompute=False, skip_dropped=False, sync_bn=False, device=None, cuda_graphs=False,
     drop_path_per=None, reestimate_bn=True,
 )
+#: torch.compile's modes, as --compile takes them.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: Options that shape the model or the data: a resumed run takes them from its checkpoint.
 ARCHITECTURE = ("dataset", "model", "columns", "widths", "dropout", "image_size", "fused", "seed")
 #: Options of one run only: a resumed run does not inherit them.
@@ -80,7 +82,9 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after this epoch (a time-boxed run; continue it with --resume)")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype")
     p.add_argument("--channels-last", action="store_const", const=True, help="channels-last memory layout")
-    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the training forward")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the training forward, in MODE (default; reduce-overhead: CUDA graphs of the "
+                        "compiled graphs; max-autotune; max-autotune-no-cudagraphs)")
     p.add_argument("--no-fused", dest="fused", action="store_const", const=False,
                    help="the eager baseline: nn.BatchNorm2d, ReLU and the reference join")
     p.add_argument("--recompute", action="store_const", const=True,
@@ -502,7 +506,9 @@ def fit(model: nn.Module, dataset: data.Dataset, args, device: torch.device, *, 
     leaves_parameters_out = isinstance(model, FractalNet) and (draws_per_batch or model.skip_dropped)
     trained = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=leaves_parameters_out)
                if world > 1 else model)
-    forward = torch.compile(trained) if args.compile else trained
+    # (A checkpoint of an older run may hold compile=True: the default mode.)
+    forward = torch.compile(trained, mode=None if args.compile in (True, "default") else args.compile) \
+        if args.compile else trained
     give_every_parameter_a_gradient(model)
     drop_path = drop_path_arguments(model, generators, world)
     graphed = None

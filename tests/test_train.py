@@ -180,6 +180,15 @@ def test_batches_reach_the_device_through_pinned_copies(graphs, monkeypatch):
     assert all(pinned_copy(t, torch.device("cuda")) for t in copied)
 
 
+@pytest.mark.parametrize("given, mode", [([], None), (["--compile"], None), (["--compile", "reduce-overhead"],
+                                                                             "reduce-overhead")])
+def test_compile_takes_torch_compiles_modes(given, mode, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    assert train.main(TINY + ["--epochs", "1", "--out", str(tmp_path), *given]) == 0
+    assert calls == ([dict(mode=mode)] if given else [])
+
+
 def test_cuda_graphs_needs_a_gpu_and_refuses_what_it_cannot_capture(capsys):
     assert "--cuda-graphs needs a CUDA device" in run_failing(TINY + ["--epochs", "1", "--cuda-graphs"], capsys)
     cuda = torch.device("cuda")  # only its type is read
