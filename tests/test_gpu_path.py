@@ -243,7 +243,8 @@ def trained_by_the_training_loop(compile: bool, monkeypatch) -> tuple:
 
     from fractalnet import train
 
-    args = argparse.Namespace(**dict(train.DEFAULTS, dataset="digits", image_size=8, epochs=1, batch_size=180,
+    # Two epochs stopped after one: no anytime table at the end, only the epoch and its test.
+    args = argparse.Namespace(**dict(train.DEFAULTS, dataset="digits", image_size=8, epochs=2, batch_size=180,
                                      columns=3, widths=(4, 8), dropout=(0.1, 0.2), compile=compile,
                                      reestimate_bn=False, weight_decay=1e-3, stop_after=1))
     dataset = train.load_dataset(args)
@@ -271,6 +272,35 @@ def test_compiled_training_loop_trains_what_eager_trains(monkeypatch):
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert compiled_structures == structures and "local" in structures and len(set(structures)) >= 3
+
+
+@pytest.mark.parametrize("per", ["batch", "sample"])
+def test_training_steps_compile_once_per_structure(per):
+    """Twenty training steps of the default recipe as the loop runs them (its drop-path
+    arguments, SGD with momentum), compiled with fullgraph: one graph per structure drawn (per
+    sample, one), and no recompilation after."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from fractalnet import train
+
+    torch.manual_seed(0)
+    model = FractalNet(10, widths=(4, 8), columns=3, dropout=(0.0, 0.1), drop_path_per=per).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    train.give_every_parameter_a_gradient(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    arguments = train.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(4)}, 1)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    structures = []
+    with fk.use_backend("triton"):
+        for _ in range(20):
+            kwargs = arguments()
+            structures.append(kwargs.get("structure"))
+            optimizer.zero_grad(set_to_none=False)
+            compiled(x, **kwargs).square().mean().backward()
+            optimizer.step()
+    assert counter.frame_count == len(set(structures)), structures
+    assert len(set(structures)) >= 3 if per == "batch" else structures == [None] * 20, structures
 
 
 # ----------------------------------------------------------------------------------------------
