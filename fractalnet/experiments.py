@@ -15,7 +15,7 @@
 * anytime: error and measured latency of each column alone and each truncation, each with its
   own re-estimated BatchNorm statistics.
 
-Every run trains with the training CLI's own loop (fractalnet.train.fit), writes its checkpoint
+Every run trains with the training library's loop (fractalnet.training.fit), writes its checkpoint
 and result under DIR/runs/, and is not repeated once finished (an interrupted one resumes). Each
 experiment writes DIR/<experiment>.md (tables), .json (every number, with hardware, versions,
 seeds and wall time) and .png. The digits preset (32x32, B = 5, widths 8..64, 20 epochs) finishes
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import data
 from .model import FractalNet
-from .train import DEFAULTS, CLIError, evaluate, fit, load_checkpoint, load_dataset, reestimated
+from .training import ConfigError, TrainConfig, evaluate, fit, load_checkpoint, load_dataset, reestimated
 
 EXPERIMENTS = ("depth", "drop-path", "anytime")
 
@@ -91,18 +91,18 @@ class Runner:
             if getattr(options, key):
                 preset[key] = getattr(options, key)
         # The experiments re-estimate BatchNorm statistics themselves, for each network evaluated.
-        self.base = dict(DEFAULTS, dataset=options.dataset, data=options.data, reestimate_bn=False, **preset)
+        config = TrainConfig(dataset=options.dataset, data=options.data, reestimate_bn=False, **preset)
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dataset = load_dataset(argparse.Namespace(**self.base))
-        self.base["augment"] = "none" if options.dataset == "digits" else "plus"
+        #: The recipe of every run (augmentation: "plus" for all but digits), seed and folder aside.
+        self.dataset, self.config = load_dataset(config)
         # Each block halves the image: keep at least a 1x1 map after the last pooling.
         self.blocks = min(len(preset["widths"]), max(1, (self.dataset.image_size.bit_length() - 1)))
         self.out = Path(options.out)
         self.seeds = list(range(options.seeds))
 
-    def args(self, seed: int, out: Path, **overrides) -> argparse.Namespace:
-        options = dict(self.base, seed=seed, out=str(out), device=str(self.device), **overrides)
-        return argparse.Namespace(**options)
+    def run_config(self, seed: int, out: Path) -> TrainConfig:
+        """The config of one run: the recipe, with its seed and folder."""
+        return self.config.replace(seed=seed, out=str(out), device=str(self.device))
 
     def fractal(self, columns: int, drop_path: tuple = MODEL_DEFAULT) -> tuple[str, Callable[[], FractalNet]]:
         """The run name and builder of a FractalNet with ``columns`` columns and ``drop_path``
@@ -111,8 +111,8 @@ class Runner:
         local_drop, global_ratio, per, skip = drop_path
         name = f"fractal-C{columns}-local{local_drop}-global{global_ratio}-per-{per}" + ("-skip" if skip else "")
         return name, lambda: FractalNet(
-            self.dataset.num_classes, in_channels=self.dataset.channels, widths=self.base["widths"][:self.blocks],
-            dropout=self.base["dropout"][:self.blocks], columns=columns, local_drop=local_drop,
+            self.dataset.num_classes, in_channels=self.dataset.channels, widths=self.config.widths[:self.blocks],
+            dropout=self.config.dropout[:self.blocks], columns=columns, local_drop=local_drop,
             global_ratio=global_ratio, drop_path_per=per, skip_dropped=skip)
 
     def train(self, name: str, seed: int, build: Callable[[], nn.Module],
@@ -121,7 +121,7 @@ class Runner:
         one, resumed from its last checkpoint if it was interrupted, or trained now. ``curves``
         names sub-networks (label -> mode) whose learning curves the run's history records."""
         folder = self.out / "runs" / name / f"seed{seed}"
-        args = self.args(seed, folder)
+        config = self.run_config(seed, folder)
         torch.manual_seed(seed)
         model = build().to(self.device)
         result_path = folder / "result.json"
@@ -131,19 +131,19 @@ class Runner:
         checkpoint = load_checkpoint(str(folder / "last.pt")) if (folder / "last.pt").exists() else None
         start = time.perf_counter()
         monitor = None if curves is None else lambda trained: self.curve_point(trained, curves)
-        result = fit(model, self.dataset, args, self.device, checkpoint=checkpoint, verbose=False, monitor=monitor)
+        result = fit(model, self.dataset, config, self.device, checkpoint=checkpoint, verbose=False, monitor=monitor)
         result["wall_seconds"] = time.perf_counter() - start  # of this process's share, if it resumed
         result_path.write_text(json.dumps(result, indent=1))
         return model, result
 
     def error(self, model: nn.Module, **mode) -> float:
         """Test error (%) in eval mode; ``mode`` is columns=k or column=k."""
-        _, accuracy, _ = evaluate(model, self.dataset, argparse.Namespace(**self.base), self.device, **mode)
+        _, accuracy, _ = evaluate(model, self.dataset, self.config, self.device, **mode)
         return 100 * (1 - accuracy)
 
     def reestimated(self, model: nn.Module, **mode) -> nn.Module:
         """A copy of ``model`` with its BatchNorm statistics re-estimated for the sub-network ``mode``."""
-        return reestimated(model, self.dataset, argparse.Namespace(**self.base), self.device, **mode)
+        return reestimated(model, self.dataset, self.config, self.device, **mode)
 
     def error_reestimated(self, model: nn.Module, **mode) -> float:
         """Test error (%) of the sub-network ``mode`` with its own BatchNorm statistics."""
@@ -154,11 +154,10 @@ class Runner:
         BatchNorm statistics: its loss over the whole training set (no augmentation, dropout or
         drop-path) and its test error. Uses no random numbers: training goes on as without it."""
         point = {}
-        args = argparse.Namespace(**self.base)
         for label, mode in curves.items():
             evaluated = self.reestimated(model, **mode)
-            train_loss, _, _ = evaluate(evaluated, self.dataset, args, self.device, split="train", **mode)
-            _, accuracy, _ = evaluate(evaluated, self.dataset, args, self.device, **mode)
+            train_loss, _, _ = evaluate(evaluated, self.dataset, self.config, self.device, split="train", **mode)
+            _, accuracy, _ = evaluate(evaluated, self.dataset, self.config, self.device, **mode)
             point[label] = dict(train_loss=train_loss, test_error=100 * (1 - accuracy))
         return point
 
@@ -246,12 +245,12 @@ def anytime(runner: Runner, columns: int) -> dict:
     for seed in runner.seeds:
         name, build = runner.fractal(columns)
         model, _ = runner.train(name, seed, build)
-        args = argparse.Namespace(**runner.base)
+        config = runner.config
         for mode in ("column", "columns"):
             for k in range(1, columns + 1):
                 evaluated = runner.reestimated(model, **{mode: k})
-                evaluate(evaluated, runner.dataset, args, runner.device, **{mode: k})  # warm-up
-                _, accuracy, seconds = evaluate(evaluated, runner.dataset, args, runner.device, **{mode: k})
+                evaluate(evaluated, runner.dataset, config, runner.device, **{mode: k})  # warm-up
+                _, accuracy, seconds = evaluate(evaluated, runner.dataset, config, runner.device, **{mode: k})
                 units = sum(len(block.columns[c - 1]) for block in model.blocks
                             for c in ([k] if mode == "column" else range(1, k + 1)))
                 rows.append(dict(mode=mode, k=k, seed=seed,
@@ -341,21 +340,21 @@ def main(argv=None) -> int:
     options = parser().parse_args(argv)
     try:
         runner = Runner(options)
-    except CLIError as error:
+    except ConfigError as error:
         print(f"fractalnet experiments: error: {error}", file=sys.stderr)
         return 2
     runner.out.mkdir(parents=True, exist_ok=True)
-    if runner.blocks < len(runner.base["widths"]):
+    if runner.blocks < len(runner.config.widths):
         print(f"{runner.dataset.image_size}x{runner.dataset.image_size} images: {runner.blocks} blocks of the "
-              f"preset's {len(runner.base['widths'])} (each pools by 2)", flush=True)
+              f"preset's {len(runner.config.widths)} (each pools by 2)", flush=True)
     chosen = EXPERIMENTS if options.experiment == "all" else (options.experiment,)
     began = time.perf_counter()
     for name in chosen:
         start = time.perf_counter()
         result = {"depth": depth, "drop-path": drop_path, "anytime": anytime}[name](runner, options.columns)
         result.update(experiment=name, dataset=options.dataset, seeds=runner.seeds, blocks=runner.blocks,
-                      recipe={k: runner.base[k] for k in ("image_size", "widths", "dropout", "batch_size", "epochs",
-                                                         "lr", "augment")},
+                      recipe={k: getattr(runner.config, k) for k in ("image_size", "widths", "dropout", "batch_size",
+                                                                     "epochs", "lr", "augment")},
                       environment=environment(runner.device), wall_seconds=time.perf_counter() - start)
         stem = runner.out / name
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -108,9 +108,8 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert experiments.main([*args, "--out", str(tmp_path / "whole")]) == 0
     fit = experiments.fit
 
-    def interrupted(model, dataset, options, device, **kwargs):
-        options.stop_after = 1
-        fit(model, dataset, options, device, **kwargs)
+    def interrupted(model, dataset, config, device, **kwargs):
+        fit(model, dataset, config.replace(stop_after=1), device, **kwargs)
         raise KeyboardInterrupt  # after the first epoch's checkpoint
 
     monkeypatch.setattr(experiments, "fit", interrupted)

@@ -238,30 +238,29 @@ def test_compiled_training_step_with_frozen_batchnorm(per):
 def trained_by_the_training_loop(compile: bool, monkeypatch) -> tuple:
     """A small FractalNet (drop-path per batch, dropout on) after one epoch of fit, eager or
     compiled (aot_eager: what the fake GPU can run), and the structures its steps drew."""
-    import argparse
     import functools
 
-    from fractalnet import train
+    from fractalnet import training
 
     # Two epochs stopped after one: no anytime table at the end, only the epoch and its test.
-    args = argparse.Namespace(**dict(train.DEFAULTS, dataset="digits", image_size=8, epochs=2, batch_size=180,
-                                     columns=3, widths=(4, 8), dropout=(0.1, 0.2), compile=compile,
-                                     reestimate_bn=False, weight_decay=1e-3, stop_after=1))
-    dataset = train.load_dataset(args)
+    config = training.TrainConfig(dataset="digits", image_size=8, epochs=2, batch_size=180, columns=3, widths=(4, 8),
+                                  dropout=(0.1, 0.2), compile=compile, reestimate_bn=False, weight_decay=1e-3,
+                                  stop_after=1)
+    dataset, config = training.load_dataset(config)
     torch.manual_seed(0)
-    model = train.build_model(args, dataset, torch.device(DEVICE))
+    model = training.build_model(config, dataset, torch.device(DEVICE))
     structures = []
     draw = FractalNet.draw_structure
     with monkeypatch.context() as patch, fk.use_backend("triton"):
         patch.setattr(FractalNet, "draw_structure",
                       lambda self, *a, **k: structures.append(draw(self, *a, **k)) or structures[-1])
         patch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-        train.fit(model, dataset, args, torch.device(DEVICE), verbose=False)
+        training.fit(model, dataset, config, torch.device(DEVICE), verbose=False)
     return model, structures
 
 
 def test_compiled_training_loop_trains_what_eager_trains(monkeypatch):
-    """fractalnet train --compile against eager: the loop draws each step's structure on the host
+    """fit compiled (fractalnet train --compile) against eager: the loop draws each step's structure on the host
     and passes it in, so a compiled step (one graph per structure) is eager's step: a global
     batch trains its column alone and leaves every running statistic unchanged, and every
     parameter gets a gradient (zeros outside the column), so that momentum and weight decay move
@@ -281,15 +280,15 @@ def test_training_steps_compile_once_per_structure(per):
     sample, one), and no recompilation after."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from fractalnet import train
+    from fractalnet import training
 
     torch.manual_seed(0)
     model = FractalNet(10, widths=(4, 8), columns=3, dropout=(0.0, 0.1), drop_path_per=per).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    train.give_every_parameter_a_gradient(model)
+    training.give_every_parameter_a_gradient(model)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    arguments = train.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(4)}, 1)
+    arguments = training.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(4)}, 1)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     structures = []
     with fk.use_backend("triton"):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fractalnet import train
+from fractalnet import train, training
 
 TINY = ["--dataset", "digits", "--widths", "8,16", "--dropout", "0,0.1", "--columns", "2", "--image-size", "8",
         "--batch-size", "100", "--lr", "0.05", "--device", "cpu"]
@@ -138,15 +138,16 @@ def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
                             lambda self, original=original, method=method: reads.append(method) or original(self))
     counts = {}
     for batch_size in (100, 25):
-        args, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", str(batch_size), "--drop-path-per", per])
-        dataset = train.load_dataset(args)
+        config, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", str(batch_size), "--drop-path-per", per])
+        dataset, config = training.load_dataset(config)
         device = torch.device("cpu")
-        model = train.build_model(args, dataset, device)
+        model = training.build_model(config, dataset, device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
                       "drop_path": torch.Generator().manual_seed(2)}
         reads.clear()
-        stats = train.train_epoch(0, model, optimizer, None, dataset, args, device, generators, 0, 1, verbose=False)
+        stats = training.train_epoch(0, model, optimizer, None, dataset, config, device, generators, 0, 1,
+                                     verbose=False)
         counts[batch_size] = list(reads)
         assert 0 < stats["train_accuracy"] <= 1 and stats["train_loss"] > 0
     assert counts[100] == counts[25] == ["tolist"]
@@ -160,22 +161,22 @@ def test_batches_reach_the_device_through_pinned_copies(graphs, monkeypatch):
     from fractalnet.drop_path import copy_to_device, pinned_copy
 
     copied = []
-    monkeypatch.setattr(train, "copy_to_device", lambda t, device: copied.append(t) or copy_to_device(t, device))
-    args, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50"])
-    dataset = train.load_dataset(args)
+    monkeypatch.setattr(training, "copy_to_device", lambda t, device: copied.append(t) or copy_to_device(t, device))
+    config, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50"])
+    dataset, config = training.load_dataset(config)
     device = torch.device("cpu")
-    model = train.build_model(args, dataset, device)
+    model = training.build_model(config, dataset, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
                   "drop_path": torch.Generator().manual_seed(2)}
-    graphed = (train.graphed_step(model, optimizer, dataset, args, device, generators, capture=lambda step: step)
+    graphed = (training.graphed_step(model, optimizer, dataset, config, device, generators, capture=lambda step: step)
                if graphs else None)
     copied.clear()
-    train.train_epoch(0, model, optimizer, None, dataset, args, device, generators, 0, 1, verbose=False,
+    training.train_epoch(0, model, optimizer, None, dataset, config, device, generators, 0, 1, verbose=False,
                       graphed=graphed)
     steps = len(dataset.train) // 50
     assert len(copied) == 2 * steps  # images and labels of every step
-    train.evaluate(model, dataset, args, device)
+    training.evaluate(model, dataset, config, device)
     assert len(copied) == 2 * steps + 2 * -(-len(dataset.test) // 500)
     assert all(pinned_copy(t, torch.device("cuda")) for t in copied)
 
@@ -194,31 +195,31 @@ def test_cuda_graphs_needs_a_gpu_and_refuses_what_it_cannot_capture(capsys):
     cuda = torch.device("cuda")  # only its type is read
     for extra, option in ((["--skip-dropped"], "--skip-dropped"), (["--compile"], "--compile"),
                           (["--amp", "bf16"], "--amp"), (["--sync-bn"], "--sync-bn"), (["--no-fused"], "--no-fused")):
-        args, _ = train.resolve(TINY + ["--epochs", "1", "--cuda-graphs", *extra])
-        with pytest.raises(train.CLIError, match=f"does not combine with {option}"):
-            train.check_cuda_graphs(args, cuda, 1)
-    args, _ = train.resolve(TINY + ["--epochs", "1", "--cuda-graphs"])
-    with pytest.raises(train.CLIError, match="several processes"):
-        train.check_cuda_graphs(args, cuda, 2)
-    train.check_cuda_graphs(args, cuda, 1)
+        config, _ = train.resolve(TINY + ["--epochs", "1", "--cuda-graphs", *extra])
+        with pytest.raises(training.ConfigError, match=f"does not combine with {option}"):
+            train.check_cuda_graphs(config, cuda, 1)
+    config, _ = train.resolve(TINY + ["--epochs", "1", "--cuda-graphs"])
+    with pytest.raises(training.ConfigError, match="several processes"):
+        train.check_cuda_graphs(config, cuda, 2)
+    train.check_cuda_graphs(config, cuda, 1)
 
 
 @pytest.mark.parametrize("per", ["sample", "batch"])
 def test_a_graphed_epoch_runs_the_graphed_step(per, monkeypatch):
     """The --cuda-graphs epoch loop, its capture replaced by a plain call (no GPU here): every
     step goes through the graphed step, and the epoch's totals are its device sums."""
-    args, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50", "--drop-path-per", per])
-    dataset = train.load_dataset(args)
+    config, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50", "--drop-path-per", per])
+    dataset, config = training.load_dataset(config)
     device = torch.device("cpu")
-    model = train.build_model(args, dataset, device)
+    model = training.build_model(config, dataset, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
                   "drop_path": torch.Generator().manual_seed(2)}
-    graphed = train.graphed_step(model, optimizer, dataset, args, device, generators, capture=lambda step: step)
+    graphed = training.graphed_step(model, optimizer, dataset, config, device, generators, capture=lambda step: step)
     calls = []
     original = type(graphed).__call__
     monkeypatch.setattr(type(graphed), "__call__", lambda self, x, y: calls.append(x.shape[0]) or original(self, x, y))
-    stats = train.train_epoch(0, model, optimizer, None, dataset, args, device, generators, 0, 1, verbose=False,
+    stats = training.train_epoch(0, model, optimizer, None, dataset, config, device, generators, 0, 1, verbose=False,
                               graphed=graphed)
     steps = len(dataset.train) // 50
     assert calls == [50] * steps
