@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -59,6 +60,29 @@ class ConvUnit(nn.Module):
         return [copy.deepcopy(self.conv), copy.deepcopy(self.dropout), copy.deepcopy(self.bn), nn.ReLU()]
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a FractalNet's units run, network-wide: set on the model (its ``fused``,
+    ``skip_dropped`` and ``process_group``), which hands one to its blocks and stem.
+
+    fused: the fused Triton ops, or nn.BatchNorm2d, ReLU and the reference join.
+    skip_dropped: in training, compact column segments (see FractalNet).
+    process_group: the ranks whose batch statistics the fused BatchNorms share in training.
+    A combination that cannot work raises where it is set."""
+
+    fused: bool = True
+    skip_dropped: bool = False
+    process_group: object = None
+
+    def __post_init__(self):
+        if self.process_group is not None and self.skip_dropped:
+            raise ValueError("skip_dropped and process_group do not combine: compact column segments keep per-rank "
+                             "BatchNorm statistics; set model.process_group = None or skip_dropped=False")
+        if self.process_group is not None and not self.fused:
+            raise ValueError("process_group: the unfused model's nn.BatchNorm2d keeps per-rank statistics; convert "
+                             "it with nn.SyncBatchNorm.convert_sync_batchnorm, or use fused=True")
+
+
 class DropoutSeeds:
     """The dropout seeds of one training step, drawn at once (one launch) and handed to the fused
     units in forward order."""
@@ -73,17 +97,17 @@ class DropoutSeeds:
         return seeds
 
 
-def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], fused: bool,
+def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], execution: Execution,
                        mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
-                       process_group=None, seeds: Optional[DropoutSeeds] = None,
-                       track_running_stats: bool = True) -> torch.Tensor:
+                       seeds: Optional[DropoutSeeds] = None, track_running_stats: bool = True) -> torch.Tensor:
     """Dropout, BatchNorm and ReLU of each unit's conv output, then their join by drop-path
     ``mask``, or by gather table ``rows`` for compact outputs (skip_dropped, where one unit may be
     left: its output is still spread over the batch). A lone unit without a table has no join.
-    The fused ops take the dropout inside their kernels, seeded from ``seeds``. With a
-    ``process_group`` the fused ops use batch statistics over its ranks. Without
+    Fused (``execution``), the ops take the dropout inside their kernels, seeded from ``seeds``,
+    and with a process group use batch statistics over its ranks. Without
     ``track_running_stats`` (training only) the running statistics are left unchanged."""
-    if not fused:
+    process_group = execution.process_group
+    if not execution.fused:
         activations = [unit.activate(raw, track_running_stats) for unit, raw in zip(units, raws)]
         if rows is None and len(units) == 1:
             return activations[0]
@@ -119,6 +143,8 @@ class FractalBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, columns: int, dropout: float):
         super().__init__()
+        #: Set by the FractalNet that holds the block.
+        self.execution = Execution()
         self.num_columns = columns
         self.columns = nn.ModuleList(
             nn.ModuleList(
@@ -141,25 +167,25 @@ class FractalBlock(nn.Module):
         """The unit of ``column`` that ends at ``row``."""
         return self.columns[column - 1][row // self.span(column) - 1]
 
-    def forward(self, x: torch.Tensor, active: Sequence[int], masks: dict[int, torch.Tensor], fused: bool,
-                skip_dropped: bool = False, process_group=None, seeds: Optional[DropoutSeeds] = None,
-                track_running_stats: bool = True):
+    def forward(self, x: torch.Tensor, active: Sequence[int], masks: dict[int, torch.Tensor],
+                seeds: Optional[DropoutSeeds] = None, track_running_stats: bool = True):
         """The block restricted to the ``active`` columns (ascending), with the drop-path masks of
-        its joins by row (none outside training) and the fused units' dropout seeds; without
-        ``track_running_stats`` its BatchNorms leave their running statistics unchanged."""
+        its joins by row (none outside training) and the fused units' dropout seeds, run as its
+        ``execution`` says; without ``track_running_stats`` its BatchNorms leave their running
+        statistics unchanged."""
         endings = self.endings(active)
-        if skip_dropped and masks:
-            return self._forward_skipping_dropped(x, active, endings, masks, fused, seeds)
+        if self.execution.skip_dropped and masks:
+            return self._forward_skipping_dropped(x, active, endings, masks, seeds)
         inputs = {column: x for column in active}
         for row, ending in endings:
             units = [self.unit(column, row) for column in ending]
             raws = [unit.conv(inputs[column]) for unit, column in zip(units, ending)]
-            out = normalize_and_join(units, raws, fused, mask=masks.get(row), process_group=process_group, seeds=seeds,
+            out = normalize_and_join(units, raws, self.execution, mask=masks.get(row), seeds=seeds,
                                      track_running_stats=track_running_stats)
             inputs.update((column, out) for column in ending)
         return out
 
-    def _forward_skipping_dropped(self, x, active, endings, masks, fused, seeds):
+    def _forward_skipping_dropped(self, x, active, endings, masks, seeds):
         """Each column segment (its units from one join to the next) runs only on the samples
         that survive at the join ending it: their rows are gathered at the segment's start, and
         the join reads the compact outputs through a gather table. The masks are on the host, so
@@ -179,7 +205,7 @@ class FractalBlock(nn.Module):
                 (column,) = ending
                 samples = segments[column][1]
                 # A segment without samples stays empty (BatchNorm of no rows is undefined).
-                compact = normalize_and_join(units, raws, fused, seeds=seeds) if len(samples) else raws[0]
+                compact = normalize_and_join(units, raws, self.execution, seeds=seeds) if len(samples) else raws[0]
                 segments[column] = (compact, samples)
                 continue
             samples = [segments.pop(column)[1] for column in ending]
@@ -191,7 +217,7 @@ class FractalBlock(nn.Module):
                 table = torch.full((len(present), x.shape[0]), -1, dtype=torch.int64)
                 for j, i in enumerate(present):
                     table[j, samples[i]] = torch.arange(len(samples[i]))
-                out = normalize_and_join([units[i] for i in present], [raws[i] for i in present], fused,
+                out = normalize_and_join([units[i] for i in present], [raws[i] for i in present], self.execution,
                                          rows=copy_to_device(table, x.device), seeds=seeds)
             inputs.update((column, out) for column in ending)
         return out
@@ -202,14 +228,16 @@ class ImageNetStem(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        #: Set by the FractalNet that holds the stem.
+        self.execution = Execution()
         self.conv = nn.Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
-    def forward(self, x: torch.Tensor, fused: bool, process_group=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
-        if fused:
-            h = fk.bn_relu(h, **fk.batchnorm_arguments(self.bn), process_group=process_group)
+        if self.execution.fused:
+            h = fk.bn_relu(h, **fk.batchnorm_arguments(self.bn), process_group=self.execution.process_group)
         else:
             h = F.relu(self.bn(h))
         return self.pool(h)
@@ -256,6 +284,9 @@ class FractalNet(nn.Module):
 
     Setting ``model.process_group`` (a torch.distributed group of several ranks) makes the fused
     model's BatchNorms use batch statistics over those ranks in training, as nn.SyncBatchNorm.
+    ``fused``, ``skip_dropped`` and ``process_group`` are the model's :class:`Execution`, which its
+    blocks share; setting one to a combination that cannot work (a process group with
+    skip_dropped, or unfused) raises there.
 
     ``model(x, columns=k)`` runs the network truncated to its k shallowest columns (the fractal
     f_k; in training with drop-path among them); ``model(x, column=k)`` runs column k alone.
@@ -301,22 +332,56 @@ class FractalNet(nn.Module):
         self.num_columns = columns
         self.local_drop = local_drop
         self.global_ratio = global_ratio
-        self.fused = fused
         self.recompute = recompute
-        self.skip_dropped = skip_dropped
-        self.process_group = None
         self.stem = ImageNetStem(in_channels, widths[0]) if imagenet_stem else None
         self.pool_last = not imagenet_stem
         block_inputs = [widths[0] if imagenet_stem else in_channels] + widths[:-1]
         self.blocks = nn.ModuleList(
             FractalBlock(cin, cout, columns, p) for cin, cout, p in zip(block_inputs, widths, dropout)
         )
+        self.execution = Execution(fused, skip_dropped)
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Linear(widths[-1], num_classes)
         self.last_drop_path: Optional[DropPath] = None
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_uniform_(module.weight)
+
+    @property
+    def execution(self) -> Execution:
+        """How the units run (fused, skip_dropped, process_group): the model's and its blocks'."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, execution: Execution) -> None:
+        self._execution = execution
+        for module in (*self.blocks, self.stem):
+            if module is not None:
+                module.execution = execution
+
+    @property
+    def fused(self) -> bool:
+        return self.execution.fused
+
+    @fused.setter
+    def fused(self, fused: bool) -> None:
+        self.execution = replace(self.execution, fused=fused)
+
+    @property
+    def skip_dropped(self) -> bool:
+        return self.execution.skip_dropped
+
+    @skip_dropped.setter
+    def skip_dropped(self, skip_dropped: bool) -> None:
+        self.execution = replace(self.execution, skip_dropped=skip_dropped)
+
+    @property
+    def process_group(self):
+        return self.execution.process_group
+
+    @process_group.setter
+    def process_group(self, process_group) -> None:
+        self.execution = replace(self.execution, process_group=process_group)
 
     def active_columns(self, columns: Optional[int] = None, column: Optional[int] = None) -> list[int]:
         """The columns a forward pass runs (1-based, ascending)."""
@@ -348,9 +413,6 @@ class FractalNet(nn.Module):
             # skip_dropped sizes its segments from the masks, and a batch drawn as a whole is
             # global or not: drawn on the host, both are known there without a synchronisation.
             per_batch = self.drop_path_per == "batch"
-            if self.skip_dropped and self.process_group is not None:
-                raise ValueError("skip_dropped and process_group do not combine: compact column segments keep "
-                                 "per-rank BatchNorm statistics; set model.process_group = None or skip_dropped=False")
             host_draw = self.skip_dropped or (per_batch and structure is None)
             if host_draw and generator is not None and generator.device.type != "cpu":
                 raise ValueError("generator: skip_dropped and per-batch drop-path draw on the host; "
@@ -372,12 +434,11 @@ class FractalNet(nn.Module):
         # Under torch.compile the partitioner makes its own recomputation choices.
         recompute = self.recompute and self.fused and self.training and not torch.compiler.is_compiling()
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
-            h = self.stem(x, self.fused, self.process_group) if self.stem is not None else x
+            h = self.stem(x) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
                 masks = ({row: drop_path.mask(i, row) for row in drop_path.rows}
                          if len(active) > 1 and drop_path is not None else {})
-                h = block(h, active, masks, self.fused, self.skip_dropped, self.process_group, seeds,
-                          track_running_stats)
+                h = block(h, active, masks, seeds, track_running_stats)
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))

@@ -183,15 +183,25 @@ def test_per_batch_global_batch_is_its_column_alone_and_keeps_running_stats(fuse
     assert changed
 
 
-def test_skip_dropped_refuses_synchronised_statistics():
-    """Compact column segments have no synchronised BatchNorm: a model set to both raises in
-    training instead of quietly keeping per-rank statistics (eval uses the running ones)."""
+def test_execution_refuses_what_cannot_work_where_it_is_set():
+    """Compact column segments, and the unfused model's nn.BatchNorm2d, have no synchronised
+    statistics: setting a process group on such a model raises at once, instead of training
+    with per-rank statistics without a word; the model's mode is its blocks' mode."""
     model = FractalNet(10, **{**SMALL, "skip_dropped": True}).to(DEVICE)
+    with pytest.raises(ValueError, match="skip_dropped and process_group do not combine"):
+        model.process_group = "a process group"
+    assert model.process_group is None and model(batch()).shape == (8, 10)
+    model.skip_dropped = False
     model.process_group = "a process group"
     with pytest.raises(ValueError, match="skip_dropped and process_group do not combine"):
-        model(batch())
-    model.eval()
-    assert model(batch()).shape == (8, 10)
+        model.skip_dropped = True
+    with pytest.raises(ValueError, match="nn.SyncBatchNorm"):
+        model.fused = False
+    assert model.fused and not model.skip_dropped
+    assert all(block.execution is model.execution for block in model.blocks)
+    model.process_group = None
+    model.fused = False
+    assert all(not block.execution.fused for block in model.blocks)
 
 
 def test_anytime_truncation_and_single_columns():
