@@ -105,3 +105,20 @@ def test_minimal_bytes_of_the_two_pass_batch_norm():
     assert minimal_bytes("bn_relu", [x]) == {"forward": 3 * size, "backward": 5 * size, "forward+backward": 8 * size}
     assert minimal_bytes("masked_join", [x, x]) == {"forward": 3 * size, "backward": 3 * size,
                                                      "forward+backward": 6 * size}
+
+
+def test_counting_patches_the_interpreter_only_while_it_counts():
+    """Importing the counter changes nothing in Triton; a count (nested counts too) wraps the
+    interpreter's loads, stores and grid call and puts Triton's own back after."""
+    from triton.runtime.interpreter import GridExecutor, interpreter_builder
+
+    own = (interpreter_builder.create_masked_load, interpreter_builder.create_masked_store, GridExecutor.__call__)
+    x, y = torch.randn(2, 4, 3, 2, 2, device=DEVICE)
+    with fk.use_backend("triton"), count_traffic() as outer:
+        assert GridExecutor.__call__ is not own[2]
+        with count_traffic() as inner:
+            fk.masked_join([x, y])  # two inputs read, one output written
+        fk.masked_join([x, y])
+    assert (interpreter_builder.create_masked_load, interpreter_builder.create_masked_store,
+            GridExecutor.__call__) == own
+    assert inner.launches == 1 and outer.launches == 1 and inner.total == x.numel() * 4 * 3

@@ -63,8 +63,7 @@ _counting: list[Traffic] = []
 
 def _masked_load(original):
     def load(ptrs, mask, other, *args):
-        if _counting:
-            _counting[-1]._record(_counting[-1]._loads, ptrs, mask)
+        _counting[-1]._record(_counting[-1]._loads, ptrs, mask)
         return original(ptrs, mask, other, *args)
 
     return load
@@ -72,8 +71,7 @@ def _masked_load(original):
 
 def _masked_store(original):
     def store(ptrs, value, mask, *args):
-        if _counting:
-            _counting[-1]._record(_counting[-1]._stores, ptrs, mask)
+        _counting[-1]._record(_counting[-1]._stores, ptrs, mask)
         return original(ptrs, value, mask, *args)
 
     return store
@@ -82,28 +80,40 @@ def _masked_store(original):
 def _grid_call(original):
     def call(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        if _counting:
-            _counting[-1]._close_launch()
+        _counting[-1]._close_launch()
         return result
 
     return call
 
 
-interpreter_builder.create_masked_load = _masked_load(interpreter_builder.create_masked_load)
-interpreter_builder.create_masked_store = _masked_store(interpreter_builder.create_masked_store)
-GridExecutor.__call__ = _grid_call(GridExecutor.__call__)
+@contextlib.contextmanager
+def _interpreter_counting() -> Iterator[None]:
+    """The interpreter's masked loads and stores and its grid call, wrapped to count, within the
+    block only (the outermost count installs them and puts the originals back)."""
+    originals = (interpreter_builder.create_masked_load, interpreter_builder.create_masked_store,
+                 GridExecutor.__call__)
+    interpreter_builder.create_masked_load = _masked_load(originals[0])
+    interpreter_builder.create_masked_store = _masked_store(originals[1])
+    GridExecutor.__call__ = _grid_call(originals[2])
+    try:
+        yield
+    finally:
+        interpreter_builder.create_masked_load, interpreter_builder.create_masked_store = originals[:2]
+        GridExecutor.__call__ = originals[2]
 
 
 @contextlib.contextmanager
 def count_traffic() -> Iterator[Traffic]:
     """Counts the traffic of the interpreted kernel launches made within the block:
-    ``with count_traffic() as t: ...; t.loaded, t.stored``."""
+    ``with count_traffic() as t: ...; t.loaded, t.stored``. Triton's interpreter is patched to
+    count only while a count is open."""
     traffic = Traffic()
-    _counting.append(traffic)
-    try:
-        yield traffic
-    finally:
-        _counting.pop()
+    with _interpreter_counting() if not _counting else contextlib.nullcontext():
+        _counting.append(traffic)
+        try:
+            yield traffic
+        finally:
+            _counting.pop()
 
 
 class _AtenTraffic(TorchDispatchMode):
