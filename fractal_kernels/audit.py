@@ -41,7 +41,8 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from .channel_tiling import tile_for_gpu
-from .launch import AUDIT_CASES, INTERPRETING, LaunchRecord, record_launches
+from .audit_cases import AUDIT_CASES
+from .launch import INTERPRETING, LaunchRecord, record_launches
 
 #: SMs of the GPU each architecture's tiling is for.
 SM_COUNT = {80: 108, 90: 132}
@@ -192,8 +193,6 @@ def _config_label(label: str, record: LaunchRecord) -> str:
 def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
     """Runs every registered case, tiled for ``arch``'s GPU, with launches recorded; one (label,
     record) per distinct compiled kernel."""
-    from . import batchnorm, join  # noqa: F401  (registers their cases)
-
     dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     distinct: dict[tuple, tuple[str, LaunchRecord]] = {}
     backend = make_backend(GPUTarget("cuda", arch, 32))

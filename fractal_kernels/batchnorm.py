@@ -25,7 +25,7 @@ from .batchnorm_kernels import (
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import join_args, row_samples
 from .launch import (
-    REDUCTION_REGISTERS, audit_cases, define_op, input_groups, launch, next_power_of_2, optional, slots,
+    REDUCTION_REGISTERS, define_op, input_groups, launch, next_power_of_2, optional, slots,
     wrap_triton,
 )
 from .tensors import acc_dtype, dense, dense_inputs, like_rows, memory_format
@@ -412,42 +412,3 @@ def dropout_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     zeros = torch.zeros(1, C, dtype=acc_dtype(x.dtype), device=x.device)
     kept = normalize_join(xs, None, None, [None], [None], list(zeros), list(ones), 0.0, False, seed.reshape(1), p)
     return kept != 0
-
-
-def _forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=None) -> None:
-    """Runs the statistics, apply and backward launchers once (the audit's cases)."""
-    C, k = xs[0].shape[1], len(xs)
-    params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else None for _ in range(k)]
-    statistic = acc_dtype(xs[0].dtype)
-    running_means, running_vars = ([xs[0].new_empty(C, dtype=statistic) for _ in range(k)] for _ in range(2))
-    if training:
-        stats = batch_statistics(xs, running_means, running_vars, None, 0.1)
-        means, variances = list(stats[0]), list(stats[1])
-    else:
-        means, variances = running_means, running_vars
-    out = normalize_join(xs, mask, rows, params, params, means, variances, 1e-5, relu)
-    normalize_join_backward(torch.empty_like(out), xs, mask, rows, params, params, means, variances, training, 1e-5,
-                            relu)
-
-
-@audit_cases
-def _audit_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
-    """bn_relu in training and eval, joins of 3 inputs by mask and by gather table (compact
-    inputs of all, 1/2 and 1/4 of the samples), and unless ``quick`` for fp32 the bare batch norm
-    and a join of 9; on meta tensors (recorded launches need shapes and alignment only)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-
-    def inputs(k):
-        return [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for _ in range(k)]
-
-    mask = torch.ones(3, shape[0], dtype=torch.bool, device="meta")
-    compact = [torch.empty((n,) + shape[1:], dtype=dtype, device="meta").to(memory_format=layout)
-               for n in (shape[0], shape[0] // 2, shape[0] // 4)]
-    rows = torch.zeros(3, shape[0], dtype=torch.int64, device="meta")
-    yield "bn_relu train", lambda: _forward_backward(inputs(1), None, True, True, True)
-    yield "bn_relu eval", lambda: _forward_backward(inputs(1), None, True, False, True)
-    yield "join k=3", lambda: _forward_backward(inputs(3), mask, True, True, True)
-    yield "gather k=3", lambda: _forward_backward(compact, None, True, True, True, rows=rows)
-    if dtype == torch.float32 and not quick:
-        yield "batch_norm", lambda: _forward_backward(inputs(1), None, False, True, False)
-        yield "join k=9", lambda: _forward_backward(inputs(9), None, True, True, True)

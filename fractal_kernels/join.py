@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .join_modes import JOIN_GATHER, join_args, join_row, join_scale, row_samples
 from .launch import (
-    STREAMING_REGISTERS, audit_cases, cdiv, define_op, input_groups, launch, next_power_of_2, runs_eagerly, slots,
+    STREAMING_REGISTERS, cdiv, define_op, input_groups, launch, next_power_of_2, runs_eagerly, slots,
     wrap_triton,
 )
 from .tensors import accumulation_type, dense, dense_inputs, like_rows
@@ -235,19 +235,3 @@ def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     if runs_eagerly(inputs[0]):
         return JoinFunction.apply(None, rows, *inputs)
     return gather_join_op(inputs, rows)
-
-
-@audit_cases
-def _audit_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
-    """The joins of k = 2, 3 and 9 inputs (two launches; 3 only when ``quick``), by mean, mask
-    and gather table, on meta tensors (recorded launches need shapes and alignment only)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    for k in (3,) if quick else (2, 3, 9):
-        xs = [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for _ in range(k)]
-        mask = torch.ones(k, shape[0], dtype=torch.bool, device="meta")
-        rows = torch.zeros(k, shape[0], dtype=torch.int64, device="meta")
-        for name, join in (("mean", {}), ("mask", dict(mask=mask)), ("gather", dict(rows=rows))):
-            yield f"join k={k} {name}", lambda xs=xs, join=join: (
-                join_forward(xs, **join),
-                join_backward(xs[0], [x.shape[0] for x in xs], **join),
-            )

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -97,18 +97,6 @@ class LaunchRecord:
     grid: tuple
     args: tuple
     kwargs: dict
-
-
-#: Functions ``cases(shape, dtype, channels_last, quick) -> iterable of (label, thunk)`` whose
-#: thunks run op launchers on inputs of that kind (fewer variants when ``quick``); the compile
-#: audit records and compiles what they launch.
-AUDIT_CASES: list[Callable[..., Iterable[tuple[str, Callable[[], object]]]]] = []
-
-
-def audit_cases(fn):
-    """Registers an op file's audit cases (see AUDIT_CASES)."""
-    AUDIT_CASES.append(fn)
-    return fn
 
 
 _recorders: list[list[LaunchRecord]] = []
