@@ -48,13 +48,14 @@ def dropout_args(seeds: Optional[torch.Tensor], p: float) -> tuple:
 
 
 def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_vars: Sequence,
-                     num_batches: Optional[Sequence], momentum: Optional[float], seeds: Optional[torch.Tensor] = None,
-                     dropout: float = 0.0, tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
+                     num_batches_tracked: Optional[Sequence], momentum: Optional[float],
+                     seeds: Optional[torch.Tensor] = None, dropout: float = 0.0,
+                     tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
     """Batch mean and biased variance of every channel of every (dense) input, after its dropout
     when ``seeds`` [k] are given, as a [2, k, C] tensor (fp32; fp64 for fp64 inputs). Inputs may
     differ in their number of rows (gathered column segments).
 
-    Counts the batch in each present ``num_batches`` (int64 num_batches_tracked) and updates the
+    Counts the batch in each present ``num_batches_tracked`` (an int64 counter) and updates the
     present running statistics (None stands for an absent one) with ``momentum``, or with
     momentum None by the cumulative average, and the unbiased variance; an input with no rows
     leaves its running statistics unchanged. ``tiling``: the inputs' (computed when None).
@@ -69,7 +70,7 @@ def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_va
     stats = torch.empty(2, k, C, dtype=dtype, device=device)
     partials = torch.empty(3, k, chunks, C, dtype=dtype, device=device)  # mean, m2, count
     block_c = min(_COMBINE_BLOCK_C, next_power_of_2(C))
-    num_batches = num_batches or (None,) * k
+    num_batches_tracked = num_batches_tracked or (None,) * k
     drop = dropout_args(seeds, dropout)
     factor = 0.0 if momentum is None else float(momentum)
     rows = [x.shape[0] for x in xs]
@@ -81,7 +82,8 @@ def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_va
         )
         launch(
             wrap_triton(bn_combine_kernel), (1,),
-            partials, stats, *slots(running_means, group), *slots(running_vars, group), *slots(num_batches, group),
+            partials, stats, *slots(running_means, group), *slots(running_vars, group),
+            *slots(num_batches_tracked, group),
             factor, group.start, k, C, chunks,
             K=len(group), CUMULATIVE=momentum is None, BLOCK_C=block_c, num_warps=4, maxnreg=REDUCTION_REGISTERS,
         )
@@ -216,20 +218,20 @@ def present(tensors: Sequence) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-@define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars", "num_batches"))
+@define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars", "num_batches_tracked"))
 def bn_stats(
     inputs: list[torch.Tensor],
     running_means: list[torch.Tensor],
     running_vars: list[torch.Tensor],
-    num_batches: list[torch.Tensor],
+    num_batches_tracked: list[torch.Tensor],
     momentum: Optional[float],
     seeds: Optional[torch.Tensor],
     dropout: float,
 ) -> torch.Tensor:
     """batch_statistics as a torch.library op (empty tensors stand for absent running statistics
     and counters)."""
-    return batch_statistics(dense_inputs(inputs), present(running_means), present(running_vars), present(num_batches),
-                            momentum, seeds, dropout)
+    return batch_statistics(dense_inputs(inputs), present(running_means), present(running_vars),
+                            present(num_batches_tracked), momentum, seeds, dropout)
 
 
 @define_op("fractal_kernels::bn_apply")
@@ -346,7 +348,7 @@ def statistic_rows(stats: Optional[torch.Tensor], options: BatchNormOptions) -> 
 
 
 def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
-                    rows=None, num_batches=None, dropout=0.0, seeds=None):
+                    rows=None, num_batches_tracked=None, dropout=0.0, seeds=None):
     """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]
     in eager mode: in training the statistics of all inputs (with the running-statistic and
     batch-count updates), then one apply pass, launched directly (BatchNormJoinFunction carries
@@ -362,7 +364,7 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     if training:
         # The statistics carry no autograd of their own (launches record none): the apply's
         # backward differentiates through them.
-        stats = batch_statistics(xs, running_means, running_vars, num_batches, momentum, seeds, dropout, tiling)
+        stats = batch_statistics(xs, running_means, running_vars, num_batches_tracked, momentum, seeds, dropout, tiling)
     options = BatchNormOptions(training, momentum, eps, relu, dropout, running_means, running_vars)
     out = BatchNormJoinFunction.apply(options, mask, rows, seeds, stats, tiling, *xs, *weights, *biases)
     if recompute.recording():
@@ -372,7 +374,7 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
 
 
 def traced_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
-                           rows=None, num_batches=None, dropout=0.0, seeds=None):
+                           rows=None, num_batches_tracked=None, dropout=0.0, seeds=None):
     """batch_norm_join through the torch.library ops, as torch traces it (the composite ops of
     library.py): bn_stats, then bn_apply with its registered autograd. Empty placeholders stand
     for absent tensors (the ops take list[Tensor])."""
@@ -386,7 +388,7 @@ def traced_batch_norm_join(inputs, mask, weights, biases, running_means, running
         seeds = draw_seeds(len(xs), xs[0].device)
     if training:
         stats = bn_stats([x.detach() for x in xs], filled(running_means), filled(running_vars),
-                         filled(num_batches or [None] * len(xs)), momentum, seeds, dropout)
+                         filled(num_batches_tracked or [None] * len(xs)), momentum, seeds, dropout)
         means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
     else:
         means, variances = list(running_means), list(running_vars)

@@ -160,7 +160,8 @@ def bn_combine_kernel(
     running_mean4, running_mean5, running_mean6, running_mean7,
     running_var0, running_var1, running_var2, running_var3,
     running_var4, running_var5, running_var6, running_var7,
-    batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7,
+    num_batches_tracked0, num_batches_tracked1, num_batches_tracked2, num_batches_tracked3,
+    num_batches_tracked4, num_batches_tracked5, num_batches_tracked6, num_batches_tracked7,
     momentum: tl.float64, first_input, num_inputs, C, num_chunks,
     K: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -171,7 +172,7 @@ def bn_combine_kernel(
     Pointers: partials as written by bn_stats_kernel; ``stats_ptr`` is the [2, num_inputs, C]
     output in the accumulation dtype (mean and biased variance planes, row first_input + i for
     input i); ``running_mean0``..7 and
-    ``running_var0``..7 are each input's running statistics, ``batches0``..7 its int64
+    ``running_var0``..7 are each input's running statistics, ``num_batches_tracked0``..7 its int64
     num_batches_tracked, incremented by one; None where absent. The running statistics move by
     ``momentum``, or with CUMULATIVE by 1 / num_batches_tracked (momentum=None in torch). One
     program: it reads each counter before it writes it, and the work is O(k * C * chunks).
@@ -182,12 +183,13 @@ def bn_combine_kernel(
                      running_mean4, running_mean5, running_mean6, running_mean7)
     running_vars = (running_var0, running_var1, running_var2, running_var3,
                     running_var4, running_var5, running_var6, running_var7)
-    batches = (batches0, batches1, batches2, batches3, batches4, batches5, batches6, batches7)
+    counters = (num_batches_tracked0, num_batches_tracked1, num_batches_tracked2, num_batches_tracked3,
+                num_batches_tracked4, num_batches_tracked5, num_batches_tracked6, num_batches_tracked7)
     for i in tl.static_range(K):
         factor = exact_scalar(momentum, ACC)
-        if batches[i] is not None:
-            counted = tl.load(batches[i]) + 1
-            tl.store(batches[i], counted)
+        if counters[i] is not None:
+            counted = tl.load(counters[i]) + 1
+            tl.store(counters[i], counted)
             if CUMULATIVE:
                 factor = 1.0 / counted.to(ACC)
         for cb in range(tl.cdiv(C, BLOCK_C)):

@@ -34,19 +34,20 @@ _library.define(
 def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True,
              num_batches_tracked=None, dropout=0.0, seeds=None):
     return traced_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps,
-                                  relu, num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
+                                  relu, num_batches_tracked=[num_batches_tracked], dropout=dropout, seeds=seeds)
 
 
 def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5,
                   num_batches_tracked=None, dropout=0.0, seeds=None):
     return traced_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps,
-                                  True, num_batches=num_batches_tracked, dropout=dropout, seeds=seeds)
+                                  True, num_batches_tracked=num_batches_tracked, dropout=dropout, seeds=seeds)
 
 
 def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
                          eps=1e-5, num_batches_tracked=None, dropout=0.0, seeds=None):
     return traced_batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
-                                  True, rows=rows, num_batches=num_batches_tracked, dropout=dropout, seeds=seeds)
+                                  True, rows=rows, num_batches_tracked=num_batches_tracked, dropout=dropout,
+                                  seeds=seeds)
 
 
 _library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")

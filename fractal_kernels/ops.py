@@ -94,7 +94,7 @@ def _synchronised(training: bool, process_group) -> bool:
 
 
 def _check_unit_options(inputs, training, num_batches_tracked, momentum, dropout, seeds, seeds_name) -> None:
-    """Checks the counters, dropout rate and dropout seeds of k inputs."""
+    """Checks the num_batches_tracked counters, dropout rate and dropout seeds of k inputs."""
     for i, t in enumerate(num_batches_tracked):
         if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1):
             raise TypeError(f"num_batches_tracked[{i}] must be a one-element int64 tensor or None")
@@ -165,7 +165,7 @@ def bn_relu(
                                     process_group, [num_batches_tracked], dropout, seeds)
     if runs_eagerly(x):
         return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps,
-                               relu, num_batches=[num_batches_tracked], dropout=dropout, seeds=seeds)
+                               relu, num_batches_tracked=[num_batches_tracked], dropout=dropout, seeds=seeds)
     return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                            num_batches_tracked, dropout, seeds)
 
@@ -223,19 +223,19 @@ def join_bn_relu(
     check_mask(mask, len(inputs), x.shape[0], x.device)
     _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
                         num_batches_tracked, dropout, seeds)
-    counters = list(num_batches_tracked or [None] * len(inputs))
+    num_batches_tracked = list(num_batches_tracked or [None] * len(inputs))
     if not _use_triton(x):
         _check_reference(training, process_group)
         return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum,
-                                      eps, num_batches_tracked=counters, dropout=dropout)
+                                      eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
     if _synchronised(training, process_group):
         return sync_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True,
-                                    process_group, counters, dropout, seeds)
+                                    process_group, num_batches_tracked, dropout, seeds)
     if runs_eagerly(x):
         return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps,
-                               True, num_batches=counters, dropout=dropout, seeds=seeds)
+                               True, num_batches_tracked=num_batches_tracked, dropout=dropout, seeds=seeds)
     return library.join_bn_relu(list(inputs), mask, list(weights), list(biases), list(running_means),
-                                list(running_vars), training, momentum, eps, counters, dropout, seeds)
+                                list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds)
 
 
 def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Optional[bool] = None) -> torch.Tensor:
@@ -289,12 +289,12 @@ def gather_join_bn_relu(
     check_rows(rows, inputs, validate)
     _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
                         num_batches_tracked, dropout, seeds)
-    counters = list(num_batches_tracked or [None] * len(inputs))
+    num_batches_tracked = list(num_batches_tracked or [None] * len(inputs))
     if not _use_triton(inputs[0]):
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
-                                             momentum, eps, num_batches_tracked=counters, dropout=dropout)
+                                             momentum, eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
     if runs_eagerly(inputs[0]):
         return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
-                               True, rows=rows, num_batches=counters, dropout=dropout, seeds=seeds)
+                               True, rows=rows, num_batches_tracked=num_batches_tracked, dropout=dropout, seeds=seeds)
     return library.gather_join_bn_relu(list(inputs), rows, list(weights), list(biases), list(running_means),
-                                       list(running_vars), training, momentum, eps, counters, dropout, seeds)
+                                       list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds)

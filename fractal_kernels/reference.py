@@ -75,10 +75,10 @@ def join_bn_relu(
 ) -> torch.Tensor:
     """``masked_join([bn_relu(x_i, ...) for each input i], mask)``: each input's BN statistics cover
     all of its samples, dropped ones included."""
-    counters = num_batches_tracked or [None] * len(inputs)
+    num_batches_tracked = num_batches_tracked or [None] * len(inputs)
     activations = [
         bn_relu(x, w, b, rm, rv, training, momentum, eps, num_batches_tracked=n, dropout=dropout)
-        for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, counters)
+        for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, num_batches_tracked)
     ]
     return masked_join(activations, mask)
 
@@ -113,9 +113,9 @@ def gather_join_bn_relu(
     """``gather_join([bn_relu(x_i, ...) for each input], rows)``: the statistics of input i cover
     its own rows; an input with no rows has none (and leaves its running statistics alone, but
     counts the batch)."""
-    counters = num_batches_tracked or [None] * len(inputs)
+    num_batches_tracked = num_batches_tracked or [None] * len(inputs)
     activations = []
-    for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, counters):
+    for x, w, b, rm, rv, n in zip(inputs, weights, biases, running_means, running_vars, num_batches_tracked):
         if x.shape[0]:
             activations.append(bn_relu(x, w, b, rm, rv, training, momentum, eps, num_batches_tracked=n,
                                        dropout=dropout))

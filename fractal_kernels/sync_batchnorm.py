@@ -28,7 +28,7 @@ class SyncBatchNormJoin(torch.autograd.Function):
     def forward(ctx, mask, process_group, running, momentum, eps, relu, seeds, dropout, k, *tensors):
         xs = dense_inputs(tensors[:k])
         weights, biases = tensors[k:2 * k], tensors[2 * k:]
-        running_means, running_vars, num_batches = running
+        running_means, running_vars, num_batches_tracked = running
         mean, var = batch_statistics(xs, [None] * k, [None] * k, None, 0.0, seeds, dropout)  # [k, C] each, biased
         # fp64 keeps the element count exact (fp32 is exact only to 2**24).
         count = mean.new_full(mean.shape, xs[0].numel() // xs[0].shape[1], dtype=torch.float64)
@@ -41,10 +41,10 @@ class SyncBatchNormJoin(torch.autograd.Function):
         var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
         for i in range(k):
             factor = momentum
-            if num_batches[i] is not None:
-                num_batches[i].add_(1)
+            if num_batches_tracked[i] is not None:
+                num_batches_tracked[i].add_(1)
                 if momentum is None:  # the cumulative average, without reading the count back
-                    factor = num_batches[i].reciprocal().to(mean.dtype)
+                    factor = num_batches_tracked[i].reciprocal().to(mean.dtype)
             if running_means[i] is not None:
                 running_means[i].lerp_(mean[i].to(running_means[i].dtype), factor)
                 running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), factor)
@@ -85,13 +85,13 @@ def sync_batch_norm_join(
     eps: float,
     relu: bool,
     process_group,
-    num_batches: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    num_batches_tracked: Optional[Sequence[Optional[torch.Tensor]]] = None,
     dropout: float = 0.0,
     seeds: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Training-mode batch_norm_join with statistics synchronised over ``process_group``."""
     if dropout and seeds is None:
         seeds = draw_seeds(len(inputs), inputs[0].device)
-    running = (tuple(running_means), tuple(running_vars), tuple(num_batches or [None] * len(inputs)))
+    running = (tuple(running_means), tuple(running_vars), tuple(num_batches_tracked or [None] * len(inputs)))
     return SyncBatchNormJoin.apply(mask, process_group, running, momentum, eps, relu, seeds, dropout, len(inputs),
                                    *inputs, *weights, *biases)

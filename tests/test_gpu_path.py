@@ -389,7 +389,7 @@ WRITTEN = {
     "masked_join_fwd_kernel": ("out_ptr",),
     "masked_join_bwd_kernel": ("dx",),
     "bn_stats_kernel": ("partials_ptr",),
-    "bn_combine_kernel": ("stats_ptr", "running_mean", "running_var", "batches"),
+    "bn_combine_kernel": ("stats_ptr", "running_mean", "running_var", "num_batches_tracked"),
     "bn_apply_kernel": ("out_ptr",),
     "bn_backward_reduce_kernel": ("sums_ptr",),
     "bn_backward_dx_kernel": ("dx", "param_grads_ptr"),
