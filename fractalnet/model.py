@@ -246,6 +246,17 @@ class ImageNetStem(nn.Module):
         return [copy.deepcopy(self.conv), copy.deepcopy(self.bn), nn.ReLU(), copy.deepcopy(self.pool)]
 
 
+def _execution_field(name: str) -> property:
+    """A FractalNet attribute that is a field of its Execution: setting it hands the model and its
+    blocks a new Execution (which checks the combination)."""
+
+    def set_field(model, value):
+        model.execution = replace(model.execution, **{name: value})
+
+    return property(lambda model: getattr(model.execution, name), set_field,
+                    doc=f"The ``{name}`` of the model's :class:`Execution`.")
+
+
 class FractalNet(nn.Module):
     """FractalNet: one fractal block per width, each followed by a 2x2 max-pool (join, then pool),
     then global average pooling and a linear head.
@@ -359,29 +370,9 @@ class FractalNet(nn.Module):
             if module is not None:
                 module.execution = execution
 
-    @property
-    def fused(self) -> bool:
-        return self.execution.fused
-
-    @fused.setter
-    def fused(self, fused: bool) -> None:
-        self.execution = replace(self.execution, fused=fused)
-
-    @property
-    def skip_dropped(self) -> bool:
-        return self.execution.skip_dropped
-
-    @skip_dropped.setter
-    def skip_dropped(self, skip_dropped: bool) -> None:
-        self.execution = replace(self.execution, skip_dropped=skip_dropped)
-
-    @property
-    def process_group(self):
-        return self.execution.process_group
-
-    @process_group.setter
-    def process_group(self, process_group) -> None:
-        self.execution = replace(self.execution, process_group=process_group)
+    fused = _execution_field("fused")
+    skip_dropped = _execution_field("skip_dropped")
+    process_group = _execution_field("process_group")
 
     def active_columns(self, columns: Optional[int] = None, column: Optional[int] = None) -> list[int]:
         """The columns a forward pass runs (1-based, ascending)."""

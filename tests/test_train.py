@@ -16,6 +16,19 @@ TINY = ["--dataset", "digits", "--widths", "8,16", "--dropout", "0,0.1", "--colu
         "--batch-size", "100", "--lr", "0.05", "--device", "cpu"]
 
 
+def epoch_setup(*options: str, lr: float = 0.05):
+    """What train_epoch takes for a one-epoch TINY run with ``options``: (config, dataset,
+    device, model, optimizer, generators), on the CPU."""
+    config, _ = train.resolve(TINY + ["--epochs", "1", *options])
+    dataset, config = training.load_dataset(config)
+    device = torch.device("cpu")
+    model = training.build_model(config, dataset, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
+                  "drop_path": torch.Generator().manual_seed(2)}
+    return config, dataset, device, model, optimizer, generators
+
+
 def test_short_run_writes_checkpoints_metrics_and_plots(tmp_path, capsys):
     assert train.main(TINY + ["--epochs", "2", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -138,13 +151,8 @@ def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
                             lambda self, original=original, method=method: reads.append(method) or original(self))
     counts = {}
     for batch_size in (100, 25):
-        config, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", str(batch_size), "--drop-path-per", per])
-        dataset, config = training.load_dataset(config)
-        device = torch.device("cpu")
-        model = training.build_model(config, dataset, device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
-                      "drop_path": torch.Generator().manual_seed(2)}
+        config, dataset, device, model, optimizer, generators = epoch_setup(
+            "--batch-size", str(batch_size), "--drop-path-per", per, lr=0.01)
         reads.clear()
         stats = training.train_epoch(0, model, optimizer, None, dataset, config, device, generators, 0, 1,
                                      verbose=False)
@@ -162,13 +170,7 @@ def test_batches_reach_the_device_through_pinned_copies(graphs, monkeypatch):
 
     copied = []
     monkeypatch.setattr(training, "copy_to_device", lambda t, device: copied.append(t) or copy_to_device(t, device))
-    config, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50"])
-    dataset, config = training.load_dataset(config)
-    device = torch.device("cpu")
-    model = training.build_model(config, dataset, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
-                  "drop_path": torch.Generator().manual_seed(2)}
+    config, dataset, device, model, optimizer, generators = epoch_setup("--batch-size", "50")
     graphed = (training.graphed_step(model, optimizer, dataset, config, device, generators, capture=lambda step: step)
                if graphs else None)
     copied.clear()
@@ -208,13 +210,7 @@ def test_cuda_graphs_needs_a_gpu_and_refuses_what_it_cannot_capture(capsys):
 def test_a_graphed_epoch_runs_the_graphed_step(per, monkeypatch):
     """The --cuda-graphs epoch loop, its capture replaced by a plain call (no GPU here): every
     step goes through the graphed step, and the epoch's totals are its device sums."""
-    config, _ = train.resolve(TINY + ["--epochs", "1", "--batch-size", "50", "--drop-path-per", per])
-    dataset, config = training.load_dataset(config)
-    device = torch.device("cpu")
-    model = training.build_model(config, dataset, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    generators = {"data": torch.Generator().manual_seed(0), "augment": torch.Generator().manual_seed(1),
-                  "drop_path": torch.Generator().manual_seed(2)}
+    config, dataset, device, model, optimizer, generators = epoch_setup("--batch-size", "50", "--drop-path-per", per)
     graphed = training.graphed_step(model, optimizer, dataset, config, device, generators, capture=lambda step: step)
     calls = []
     original = type(graphed).__call__
