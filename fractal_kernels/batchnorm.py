@@ -73,11 +73,11 @@ def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_va
     num_batches_tracked = num_batches_tracked or (None,) * k
     drop = dropout_args(seeds, dropout)
     factor = 0.0 if momentum is None else float(momentum)
-    rows = [x.shape[0] for x in xs]
+    num_rows = [x.shape[0] for x in xs]
     for group in input_groups(k):
         launch(
             wrap_triton(bn_stats_kernel), tiling.grid,
-            *slots(xs, group), *slots(rows, group), partials, group.start, k, *drop,
+            *slots(xs, group), *slots(num_rows, group), partials, group.start, k, *drop,
             *tiling.block_args(), K=len(group), **tiling.meta(streaming=False),
         )
         launch(
@@ -203,9 +203,8 @@ def normalize_join_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mask
 def param_grads(grads: torch.Tensor, params: Sequence) -> list[Optional[torch.Tensor]]:
     """Row i of the [k, C] ``grads`` in the dtype of the present ``params[i]``, None where absent
     (None or an empty placeholder)."""
-    rows = grads.unbind(0)
-    return [None if optional(p) is None else row if row.dtype == p.dtype else row.to(p.dtype)
-            for row, p in zip(rows, params)]
+    return [None if optional(p) is None else g if g.dtype == p.dtype else g.to(p.dtype)
+            for g, p in zip(grads.unbind(0), params)]
 
 
 def present(tensors: Sequence) -> list:
@@ -318,7 +317,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
     def forward(ctx, options: BatchNormOptions, mask, rows, seeds, stats, tiling, *tensors):
         k = len(tensors) // 3
         xs, weights, biases = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
-        means, variances = statistic_rows(stats, options)
+        means, variances = input_statistics(stats, options)
         ctx.options, ctx.tiling = options, tiling  # the backward's tiling too: computed once
         ctx.save_for_backward(mask, rows, seeds, stats, *tensors)
         return normalize_join(xs, mask, rows, weights, biases, means, variances, options.eps, options.relu, seeds,
@@ -331,20 +330,20 @@ class BatchNormJoinFunction(torch.autograd.Function):
         k = len(tensors) // 3
         weights, biases = tensors[k:2 * k], tensors[2 * k:]
         grad_inputs, grads = normalize_join_backward(grad, tensors[:k], mask, rows, weights, biases,
-                                                     *statistic_rows(stats, options), options.training, options.eps,
+                                                     *input_statistics(stats, options), options.training, options.eps,
                                                      options.relu, seeds, options.dropout, ctx.tiling)
         return (None, None, None, None, None, None, *grad_inputs, *param_grads(grads[0], weights),
                 *param_grads(grads[1], biases))
 
 
-def statistic_rows(stats: Optional[torch.Tensor], options: BatchNormOptions) -> tuple[Sequence, Sequence]:
-    """The per-input means and variances: rows of the [2, k, C] batch statistics, or the running
-    statistics where there are none (eval)."""
+def input_statistics(stats: Optional[torch.Tensor], options: BatchNormOptions) -> tuple[Sequence, Sequence]:
+    """The per-input means and variances: the [C] slices of the [2, k, C] batch statistics, or the
+    running statistics where there are none (eval)."""
     if stats is None:
         return options.running_means, options.running_vars
     k = stats.shape[1]
-    rows = stats.view(2 * k, stats.shape[2]).unbind(0)
-    return rows[:k], rows[k:]
+    slices = stats.view(2 * k, stats.shape[2]).unbind(0)
+    return slices[:k], slices[k:]
 
 
 def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
@@ -369,7 +368,7 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     out = BatchNormJoinFunction.apply(options, mask, rows, seeds, stats, tiling, *xs, *weights, *biases)
     if recompute.recording():
         recompute.register(out, functools.partial(normalize_join, xs, mask, rows, weights, biases,
-                                                  *statistic_rows(stats, options), eps, relu, seeds, dropout, tiling))
+                                                  *input_statistics(stats, options), eps, relu, seeds, dropout, tiling))
     return out
 
 

@@ -13,7 +13,7 @@ bn_backward_reduce_kernel (per-channel sums of g and g * x_hat) and bn_backward_
 backward recomputes x_hat and the ReLU mask from the raw input and the per-channel mean and
 variance, so the ops save their inputs and O(C) statistics, never their output.
 
-Row and chunk counts (``N``, ``rows0``..``rows7``, ``tiles_per_chunk``, ``num_chunks``,
+Row and chunk counts (``N``, ``num_rows0``..``num_rows7``, ``tiles_per_chunk``, ``num_chunks``,
 ``num_partials``, ``count``) and the gather backward's ``sample_ptr`` (a slice at a row offset)
 are not specialised (``do_not_specialize``): they only bound loops and masks or index rows, and
 under skip_dropped they change every step, so specialising on them (a value of 1, divisibility
@@ -99,11 +99,11 @@ def add_at(i: tl.constexpr, value, accumulators):
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=("rows0", "rows1", "rows2", "rows3", "rows4", "rows5", "rows6", "rows7",
-                                "tiles_per_chunk"))
+@triton.jit(do_not_specialize=("num_rows0", "num_rows1", "num_rows2", "num_rows3", "num_rows4", "num_rows5",
+                                "num_rows6", "num_rows7", "tiles_per_chunk"))
 def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
-    rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7,
+    num_rows0, num_rows1, num_rows2, num_rows3, num_rows4, num_rows5, num_rows6, num_rows7,
     partials_ptr, first_input, num_inputs,
     seeds_ptr, dropout_p, dropout_scale: tl.float64,
     C, HW, hw_blocks, tiles_per_chunk,
@@ -113,7 +113,7 @@ def bn_stats_kernel(
     """Welford partials (mean, sum of squared deviations, count) of each channel of K inputs.
 
     Pointers: ``x0``..``x7`` are the inputs, [rows_i, C, HW] contiguous or channels-last
-    (CHANNELS_LAST), with ``rows0``..``rows7`` rows. ``partials_ptr`` is [3, num_inputs,
+    (CHANNELS_LAST), with ``num_rows0``..``num_rows7`` rows. ``partials_ptr`` is [3, num_inputs,
     num_chunks, C] in the accumulation dtype (mean, m2 and count planes); input i's partials go
     to row first_input + i. ``seeds_ptr`` [k] (int64), or None without dropout, seeds the dropout
     of each input (rate ``dropout_p``, scale ``dropout_scale``): the statistics are those of the
@@ -122,14 +122,14 @@ def bn_stats_kernel(
     """
     ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
     xs = (x0, x1, x2, x3, x4, x5, x6, x7)
-    input_rows = (rows0, rows1, rows2, rows3, rows4, rows5, rows6, rows7)
+    num_rows = (num_rows0, num_rows1, num_rows2, num_rows3, num_rows4, num_rows5, num_rows6, num_rows7)
     dropout_scale = exact_scalar(dropout_scale, ACC)
     cb = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     for i in tl.static_range(K):
-        N = input_rows[i]
+        N = num_rows[i]
         first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
         # Each lane runs Welford over the elements it sees; lanes merge once, at the end.
         mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
