@@ -13,12 +13,17 @@ from .join import join_backward, join_forward
 from .tensors import acc_dtype
 
 
+def _meta_inputs(shapes, dtype: torch.dtype, channels_last: bool) -> list[torch.Tensor]:
+    """Meta tensors of ``shapes``, contiguous or channels-last."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for shape in shapes]
+
+
 def join_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
     """The joins of k = 2, 3 and 9 inputs (two launches; 3 only when ``quick``), by mean, mask
-    and gather table, on meta tensors (recorded launches need shapes and alignment only)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    and gather table."""
     for k in (3,) if quick else (2, 3, 9):
-        xs = [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for _ in range(k)]
+        xs = _meta_inputs([shape] * k, dtype, channels_last)
         mask = torch.ones(k, shape[0], dtype=torch.bool, device="meta")
         rows = torch.zeros(k, shape[0], dtype=torch.int64, device="meta")
         for name, join in (("mean", {}), ("mask", dict(mask=mask)), ("gather", dict(rows=rows))):
@@ -47,15 +52,13 @@ def _batch_norm_forward_backward(xs, mask, affine: bool, training: bool, relu: b
 def batch_norm_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):
     """bn_relu in training and eval, joins of 3 inputs by mask and by gather table (compact
     inputs of all, 1/2 and 1/4 of the samples), and unless ``quick`` for fp32 the bare batch norm
-    and a join of 9; on meta tensors (recorded launches need shapes and alignment only)."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    and a join of 9."""
 
     def inputs(k):
-        return [torch.empty(shape, dtype=dtype, device="meta").to(memory_format=layout) for _ in range(k)]
+        return _meta_inputs([shape] * k, dtype, channels_last)
 
     mask = torch.ones(3, shape[0], dtype=torch.bool, device="meta")
-    compact = [torch.empty((n,) + shape[1:], dtype=dtype, device="meta").to(memory_format=layout)
-               for n in (shape[0], shape[0] // 2, shape[0] // 4)]
+    compact = _meta_inputs([(n,) + shape[1:] for n in (shape[0], shape[0] // 2, shape[0] // 4)], dtype, channels_last)
     rows = torch.zeros(3, shape[0], dtype=torch.int64, device="meta")
     yield "bn_relu train", lambda: _batch_norm_forward_backward(inputs(1), None, True, True, True)
     yield "bn_relu eval", lambda: _batch_norm_forward_backward(inputs(1), None, True, False, True)

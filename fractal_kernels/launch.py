@@ -191,6 +191,7 @@ class DirectLaunches:
         self.align = [not p.do_not_specialize_on_alignment for p in params]
         #: (device, argument count, keyword arguments) -> [(guard, compiled variant)].
         self.variants: dict = {}
+        self._facts: dict = {}  # argument count -> facts function (the first launch of a variant)
 
     def compiled_variants(self) -> list:
         return [compiled for variants in self.variants.values() for _, compiled in variants]
@@ -202,7 +203,9 @@ class DirectLaunches:
                 break
         else:
             n = len(args)
-            facts = _facts_function(self.specialised[:n], self.align[:n])(*args)  # _NotDirect before any launch
+            if n not in self._facts:
+                self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
+            facts = self._facts[n](*args)  # _NotDirect before any launch
             compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
             if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
                 self.variants.setdefault(key, []).append((_guard_function(facts, self.specialised[:n]), compiled))

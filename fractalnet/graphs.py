@@ -26,9 +26,8 @@ count). A step whose optimizer's learning rates differ from the captured ones ca
 first (the paper's schedule changes the rate four times). SGD only (its state at the first step,
 a momentum buffer equal to the gradient, is what a zero buffer gives in the captured step);
 skip_dropped (shapes change every step), synchronised BatchNorm and an fp16 GradScaler are
-refused. Every parameter gets a gradient every step (zeros
-where a global batch's column does not reach), as in the paper's Caffe code: momentum moves every
-parameter every step.
+refused. Every parameter gets a gradient every step (zeros where a global batch's column does not
+reach), as in the paper's Caffe code: momentum moves every parameter every step.
 """
 
 from __future__ import annotations
@@ -38,8 +37,21 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .model import FractalNet
+
+
+def give_every_parameter_a_gradient(model: nn.Module) -> None:
+    """Zero gradients for the parameters that have none. The training loop then zeroes gradients
+    in place (never to None): every step gives every parameter a gradient, zeros where a global
+    batch's column or an empty skip_dropped segment does not reach it, so that momentum and weight
+    decay move every parameter every step, as the paper's Caffe code does, in eager, compiled
+    (whose graphs give those zeros themselves) and graphed steps alike (CUDA graphs need the
+    gradients to exist before capture)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def cuda_graph_capture(pool) -> Callable[[Callable[[], object]], Callable[[], None]]:
@@ -120,9 +132,7 @@ class GraphedTrainingStep:
 
     def _capture_all(self) -> None:
         """Warm-up and capture of every structure, the state put back afterwards."""
-        for p in self.model.parameters():  # every parameter has a gradient from the first step on
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        give_every_parameter_a_gradient(self.model)
         saved = {id(t): t.detach().clone() for t in self._state()}
         cuda = self.images.device.type == "cuda"
         side = torch.cuda.Stream() if cuda else None

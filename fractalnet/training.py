@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from . import data
 from .drop_path import copy_to_device
-from .graphs import GraphedTrainingStep
+from .graphs import GraphedTrainingStep, give_every_parameter_a_gradient
 from .model import FractalNet, create_model
 
 CHECKPOINT_FORMAT = "fractalnet-checkpoint-1"
@@ -224,18 +224,6 @@ def drop_path_arguments(model: nn.Module, generators: dict, world: int) -> Calla
         return {"structure": structure, "generator": masks} if structure == "local" else {"structure": structure}
 
     return arguments
-
-
-def give_every_parameter_a_gradient(model: nn.Module) -> None:
-    """Zero gradients for the parameters that have none. The training loop then zeroes gradients
-    in place (never to None): every step gives every parameter a gradient, zeros where a global
-    batch's column or an empty skip_dropped segment does not reach it, so that momentum and weight
-    decay move every parameter every step, as the paper's Caffe code does, in eager, compiled
-    (whose graphs give those zeros themselves) and graphed steps alike (CUDA graphs need the
-    gradients to exist before capture)."""
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
 
 
 def train_epoch(epoch, forward, optimizer, scaler, dataset, config, device, generators, rank, world,
