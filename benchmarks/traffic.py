@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fractal_kernels.testing import fake_mode
 from fractal_kernels.testing.traffic import count_traffic, eager_traffic
 
-from .cases import OpCase
+from .cases import OPS, OpCase
 
 #: The GPU of the modelled times and its peak HBM bandwidth (bytes/s).
 MODEL_GPU, MODEL_BANDWIDTH = "H100 SXM (HBM3, 3.35 TB/s)", 3.35e12
@@ -34,16 +34,18 @@ QUICK_SHAPES = [("fractalnet20_cifar", (8, 64, 16, 16))]
 
 
 def cases(quick: bool) -> list[tuple[OpCase, bool]]:
-    """(case, masked) pairs: every op (k = 3 for the joins) x dtype x layout, with and without a mask."""
+    """(case, masked) pairs: every benchmarked op (OPS; k = 3 where it takes several inputs) x
+    dtype x layout, with and without a mask where it takes one; --quick: one dtype, and masked
+    only where the op takes a mask."""
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     return [
-        (OpCase(op, 1 if op == "bn_relu" else 3, network, shape, dtype, channels_last), masked)
+        (OpCase(spec.name, 3 if 3 in spec.ks else spec.ks[0], network, shape, dtype, channels_last), masked)
         for network, shape in (QUICK_SHAPES if quick else SHAPES)
-        for op in ("masked_join", "bn_relu", "join_bn_relu")
+        for spec in OPS.values()
         for dtype in dtypes
         for channels_last in (False, True)
-        for masked in ((False, True) if op != "bn_relu" else (False,))
-        if not quick or masked or op == "bn_relu"
+        for masked in ((False, True) if spec.masked else (False,))
+        if not quick or masked or not spec.masked
     ]
 
 

@@ -8,7 +8,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from .batchnorm import batch_statistics, normalize_join, normalize_join_backward
+from .batchnorm import (
+    BatchNormOptions, PerInput, batch_statistics, input_statistics, normalize_join, normalize_join_backward,
+)
 from .join import join_backward, join_forward
 from .tensors import acc_dtype
 
@@ -40,13 +42,12 @@ def _batch_norm_forward_backward(xs, mask, affine: bool, training: bool, relu: b
     statistic = acc_dtype(xs[0].dtype)
     running_means, running_vars = ([xs[0].new_empty(C, dtype=statistic) for _ in range(k)] for _ in range(2))
     if training:
-        stats = batch_statistics(xs, running_means, running_vars, None, 0.1)
-        means, variances = list(stats[0]), list(stats[1])
+        means, variances = input_statistics(batch_statistics(xs, running_means, running_vars, None, momentum=0.1))
     else:
         means, variances = running_means, running_vars
-    out = normalize_join(xs, mask, rows, params, params, means, variances, 1e-5, relu)
-    normalize_join_backward(torch.empty_like(out), xs, mask, rows, params, params, means, variances, training, 1e-5,
-                            relu)
+    tensors, options = PerInput(xs, params, params, means, variances), BatchNormOptions(1e-5, relu, training)
+    out = normalize_join(tensors, mask, rows, options=options)
+    normalize_join_backward(torch.empty_like(out), tensors, mask, rows, options=options)
 
 
 def batch_norm_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):

@@ -1,16 +1,20 @@
-"""BatchNorm(+ReLU) ops over k inputs with a join: launchers, torch.library ops and autograd.
+"""BatchNorm(+ReLU) over k inputs with a join: launchers, torch.library ops and one autograd Function.
 
-The kernels are batchnorm_kernels.py's. Three ops carry them: ``bn_stats`` (batch statistics and
-the running-statistic update; it mutates, so it has no autograd of its own), ``bn_apply`` (the
-normalised, activated and joined output) and ``bn_backward`` (its backward, which differentiates
-through the batch statistics). ``batch_norm_join`` composes them into the op behind bn_relu,
-join_bn_relu and gather_join_bn_relu (library.py).
+The kernels are batchnorm_kernels.py's. Four launchers run them: ``batch_statistics`` (batch
+statistics and the running-statistic update), ``normalize_join`` (the normalised, activated and
+joined output), ``bn_backward_sums`` and ``bn_backward_dx`` (its backward, which differentiates
+through the batch statistics). Each is also a torch.library op without autograd (``bn_stats``,
+``bn_apply``, ``bn_backward_sums``, ``bn_backward_dx``), what torch sees while it traces.
+``batch_norm_join`` composes them into the function behind bn_relu, join_bn_relu and
+gather_join_bn_relu, synchronised over a process group or not; its one autograd Function,
+BatchNormJoinFunction, launches through either (``LaunchPath``: DIRECT or LIBRARY), as the
+public op chose.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -28,6 +32,7 @@ from .launch import (
     REDUCTION_REGISTERS, define_op, input_groups, launch, next_power_of_2, optional, slots,
     wrap_triton,
 )
+from .sync_batchnorm import RankStatistics
 from .tensors import acc_dtype, dense, dense_inputs, like_rows, memory_format
 
 #: Channels per program of the combine stage.
@@ -47,8 +52,40 @@ def dropout_args(seeds: Optional[torch.Tensor], p: float) -> tuple:
     return seeds, float(p), 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
+class BatchNormOptions(NamedTuple):
+    """The scalar options of one normalisation pass, which every launcher and kernel op takes by
+    keyword: ``batch_stats`` says that the means and variances are the inputs' batch statistics
+    (training), which the backward differentiates through; otherwise they are constants (the
+    running statistics); ``dropout`` is the rate of the dropout before the BatchNorm (0: none)."""
+
+    eps: float
+    relu: bool
+    batch_stats: bool
+    dropout: float = 0.0
+
+
+class PerInput(NamedTuple):
+    """The per-input tensors of a normalisation pass, one entry per input (None for an absent
+    weight or bias): what the apply and backward launchers read, and what the autograd Function
+    saves, flattened."""
+
+    xs: Sequence[torch.Tensor]
+    weights: Sequence[Optional[torch.Tensor]]
+    biases: Sequence[Optional[torch.Tensor]]
+    means: Sequence[torch.Tensor]
+    variances: Sequence[torch.Tensor]
+
+    def flatten(self) -> tuple:
+        return (*self.xs, *self.weights, *self.biases, *self.means, *self.variances)
+
+    @classmethod
+    def unflatten(cls, flat: Sequence) -> PerInput:
+        k = len(flat) // len(cls._fields)
+        return cls(*(tuple(flat[j * k:(j + 1) * k]) for j in range(len(cls._fields))))
+
+
 def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_vars: Sequence,
-                     num_batches_tracked: Optional[Sequence], momentum: Optional[float],
+                     num_batches_tracked: Optional[Sequence], *, momentum: Optional[float],
                      seeds: Optional[torch.Tensor] = None, dropout: float = 0.0,
                      tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
     """Batch mean and biased variance of every channel of every (dense) input, after its dropout
@@ -64,7 +101,11 @@ def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_va
     """
     k = len(xs)
     if tiling is None:
-        tiling = channel_tiling(xs[0] if k == 1 else max(xs, key=lambda x: x.shape[0]), k)
+        # The tiling of the input with the most rows (a loop: Dynamo traces no max(key=)).
+        largest = xs[0]
+        for x in xs[1:]:
+            largest = x if x.shape[0] > largest.shape[0] else largest
+        tiling = channel_tiling(largest, k)
     C, chunks = tiling.C, tiling.num_chunks
     dtype, device = acc_dtype(xs[0].dtype), xs[0].device
     stats = torch.empty(2, k, C, dtype=dtype, device=device)
@@ -90,70 +131,74 @@ def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_va
     return stats
 
 
-def _channel_args(group: range, weights, biases, means, variances, join: tuple, num_inputs: int, eps: float,
-                  drop: tuple) -> tuple:
+def _channel_args(group: range, tensors: PerInput, join: tuple, eps: float, drop: tuple) -> tuple:
     """The per-channel, join and dropout arguments of the apply and backward kernels, for one
     group of inputs (None for absent weights and biases)."""
     return (
-        *slots(weights, group), *slots(biases, group), *slots(means, group), *slots(variances, group), *join,
-        group.start, num_inputs, float(eps), *drop,
+        *slots(tensors.weights, group), *slots(tensors.biases, group), *slots(tensors.means, group),
+        *slots(tensors.variances, group), *join, group.start, len(tensors.xs), float(eps), *drop,
     )
 
 
-def normalize_join(xs: Sequence[torch.Tensor], mask, rows, weights: Sequence, biases: Sequence, means: Sequence,
-                   variances: Sequence, eps: float, relu: bool, seeds: Optional[torch.Tensor] = None,
-                   dropout: float = 0.0, tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
-    """The join (plain mean, ``mask`` or gather table ``rows``) over (dense) inputs of
+def normalize_join(tensors: PerInput, mask, rows, *, options: BatchNormOptions, seeds: Optional[torch.Tensor] = None,
+                   tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
+    """The join (plain mean, ``mask`` or gather table ``rows``) over the (dense) inputs of
     act((dropout(x_i) - mean_i) / sqrt(var_i + eps) * w_i + b_i), dropout seeded by ``seeds``
-    [k] where given. None stands for an absent weight or bias. ``tiling``: the output's
-    (computed when None). One launch for up to eight inputs.
+    [k] where given. ``tiling``: the output's (computed when None). One launch for up to eight
+    inputs.
     """
+    xs = tensors.xs
     out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
     if out.numel() == 0:
         return out
     if tiling is None:
         tiling = channel_tiling(out, len(xs))
     join, mode = join_args(mask, rows)
-    drop = dropout_args(seeds, dropout)
+    drop = dropout_args(seeds, options.dropout)
     for g, group in enumerate(input_groups(len(xs))):
         launch(
             wrap_triton(bn_apply_kernel), tiling.grid,
-            out, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, len(xs), eps, drop),
-            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, ACCUMULATE=g > 0,
+            out, *slots(xs, group), *_channel_args(group, tensors, join, options.eps, drop),
+            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=options.relu, ACCUMULATE=g > 0,
             **tiling.meta(streaming=True),
         )
     return out
 
 
-def bn_backward_sums(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop,
-                     tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
+def bn_backward_sums(grad, tensors: PerInput, mask, rows, *, options: BatchNormOptions,
+                     seeds: Optional[torch.Tensor] = None, tiling: Optional[ChannelTiling] = None) -> torch.Tensor:
     """Per-chunk sums of g_i and of g_i * x_hat_i over the output rows, as [2, k, chunks, C]
-    (bn_backward_reduce_kernel); ``drop`` are the dropout arguments (dropout_args), ``tiling``
-    the gradient's (computed when None)."""
+    (bn_backward_reduce_kernel); ``tiling``: the gradient's (computed when None)."""
+    xs = tensors.xs
     k = len(xs)
     if tiling is None:
         tiling = channel_tiling(grad, k)
     join, mode = join_args(mask, rows)
+    drop = dropout_args(seeds, options.dropout)
     sums = torch.empty(2, k, tiling.num_chunks, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
     for group in input_groups(k):
         launch(
             wrap_triton(bn_backward_reduce_kernel), tiling.grid,
-            grad, *slots(xs, group), *_channel_args(group, weights, biases, means, variances, join, k, eps, drop),
-            sums, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, **tiling.meta(streaming=False),
+            grad, *slots(xs, group), *_channel_args(group, tensors, join, options.eps, drop),
+            sums, tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=options.relu,
+            **tiling.meta(streaming=False),
         )
     return sums
 
 
-def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps, relu, drop, batch_stats, sums,
-                   count=None, param_grads=True, tiling: Optional[ChannelTiling] = None):
+def bn_backward_dx(grad, tensors: PerInput, mask, rows, sums: torch.Tensor, *, options: BatchNormOptions,
+                   seeds: Optional[torch.Tensor] = None, count: Optional[int] = None, param_grads: bool = True,
+                   tiling: Optional[ChannelTiling] = None) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
     """Input gradients (the inputs' shapes) and the [2, k, C] weight and bias gradients (None
     without ``param_grads``) from the [2, k, P, C] partial sums (bn_backward_dx_kernel): one
     launch per group of eight inputs, or, for a gather join, one per input over its own rows.
     ``count``: the elements per channel the sums cover (default: the inputs' own); ``tiling``:
     the inputs' (without a gather join; computed when None)."""
+    xs = tensors.xs
     k = len(xs)
     sums = sums.contiguous()  # the kernel indexes it densely
     join, mode = join_args(mask, rows)
+    drop = dropout_args(seeds, options.dropout)
     grad_inputs = [torch.empty_like(x) for x in xs]
     grads = torch.empty(2, k, grad.shape[1], dtype=sums.dtype, device=grad.device) if param_grads else None
     if rows is None:
@@ -168,36 +213,12 @@ def bn_backward_dx(grad, xs, mask, rows, weights, biases, means, variances, eps,
         launch(
             wrap_triton(bn_backward_dx_kernel), tiling.grid,
             grad, *slots(xs, group), *slots(grad_inputs, group),
-            *_channel_args(group, weights, biases, means, variances, join, k, eps, drop), sample,
+            *_channel_args(group, tensors, join, options.eps, drop), sample,
             sums, sums.shape[2], grads, tiling.count if count is None else count,
-            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=relu, BATCH_STATS=batch_stats,
-            **tiling.meta(streaming=True),
+            tiling.N, *tiling.block_args(), K=len(group), JOIN=mode, RELU=options.relu,
+            BATCH_STATS=options.batch_stats, **tiling.meta(streaming=True),
         )
     return grad_inputs, grads
-
-
-def normalize_join_backward(grad: torch.Tensor, xs: Sequence[torch.Tensor], mask, rows, weights: Sequence,
-                            biases: Sequence, means: Sequence, variances: Sequence, batch_stats: bool, eps: float,
-                            relu: bool, seeds: Optional[torch.Tensor] = None, dropout: float = 0.0,
-                            tiling: Optional[ChannelTiling] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Backward of normalize_join: the input gradients (through the dropout, which it
-    regenerates from ``seeds``) and the [2, k, C] weight and bias gradients; with
-    ``batch_stats`` the means and variances are the inputs' batch statistics (training), which
-    it differentiates through, otherwise constants (running statistics).
-
-    Two launches for up to eight inputs (one when no sums are needed: running statistics and no
-    affine parameters); a gather join launches the input-gradient kernel once per input.
-    ``tiling``: the inputs' (computed when None; none for a gather join).
-    """
-    grad = grad.contiguous(memory_format=memory_format(xs[0]))
-    if rows is None and tiling is None:
-        tiling = channel_tiling(grad, len(xs))
-    args = (grad, xs, mask, rows, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
-    if batch_stats or any(t is not None for t in weights) or any(t is not None for t in biases):
-        sums = bn_backward_sums(*args, tiling=tiling)
-    else:
-        sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
-    return bn_backward_dx(*args, batch_stats, sums, tiling=tiling)
 
 
 def param_grads(grads: torch.Tensor, params: Sequence) -> list[Optional[torch.Tensor]]:
@@ -213,28 +234,30 @@ def present(tensors: Sequence) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library ops (what torch.compile traces) and the eager autograd.Function
+# torch.library ops: the launchers as torch traces them (parallel tensor lists positional, every
+# scalar keyword-only; empty placeholders stand for absent tensors). They carry no autograd: the
+# one autograd Function below calls them while torch traces, and the launchers otherwise.
 # ----------------------------------------------------------------------------------------------
 
 
 @define_op("fractal_kernels::bn_stats", mutates_args=("running_means", "running_vars", "num_batches_tracked"))
-def bn_stats(
+def bn_stats_op(
     inputs: list[torch.Tensor],
     running_means: list[torch.Tensor],
     running_vars: list[torch.Tensor],
     num_batches_tracked: list[torch.Tensor],
-    momentum: Optional[float],
     seeds: Optional[torch.Tensor],
+    *,
+    momentum: Optional[float],
     dropout: float,
 ) -> torch.Tensor:
-    """batch_statistics as a torch.library op (empty tensors stand for absent running statistics
-    and counters)."""
+    """batch_statistics as a torch.library op."""
     return batch_statistics(dense_inputs(inputs), present(running_means), present(running_vars),
-                            present(num_batches_tracked), momentum, seeds, dropout)
+                            present(num_batches_tracked), momentum=momentum, seeds=seeds, dropout=dropout)
 
 
 @define_op("fractal_kernels::bn_apply")
-def bn_apply(
+def bn_apply_op(
     inputs: list[torch.Tensor],
     mask: Optional[torch.Tensor],
     rows: Optional[torch.Tensor],
@@ -243,19 +266,19 @@ def bn_apply(
     means: list[torch.Tensor],
     variances: list[torch.Tensor],
     seeds: Optional[torch.Tensor],
-    dropout: float,
-    batch_stats: bool,
+    *,
     eps: float,
     relu: bool,
+    batch_stats: bool,
+    dropout: float,
 ) -> torch.Tensor:
-    """normalize_join as a torch.library op; ``batch_stats`` says whether its backward
-    differentiates through the means and variances (see normalize_join_backward)."""
-    return normalize_join(dense_inputs(inputs), mask, rows, present(weights), present(biases), means, variances, eps,
-                          relu, seeds, dropout)
+    """normalize_join as a torch.library op."""
+    tensors = PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+    return normalize_join(tensors, mask, rows, options=BatchNormOptions(eps, relu, batch_stats, dropout), seeds=seeds)
 
 
-@define_op("fractal_kernels::bn_backward")
-def bn_backward(
+@define_op("fractal_kernels::bn_backward_sums")
+def bn_backward_sums_op(
     grad: torch.Tensor,
     inputs: list[torch.Tensor],
     mask: Optional[torch.Tensor],
@@ -265,136 +288,207 @@ def bn_backward(
     means: list[torch.Tensor],
     variances: list[torch.Tensor],
     seeds: Optional[torch.Tensor],
-    dropout: float,
-    batch_stats: bool,
+    *,
     eps: float,
     relu: bool,
+    batch_stats: bool,
+    dropout: float,
+) -> torch.Tensor:
+    """bn_backward_sums as a torch.library op."""
+    tensors = PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+    return bn_backward_sums(grad, tensors, mask, rows, options=BatchNormOptions(eps, relu, batch_stats, dropout),
+                            seeds=seeds)
+
+
+@define_op("fractal_kernels::bn_backward_dx")
+def bn_backward_dx_op(
+    grad: torch.Tensor,
+    inputs: list[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    means: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    seeds: Optional[torch.Tensor],
+    sums: torch.Tensor,
+    *,
+    eps: float,
+    relu: bool,
+    batch_stats: bool,
+    dropout: float,
+    count: Optional[int],
+    param_grads: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """normalize_join_backward as a torch.library op."""
-    return normalize_join_backward(grad, dense_inputs(inputs), mask, rows, present(weights), present(biases), means,
-                                   variances, batch_stats, eps, relu, seeds, dropout)
+    """bn_backward_dx as a torch.library op (an empty parameter gradient without ``param_grads``)."""
+    tensors = PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+    grad_inputs, grads = bn_backward_dx(grad, tensors, mask, rows, sums,
+                                        options=BatchNormOptions(eps, relu, batch_stats, dropout), seeds=seeds,
+                                        count=count, param_grads=param_grads)
+    return grad_inputs, grads if grads is not None else sums.new_empty(0)
 
 
-def _apply_setup_context(ctx, inputs, output):
-    xs, mask, rows, weights, biases, means, variances, seeds, dropout, batch_stats, eps, relu = inputs
-    ctx.num_inputs = len(xs)
-    ctx.options = (dropout, batch_stats, eps, relu)
-    ctx.save_for_backward(mask, rows, seeds, *xs, *weights, *biases, *means, *variances)
+def _filled(tensors: Sequence, like: torch.Tensor) -> list[torch.Tensor]:
+    """A per-input list with an empty placeholder for each absent (None) entry."""
+    return [placeholder(like) if t is None else t for t in tensors]
 
 
-def _apply_backward(ctx, grad):
-    mask, rows, seeds, *saved = ctx.saved_tensors
-    k = ctx.num_inputs
-    xs, weights, biases, means, variances = (saved[j * k:(j + 1) * k] for j in range(5))
-    grad_inputs, grads = bn_backward(grad, xs, mask, rows, weights, biases, means, variances, seeds, *ctx.options)
-    return (grad_inputs, None, None, param_grads(grads[0], weights), param_grads(grads[1], biases), [None] * k,
-            [None] * k, None, None, None, None, None)
+def _library_lists(tensors: PerInput) -> tuple:
+    """The ops' list arguments of ``tensors`` (placeholders for absent weights and biases)."""
+    like = tensors.xs[0]
+    return (list(tensors.xs), list(tensors.means), list(tensors.variances), _filled(tensors.weights, like),
+            _filled(tensors.biases, like))
 
 
-bn_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+class LaunchPath(NamedTuple):
+    """How batch_norm_join runs its launchers: directly (eager), or through the torch.library
+    ops (while torch traces). Each function takes the launcher's arguments."""
+
+    statistics: Callable
+    apply: Callable
+    backward_sums: Callable
+    backward_dx: Callable
 
 
-class BatchNormOptions(NamedTuple):
-    """The non-tensor arguments of one eager batch_norm_join call, and its running statistics
-    and counters (None where absent), which autograd need not see."""
+def _library_statistics(xs, running_means, running_vars, num_batches_tracked, *, momentum, seeds=None, dropout=0.0,
+                        tiling=None):
+    like = xs[0]
+    return bn_stats_op([x.detach() for x in xs], _filled(running_means, like), _filled(running_vars, like),
+                       _filled(num_batches_tracked or (None,) * len(xs), like), seeds, momentum=momentum,
+                       dropout=dropout)
 
-    training: bool
-    momentum: Optional[float]
-    eps: float
-    relu: bool
-    dropout: float
-    running_means: Sequence
-    running_vars: Sequence
+
+def _library_apply(tensors: PerInput, mask, rows, *, options, seeds=None, tiling=None):
+    xs, means, variances, weights, biases = _library_lists(tensors)
+    return bn_apply_op(xs, mask, rows, weights, biases, means, variances, seeds, **options._asdict())
+
+
+def _library_backward_sums(grad, tensors: PerInput, mask, rows, *, options, seeds=None, tiling=None):
+    xs, means, variances, weights, biases = _library_lists(tensors)
+    return bn_backward_sums_op(grad, xs, mask, rows, weights, biases, means, variances, seeds, **options._asdict())
+
+
+def _library_backward_dx(grad, tensors: PerInput, mask, rows, sums, *, options, seeds=None, count=None,
+                         param_grads=True, tiling=None):
+    xs, means, variances, weights, biases = _library_lists(tensors)
+    grad_inputs, grads = bn_backward_dx_op(grad, xs, mask, rows, weights, biases, means, variances, seeds, sums,
+                                           count=count, param_grads=param_grads, **options._asdict())
+    return grad_inputs, grads if param_grads else None
+
+
+#: The launchers themselves: eager mode on plain tensors.
+DIRECT = LaunchPath(batch_statistics, normalize_join, bn_backward_sums, bn_backward_dx)
+#: The torch.library ops: what torch.compile, fake tensors and other dispatch modes see.
+LIBRARY = LaunchPath(_library_statistics, _library_apply, _library_backward_sums, _library_backward_dx)
+
+
+# ----------------------------------------------------------------------------------------------
+# The autograd Function of the BatchNorm family, and the function behind the public ops
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *, options: BatchNormOptions,
+                            seeds: Optional[torch.Tensor] = None, tiling: Optional[ChannelTiling] = None,
+                            sync: Optional[RankStatistics] = None,
+                            path: LaunchPath = DIRECT) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Backward of normalize_join: the input gradients (through the dropout, which it
+    regenerates from ``seeds``, and with ``options.batch_stats`` through the batch statistics)
+    and the [2, k, C] weight and bias gradients. With ``sync`` the statistics are global over a
+    process group: the per-channel sums are reduced over its ranks before the input gradients
+    (the parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them).
+
+    Two launches for up to eight inputs (one when no sums are needed: running statistics and no
+    affine parameters); a gather join launches the input-gradient kernel once per input.
+    ``tiling``: the inputs' (computed when None; none for a gather join).
+    """
+    xs = tensors.xs
+    grad = grad.contiguous(memory_format=memory_format(xs[0]))
+    if rows is None and tiling is None and path is DIRECT:
+        tiling = channel_tiling(grad, len(xs))
+    if options.batch_stats or any(t is not None for t in tensors.weights) or any(
+            t is not None for t in tensors.biases):
+        sums = path.backward_sums(grad, tensors, mask, rows, options=options, seeds=seeds, tiling=tiling)
+    else:
+        sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
+    if sync is None:
+        return path.backward_dx(grad, tensors, mask, rows, sums, options=options, seeds=seeds, tiling=tiling)
+    local = sums.sum(2, keepdim=True)  # [2, k, 1, C]: this rank's sums of g and g * x_hat
+    # The global sums divided by the global count: the kernel's count is 1.
+    grad_inputs, _ = path.backward_dx(grad, tensors, mask, rows, sync.global_means(local), options=options,
+                                      seeds=seeds, count=1, param_grads=False, tiling=tiling)
+    # The weight gradients are the sums of g * x_hat, the bias gradients those of g.
+    return grad_inputs, torch.stack([local[1, :, 0], local[0, :, 0]])
 
 
 class BatchNormJoinFunction(torch.autograd.Function):
-    """batch_norm_join in eager mode: the apply launcher and its backward, without torch.library's
-    Python dispatch (which costs more host time than the launches themselves). Its autograd
-    arguments are the inputs, weights and biases (None where absent); ``stats`` are the batch
-    statistics in training (differentiated through, as a function of the inputs) and None in eval."""
+    """The autograd of batch_norm_join, eager or traced (``path``), synchronised or not
+    (``sync``). Its autograd arguments are the inputs, weights and biases (None where absent);
+    ``statistics`` are the per-input means and variances: in training the batch statistics
+    (differentiated through, as functions of the inputs), in eval the running ones."""
 
     @staticmethod
-    def forward(ctx, options: BatchNormOptions, mask, rows, seeds, stats, tiling, *tensors):
+    def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, statistics, tiling,
+                *tensors):
         k = len(tensors) // 3
-        xs, weights, biases = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
-        means, variances = input_statistics(stats, options)
-        ctx.options, ctx.tiling = options, tiling  # the backward's tiling too: computed once
-        ctx.save_for_backward(mask, rows, seeds, stats, *tensors)
-        return normalize_join(xs, mask, rows, weights, biases, means, variances, options.eps, options.relu, seeds,
-                              options.dropout, tiling)
+        inputs = PerInput(tensors[:k], tensors[k:2 * k], tensors[2 * k:], *statistics)
+        ctx.path, ctx.options, ctx.sync, ctx.tiling = path, options, sync, tiling  # the backward's tiling too
+        ctx.save_for_backward(mask, rows, seeds, *inputs.flatten())
+        return path.apply(inputs, mask, rows, options=options, seeds=seeds, tiling=tiling)
 
     @staticmethod
     def backward(ctx, grad):
-        options = ctx.options
-        mask, rows, seeds, stats, *tensors = ctx.saved_tensors
-        k = len(tensors) // 3
-        weights, biases = tensors[k:2 * k], tensors[2 * k:]
-        grad_inputs, grads = normalize_join_backward(grad, tensors[:k], mask, rows, weights, biases,
-                                                     *input_statistics(stats, options), options.training, options.eps,
-                                                     options.relu, seeds, options.dropout, ctx.tiling)
-        return (None, None, None, None, None, None, *grad_inputs, *param_grads(grads[0], weights),
-                *param_grads(grads[1], biases))
+        mask, rows, seeds, *flat = ctx.saved_tensors
+        inputs = PerInput.unflatten(flat)
+        grad_inputs, grads = normalize_join_backward(grad, inputs, mask, rows, options=ctx.options, seeds=seeds,
+                                                     tiling=ctx.tiling, sync=ctx.sync, path=ctx.path)
+        return (None,) * 8 + (*grad_inputs, *param_grads(grads[0], inputs.weights),
+                              *param_grads(grads[1], inputs.biases))
 
 
-def input_statistics(stats: Optional[torch.Tensor], options: BatchNormOptions) -> tuple[Sequence, Sequence]:
-    """The per-input means and variances: the [C] slices of the [2, k, C] batch statistics, or the
-    running statistics where there are none (eval)."""
-    if stats is None:
-        return options.running_means, options.running_vars
+def input_statistics(stats: torch.Tensor) -> tuple[Sequence, Sequence]:
+    """The per-input means and variances: the [C] slices of the [2, k, C] batch statistics."""
     k = stats.shape[1]
     slices = stats.view(2 * k, stats.shape[2]).unbind(0)
     return slices[:k], slices[k:]
 
 
-def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
-                    rows=None, num_batches_tracked=None, dropout=0.0, seeds=None):
-    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]
-    in eager mode: in training the statistics of all inputs (with the running-statistic and
-    batch-count updates), then one apply pass, launched directly (BatchNormJoinFunction carries
-    the autograd). A nonzero ``dropout`` rate applies, whatever ``training`` says (the caller
-    passes 0 where its dropout is off), seeded by ``seeds`` [k] (int64; drawn here from torch's
-    generator when None). None stands for any absent tensor."""
+def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, num_batches_tracked=None, *,
+                    training: bool, momentum: Optional[float], eps: float, relu: bool, rows=None,
+                    dropout: float = 0.0, seeds=None, group_name: Optional[str] = None,
+                    path: LaunchPath = DIRECT):
+    """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]:
+    in training the statistics of all inputs (with the running-statistic and batch-count
+    updates; over the ranks of process group ``group_name`` where given), then one apply pass.
+    A nonzero ``dropout`` rate applies, whatever ``training`` says (the caller passes 0 where
+    its dropout is off), seeded by ``seeds`` [k] (int64; drawn here from torch's generator when
+    None). None stands for any absent tensor. ``path``: DIRECT in eager mode, LIBRARY while torch
+    traces (the caller chooses)."""
     xs = dense_inputs(inputs)
+    k = len(xs)
     if dropout and seeds is None:
-        seeds = draw_seeds(len(xs), xs[0].device)
-    # Without a gather table the statistics, apply and backward passes share one tiling.
-    tiling = channel_tiling(xs[0], len(xs)) if rows is None else None
-    stats = None
-    if training:
-        # The statistics carry no autograd of their own (launches record none): the apply's
-        # backward differentiates through them.
-        stats = batch_statistics(xs, running_means, running_vars, num_batches_tracked, momentum, seeds, dropout, tiling)
-    options = BatchNormOptions(training, momentum, eps, relu, dropout, running_means, running_vars)
-    out = BatchNormJoinFunction.apply(options, mask, rows, seeds, stats, tiling, *xs, *weights, *biases)
-    if recompute.recording():
-        recompute.register(out, functools.partial(normalize_join, xs, mask, rows, weights, biases,
-                                                  *input_statistics(stats, options), eps, relu, seeds, dropout, tiling))
-    return out
-
-
-def traced_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps, relu,
-                           rows=None, num_batches_tracked=None, dropout=0.0, seeds=None):
-    """batch_norm_join through the torch.library ops, as torch traces it (the composite ops of
-    library.py): bn_stats, then bn_apply with its registered autograd. Empty placeholders stand
-    for absent tensors (the ops take list[Tensor])."""
-    xs = dense_inputs(inputs)
-    absent = placeholder(xs[0])
-
-    def filled(tensors):
-        return [absent if t is None else t for t in tensors]
-
-    if dropout and seeds is None:
-        seeds = draw_seeds(len(xs), xs[0].device)
-    if training:
-        stats = bn_stats([x.detach() for x in xs], filled(running_means), filled(running_vars),
-                         filled(num_batches_tracked or [None] * len(xs)), momentum, seeds, dropout)
-        means, variances = list(stats[0].unbind(0)), list(stats[1].unbind(0))
+        seeds = draw_seeds(k, xs[0].device)
+    # Without a gather table the statistics, apply and backward launchers share one tiling.
+    tiling = channel_tiling(xs[0], k) if rows is None and path is DIRECT else None
+    sync = None
+    if not training:
+        statistics = (running_means, running_vars)
+    elif group_name is None:
+        # The statistics carry no autograd of their own: the apply's backward differentiates
+        # through them.
+        statistics = input_statistics(path.statistics(xs, running_means, running_vars, num_batches_tracked,
+                                                      momentum=momentum, seeds=seeds, dropout=dropout, tiling=tiling))
     else:
-        means, variances = list(running_means), list(running_vars)
-    args = (xs, mask, rows, filled(weights), filled(biases), means, variances, seeds, dropout, training, eps, relu)
-    out = bn_apply(*args)
+        local = path.statistics(xs, (None,) * k, (None,) * k, None, momentum=0.0, seeds=seeds, dropout=dropout,
+                                tiling=tiling)
+        sync = RankStatistics.gather(local, xs[0].numel() // xs[0].shape[1], group_name)
+        sync.update_running(running_means, running_vars, num_batches_tracked or (None,) * k, momentum)
+        statistics = sync.input_statistics(acc_dtype(xs[0].dtype))
+    options = BatchNormOptions(eps, relu, training, dropout)
+    out = BatchNormJoinFunction.apply(path, options, sync, mask, rows, seeds, statistics, tiling, *xs, *weights,
+                                      *biases)
     if recompute.recording():
-        recompute.register(out, functools.partial(bn_apply, *args))
+        recompute.register(out, functools.partial(path.apply, PerInput(xs, weights, biases, *statistics), mask, rows,
+                                                  options=options, seeds=seeds, tiling=tiling))
     return out
 
 
@@ -411,5 +505,6 @@ def dropout_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     C = x.shape[1]
     ones = torch.ones(1, C, dtype=acc_dtype(x.dtype), device=x.device)
     zeros = torch.zeros(1, C, dtype=acc_dtype(x.dtype), device=x.device)
-    kept = normalize_join(xs, None, None, [None], [None], list(zeros), list(ones), 0.0, False, seed.reshape(1), p)
+    kept = normalize_join(PerInput(xs, [None], [None], list(zeros), list(ones)), None, None,
+                          options=BatchNormOptions(0.0, False, False, p), seeds=seed.reshape(1))
     return kept != 0

@@ -16,7 +16,7 @@ one dense run, so the kernels see [batch, sample_numel] whatever the layout.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -181,57 +181,53 @@ def gather_join_backward_op(grad: torch.Tensor, rows: torch.Tensor, sizes: list[
     return join_backward(grad, sizes, rows=rows)
 
 
-def _mask_setup_context(ctx, inputs, output):
-    tensors, mask = inputs
-    ctx.num_inputs = len(tensors)
-    ctx.save_for_backward(mask)
+class JoinPath(NamedTuple):
+    """How JoinFunction runs its launchers: directly (eager) or through the torch.library ops
+    (while torch traces); each takes join_forward's or join_backward's arguments."""
+
+    forward: Callable
+    backward: Callable
 
 
-def _mask_backward(ctx, grad):
-    (mask,) = ctx.saved_tensors
-    return masked_join_backward_op(grad, mask, ctx.num_inputs), None
+def _library_forward(inputs: list[torch.Tensor], mask=None, rows=None) -> torch.Tensor:
+    return masked_join_op(inputs, mask) if rows is None else gather_join_op(inputs, rows)
 
 
-def _gather_setup_context(ctx, inputs, output):
-    tensors, rows = inputs
-    ctx.sizes = [t.shape[0] for t in tensors]
-    ctx.save_for_backward(rows)
+def _library_backward(grad: torch.Tensor, sizes: list[int], mask=None, rows=None) -> list[torch.Tensor]:
+    if rows is None:
+        return masked_join_backward_op(grad, mask, len(sizes))
+    return gather_join_backward_op(grad, rows, sizes)
 
 
-def _gather_backward(ctx, grad):
-    (rows,) = ctx.saved_tensors
-    return gather_join_backward_op(grad, rows, ctx.sizes), None
-
-
-masked_join_op.register_autograd(_mask_backward, setup_context=_mask_setup_context)
-gather_join_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+#: The launchers themselves (eager mode on plain tensors), and the torch.library ops.
+DIRECT = JoinPath(join_forward, join_backward)
+LIBRARY = JoinPath(_library_forward, _library_backward)
 
 
 class JoinFunction(torch.autograd.Function):
-    """The joins in eager mode: the ops' launchers and backward, without torch.library's Python
-    dispatch (which costs more host time than the launches themselves)."""
+    """The autograd of both joins (``mask`` or gather table ``rows``), eager or traced (``path``)."""
 
     @staticmethod
-    def forward(ctx, mask, rows, *inputs):
-        ctx.sizes = [x.shape[0] for x in inputs]
+    def forward(ctx, path: JoinPath, mask, rows, *inputs):
+        ctx.path, ctx.sizes = path, [x.shape[0] for x in inputs]
         ctx.save_for_backward(mask, rows)
-        return join_forward(list(inputs), mask, rows)
+        return path.forward(list(inputs), mask, rows)
 
     @staticmethod
     def backward(ctx, grad):
         mask, rows = ctx.saved_tensors
-        return (None, None, *join_backward(grad, ctx.sizes, mask, rows))
+        return (None, None, None, *ctx.path.backward(grad, ctx.sizes, mask, rows))
+
+
+def _path(x: torch.Tensor) -> JoinPath:
+    return DIRECT if runs_eagerly(x) else LIBRARY
 
 
 def masked_join(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The masked join: JoinFunction in eager mode, the torch.library op while torch traces."""
-    if runs_eagerly(inputs[0]):
-        return JoinFunction.apply(mask, None, *inputs)
-    return masked_join_op(inputs, mask)
+    """The masked join, launched directly in eager mode, through its torch.library op while torch traces."""
+    return JoinFunction.apply(_path(inputs[0]), mask, None, *inputs)
 
 
 def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """The gather join: JoinFunction in eager mode, the torch.library op while torch traces."""
-    if runs_eagerly(inputs[0]):
-        return JoinFunction.apply(None, rows, *inputs)
-    return gather_join_op(inputs, rows)
+    """The gather join, launched directly in eager mode, through its torch.library op while torch traces."""
+    return JoinFunction.apply(_path(inputs[0]), None, rows, *inputs)

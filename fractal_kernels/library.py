@@ -1,28 +1,29 @@
 """The composite torch.library ops of the public BatchNorm ops, their schemas in one place.
 
-``bn_relu``, ``join_bn_relu`` and ``gather_join_bn_relu`` are CompositeImplicitAutograd ops over
-batchnorm.py's ``bn_stats`` (which mutates the running statistics) and ``bn_apply`` (which has
-the autograd): torch.library does not allow an autograd formula on an op that mutates its inputs.
-The kernel ops themselves are registered next to their launchers (join.py, batchnorm.py). In
-eager mode the public ops skip these and call batchnorm.batch_norm_join directly.
+``bn_relu``, ``join_bn_relu`` and ``gather_join_bn_relu`` are CompositeImplicitAutograd ops:
+batchnorm.batch_norm_join through the kernel ops (``LIBRARY``), whose autograd Function torch
+traces (torch.library allows no autograd formula on an op that mutates its inputs, as these do
+the running statistics). The kernel ops themselves are registered next to their launchers
+(join.py, batchnorm.py). In eager mode the public ops skip these and launch directly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .batchnorm import traced_batch_norm_join
+from .batchnorm import LIBRARY, batch_norm_join
 
 _library = torch.library.Library("fractal_kernels", "FRAGMENT")
 _library.define(
     "bn_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
     "bool training, float? momentum=0.1, float eps=1e-05, bool relu=True, Tensor(c!)? num_batches_tracked=None, "
-    "float dropout=0.0, Tensor? seeds=None) -> Tensor"
+    "float dropout=0.0, Tensor? seeds=None, str? group_name=None) -> Tensor"
 )
 _library.define(
     "join_bn_relu(Tensor[] inputs, Tensor? mask, Tensor?[] weights, Tensor?[] biases, "
     "Tensor(a!)?[] running_means, Tensor(b!)?[] running_vars, bool training, float? momentum=0.1, "
-    "float eps=1e-05, Tensor(c!)?[]? num_batches_tracked=None, float dropout=0.0, Tensor? seeds=None) -> Tensor"
+    "float eps=1e-05, Tensor(c!)?[]? num_batches_tracked=None, float dropout=0.0, Tensor? seeds=None, "
+    "str? group_name=None) -> Tensor"
 )
 _library.define(
     "gather_join_bn_relu(Tensor[] inputs, Tensor rows, Tensor?[] weights, Tensor?[] biases, "
@@ -32,22 +33,24 @@ _library.define(
 
 
 def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True,
-             num_batches_tracked=None, dropout=0.0, seeds=None):
-    return traced_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps,
-                                  relu, num_batches_tracked=[num_batches_tracked], dropout=dropout, seeds=seeds)
+             num_batches_tracked=None, dropout=0.0, seeds=None, group_name=None):
+    return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], [num_batches_tracked],
+                           training=training, momentum=momentum, eps=eps, relu=relu, dropout=dropout, seeds=seeds,
+                           group_name=group_name, path=LIBRARY)
 
 
 def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5,
-                  num_batches_tracked=None, dropout=0.0, seeds=None):
-    return traced_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps,
-                                  True, num_batches_tracked=num_batches_tracked, dropout=dropout, seeds=seeds)
+                  num_batches_tracked=None, dropout=0.0, seeds=None, group_name=None):
+    return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, num_batches_tracked,
+                           training=training, momentum=momentum, eps=eps, relu=True, dropout=dropout, seeds=seeds,
+                           group_name=group_name, path=LIBRARY)
 
 
 def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
                          eps=1e-5, num_batches_tracked=None, dropout=0.0, seeds=None):
-    return traced_batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
-                                  True, rows=rows, num_batches_tracked=num_batches_tracked, dropout=dropout,
-                                  seeds=seeds)
+    return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, num_batches_tracked,
+                           training=training, momentum=momentum, eps=eps, relu=True, rows=rows, dropout=dropout,
+                           seeds=seeds, path=LIBRARY)
 
 
 _library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")

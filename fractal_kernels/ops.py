@@ -25,7 +25,7 @@ from . import join, library, reference
 from .batchnorm import batch_norm_join
 from .checks import check_bn_input, check_bn_params, check_mask, check_rows, check_tensor_list
 from .launch import check_launchable, runs_eagerly
-from .sync_batchnorm import sync_batch_norm_join
+from .sync_batchnorm import group_name
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -87,10 +87,12 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
     return reference.masked_join(inputs, mask)
 
 
-def _synchronised(training: bool, process_group) -> bool:
+def _synchronised_group(training: bool, process_group) -> Optional[str]:
+    """The name of the process group whose ranks the batch statistics cover: None for local
+    statistics (eval, no group, or a group of one rank)."""
     if not training or process_group is None or not dist.is_initialized():
-        return False
-    return dist.get_world_size(process_group) > 1
+        return None
+    return group_name(process_group) if dist.get_world_size(process_group) > 1 else None
 
 
 def _check_unit_options(inputs, training, num_batches_tracked, momentum, dropout, seeds, seeds_name) -> None:
@@ -160,18 +162,17 @@ def bn_relu(
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                                  num_batches_tracked=num_batches_tracked, dropout=dropout)
     seeds = None if seed is None else seed.reshape(1)
-    if _synchronised(training, process_group):
-        return sync_batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], momentum, eps, relu,
-                                    process_group, [num_batches_tracked], dropout, seeds)
+    group = _synchronised_group(training, process_group)
     if runs_eagerly(x):
-        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], training, momentum, eps,
-                               relu, num_batches_tracked=[num_batches_tracked], dropout=dropout, seeds=seeds)
+        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], [num_batches_tracked],
+                               training=training, momentum=momentum, eps=eps, relu=relu, dropout=dropout, seeds=seeds,
+                               group_name=group)
     return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
-                           num_batches_tracked, dropout, seeds)
+                           num_batches_tracked, dropout, seeds, group)
 
 
 def _check_reference(training: bool, process_group) -> None:
-    if _synchronised(training, process_group):
+    if _synchronised_group(training, process_group) is not None:
         raise ValueError("process_group: synchronised statistics run on the Triton backend only")
 
 
@@ -228,14 +229,14 @@ def join_bn_relu(
         _check_reference(training, process_group)
         return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum,
                                       eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
-    if _synchronised(training, process_group):
-        return sync_batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, momentum, eps, True,
-                                    process_group, num_batches_tracked, dropout, seeds)
+    group = _synchronised_group(training, process_group)
     if runs_eagerly(x):
-        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, training, momentum, eps,
-                               True, num_batches_tracked=num_batches_tracked, dropout=dropout, seeds=seeds)
+        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, num_batches_tracked,
+                               training=training, momentum=momentum, eps=eps, relu=True, dropout=dropout, seeds=seeds,
+                               group_name=group)
     return library.join_bn_relu(list(inputs), mask, list(weights), list(biases), list(running_means),
-                                list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds)
+                                list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds,
+                                group)
 
 
 def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Optional[bool] = None) -> torch.Tensor:
@@ -294,7 +295,8 @@ def gather_join_bn_relu(
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
                                              momentum, eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
     if runs_eagerly(inputs[0]):
-        return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, training, momentum, eps,
-                               True, rows=rows, num_batches_tracked=num_batches_tracked, dropout=dropout, seeds=seeds)
+        return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, num_batches_tracked,
+                               training=training, momentum=momentum, eps=eps, relu=True, rows=rows, dropout=dropout,
+                               seeds=seeds)
     return library.gather_join_bn_relu(list(inputs), rows, list(weights), list(biases), list(running_means),
                                        list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds)

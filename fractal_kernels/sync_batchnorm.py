@@ -1,97 +1,78 @@
-"""Synchronised BatchNorm for bn_relu and join_bn_relu: batch statistics over a process group.
+"""Synchronised BatchNorm: batch statistics over the ranks of a process group.
 
-Each rank computes its statistics with the same kernels; they are all-gathered and merged before
-the apply pass (and the running statistics updated from the global ones), and the backward's
-per-channel sums are all-reduced before the input-gradient pass, so DDP training normalises with
-global batch statistics as nn.SyncBatchNorm does. Nothing is read back to the host: the global
-element count stays on the device (fp64, exact), and the backward divides the reduced sums by it
-there. Eager only.
+Each rank computes its statistics with the same kernels; batch_norm_join all-gathers and merges
+them (:meth:`RankStatistics.gather`) before the apply pass and updates the running statistics from
+the global ones, and the backward reduces its per-channel sums over the ranks before the
+input-gradient pass (:meth:`RankStatistics.global_means`), so DDP training normalises with global
+batch statistics as nn.SyncBatchNorm does. The collectives are torch's functional ones, so that
+the same code runs eagerly and under torch.compile (fullgraph). Nothing is read back to the host:
+the global element count stays on the device (fp64, exact), and the backward divides the reduced
+sums by it there.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
-from .batchnorm import (
-    batch_statistics, bn_backward_dx, bn_backward_sums, draw_seeds, dropout_args, normalize_join, param_grads,
-)
-from .tensors import acc_dtype, dense_inputs, memory_format
+#: Gathers a tensor from every rank along dim 0 (all_gather_single since torch 2.12; its older name
+#: is deprecated there).
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
-class SyncBatchNormJoin(torch.autograd.Function):
-    """Training-mode batch_norm_join with statistics synchronised over a process group."""
+def group_name(process_group) -> str:
+    """The name torch's functional collectives take for ``process_group``."""
+    return process_group.group_name if process_group is not None else dist.group.WORLD.group_name
 
-    @staticmethod
-    def forward(ctx, mask, process_group, running, momentum, eps, relu, seeds, dropout, k, *tensors):
-        xs = dense_inputs(tensors[:k])
-        weights, biases = tensors[k:2 * k], tensors[2 * k:]
-        running_means, running_vars, num_batches_tracked = running
-        mean, var = batch_statistics(xs, [None] * k, [None] * k, None, 0.0, seeds, dropout)  # [k, C] each, biased
+
+class RankStatistics(NamedTuple):
+    """The global batch statistics of k inputs over the ranks of a process group: per channel
+    [k, C] fp64 mean, biased variance and element count."""
+
+    group_name: str
+    mean: torch.Tensor
+    var: torch.Tensor
+    total: torch.Tensor
+
+    @classmethod
+    def gather(cls, local: torch.Tensor, count: int, group_name: str) -> RankStatistics:
+        """Merges every rank's [2, k, C] batch statistics ``local`` over ``count`` elements per
+        channel (ranks may hold different batch sizes)."""
+        k, C = local.shape[1:]
         # fp64 keeps the element count exact (fp32 is exact only to 2**24).
-        count = mean.new_full(mean.shape, xs[0].numel() // xs[0].shape[1], dtype=torch.float64)
-        local = torch.stack([mean.double(), var.double(), count])
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-        dist.all_gather(gathered, local, group=process_group)
-        means, variances, counts = torch.stack(gathered).unbind(1)  # each [ranks, k, C]
+        counts = local.new_full((k, C), count, dtype=torch.float64)
+        mine = torch.stack([local[0].double(), local[1].double(), counts])
+        means, variances, counts = _all_gather(mine, 0, group_name).view(-1, 3, k, C).unbind(1)
         total = counts.sum(0)
         mean = (counts * means).sum(0) / total
         var = (counts * (variances + (means - mean) ** 2)).sum(0) / total
-        for i in range(k):
+        return cls(group_name, mean, var, total)
+
+    def update_running(self, running_means: Sequence, running_vars: Sequence, num_batches_tracked: Sequence,
+                       momentum: Optional[float]) -> None:
+        """Counts the batch and updates the present running statistics (None: absent) with the
+        global ones, as batch_statistics does with local ones."""
+        for i, (running_mean, running_var, counter) in enumerate(zip(running_means, running_vars,
+                                                                     num_batches_tracked)):
             factor = momentum
-            if num_batches_tracked[i] is not None:
-                num_batches_tracked[i].add_(1)
+            if counter is not None:
+                counter.add_(1)
                 if momentum is None:  # the cumulative average, without reading the count back
-                    factor = num_batches_tracked[i].reciprocal().to(mean.dtype)
-            if running_means[i] is not None:
-                running_means[i].lerp_(mean[i].to(running_means[i].dtype), factor)
-                running_vars[i].lerp_((var[i] * total[i] / (total[i] - 1)).to(running_vars[i].dtype), factor)
-        means = list(mean.to(acc_dtype(xs[0].dtype)).unbind(0))
-        variances = list(var.to(acc_dtype(xs[0].dtype)).unbind(0))
-        out = normalize_join(xs, mask, None, list(weights), list(biases), means, variances, eps, relu, seeds, dropout)
-        ctx.save_for_backward(mask, total, seeds, *xs, *weights, *biases, *means, *variances)
-        ctx.options = (k, eps, relu, dropout, process_group)
-        return out
+                    factor = counter.reciprocal().to(self.mean.dtype)
+            if running_mean is not None:
+                running_mean.lerp_(self.mean[i].to(running_mean.dtype), factor)
+                unbiased = self.var[i] * self.total[i] / (self.total[i] - 1)
+                running_var.lerp_(unbiased.to(running_var.dtype), factor)
 
-    @staticmethod
-    def backward(ctx, grad):
-        k, eps, relu, dropout, process_group = ctx.options
-        mask, total, seeds, *saved = ctx.saved_tensors
-        xs, weights, biases, means, variances = (list(saved[j * k:(j + 1) * k]) for j in range(5))
-        grad = grad.contiguous(memory_format=memory_format(xs[0]))
-        args = (grad, xs, mask, None, weights, biases, means, variances, eps, relu, dropout_args(seeds, dropout))
-        local = bn_backward_sums(*args).sum(2, keepdim=True)  # [2, k, 1, C]: sums of g and g * x_hat
-        sums = local.clone()
-        dist.all_reduce(sums, group=process_group)
-        # The global sums divided by the global count on the device: the kernel's count is 1.
-        sums = (sums / total[None, :, None, :]).to(local.dtype)
-        grad_inputs, _ = bn_backward_dx(*args, True, sums, count=1, param_grads=False)
-        # Parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them across ranks.
-        grad_weights = param_grads(local[1, :, 0], weights)
-        grad_biases = param_grads(local[0, :, 0], biases)
-        return (None,) * 9 + (*grad_inputs, *grad_weights, *grad_biases)
+    def input_statistics(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The per-input [C] means and variances in the kernels' accumulation ``dtype``."""
+        return list(self.mean.to(dtype).unbind(0)), list(self.var.to(dtype).unbind(0))
 
-
-def sync_batch_norm_join(
-    inputs: Sequence[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    weights: Sequence[Optional[torch.Tensor]],
-    biases: Sequence[Optional[torch.Tensor]],
-    running_means: Sequence[Optional[torch.Tensor]],
-    running_vars: Sequence[Optional[torch.Tensor]],
-    momentum: Optional[float],
-    eps: float,
-    relu: bool,
-    process_group,
-    num_batches_tracked: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    dropout: float = 0.0,
-    seeds: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Training-mode batch_norm_join with statistics synchronised over ``process_group``."""
-    if dropout and seeds is None:
-        seeds = draw_seeds(len(inputs), inputs[0].device)
-    running = (tuple(running_means), tuple(running_vars), tuple(num_batches_tracked or [None] * len(inputs)))
-    return SyncBatchNormJoin.apply(mask, process_group, running, momentum, eps, relu, seeds, dropout, len(inputs),
-                                   *inputs, *weights, *biases)
+    def global_means(self, sums: torch.Tensor) -> torch.Tensor:
+        """This rank's [2, k, 1, C] backward sums reduced over the ranks and divided by the global
+        element count, in their own dtype."""
+        reduced = funcol.all_reduce(sums, "sum", self.group_name)
+        return (reduced / self.total[None, :, None, :]).to(sums.dtype)

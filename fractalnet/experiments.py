@@ -47,7 +47,7 @@ EXPERIMENTS = ("depth", "drop-path", "anytime")
 #: Per dataset: the architecture and recipe of every run (the paper's for CIFAR; small for the
 #: embedded digits, so that ``all`` finishes on two CPU cores).
 PRESETS = {
-    "digits": dict(image_size=32, widths=(8, 16, 32, 64, 64), dropout=(0.0,) * 5, batch_size=50, epochs=20, lr=0.02),
+    "digits": dict(image_size=32, widths=(8, 16, 32, 64, 64), dropout=(0.0,) * 5, batch_size=50, epochs=60, lr=0.02),
     "cifar10": dict(image_size=32, widths=(64, 128, 256, 512, 512), dropout=(0.0, 0.1, 0.2, 0.3, 0.4),
                     batch_size=100, epochs=400, lr=0.02),
 }

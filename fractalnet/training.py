@@ -204,26 +204,21 @@ def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, config, device
     model.eval()
 
 
-def drop_path_arguments(model: nn.Module, generators: dict, world: int) -> Callable[[], dict]:
+def drop_path_arguments(model: nn.Module, generators: dict) -> Callable[[], dict]:
     """The drop-path arguments of each training step's forward. Drawn per batch (without
     skip_dropped), the structure is drawn here, on the host, from the run's drop-path generator
     (the same on every rank) and passed in: eager, compiled and graphed steps take the same
     structures and run the same step for each (a compiled step one graph per structure). A local
-    batch's masks come from the device's default generator, or with several ranks from the
-    shared host generator, since every rank must drop alike. With skip_dropped the model draws
-    everything on the host from that generator."""
+    batch's masks come from the device's default generator, which training_state seeds alike on
+    every rank, since every rank must drop alike (a generator argument would stop torch.compile
+    and CUDA graphs). With skip_dropped the model draws everything on the host from that
+    generator."""
     if not (isinstance(model, FractalNet) and model.drop_path_per == "batch"):
         return dict
     generator = generators["drop_path"]
     if model.skip_dropped:
         return lambda: {"generator": generator}
-    masks = generator if world > 1 else None
-
-    def arguments():
-        structure = model.draw_structure(generator)
-        return {"structure": structure, "generator": masks} if structure == "local" else {"structure": structure}
-
-    return arguments
+    return lambda: {"structure": model.draw_structure(generator)}
 
 
 def train_epoch(epoch, forward, optimizer, scaler, dataset, config, device, generators, rank, world,
@@ -398,7 +393,10 @@ def training_state(model: nn.Module, config: TrainConfig, device: torch.device, 
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
     generators = {"data": torch.Generator().manual_seed(config.seed),
                   "augment": torch.Generator(device=device).manual_seed(config.seed + 1 + rank)}
-    torch.manual_seed(config.seed + 2 + rank)  # dropout and per-sample drop-path: independent per rank
+    # The same on every rank: a local batch's drop-path masks must agree across ranks, and they
+    # come from the device's generator (traceable, and registered with CUDA graphs). Dropout and
+    # per-sample drop-path draw alike too, over each rank's own samples.
+    torch.manual_seed(config.seed + 2)
     draws_per_batch = isinstance(model, FractalNet) and model.drop_path_per == "batch"
     if draws_per_batch:  # one draw for the whole global batch: the same on every rank
         generators["drop_path"] = torch.Generator().manual_seed(config.seed + 2**31)
@@ -415,11 +413,11 @@ def training_state(model: nn.Module, config: TrainConfig, device: torch.device, 
     generators["data"].set_state(rng["data"])
     if draws_per_batch and rng.get("drop_path") is not None:
         generators["drop_path"].set_state(rng["drop_path"])
-    if rank == 0:  # the other ranks' streams were not saved: they restart from their seeds
+    torch.set_rng_state(rng["torch"])  # torch's streams are the same on every rank
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    if rank == 0:  # the other ranks' augmentation streams were not saved: they restart from their seeds
         generators["augment"].set_state(rng["augment"])
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
     return state
 
 
@@ -464,7 +462,7 @@ def fit(model: nn.Module, dataset: data.Dataset, config: TrainConfig, device: to
                if world > 1 else model)
     forward = compiled(trained, config)
     give_every_parameter_a_gradient(model)
-    drop_path = drop_path_arguments(model, state.generators, world)
+    drop_path = drop_path_arguments(model, state.generators)
     graphed = None
     out = Path(config.out) if config.out else None
     if out is not None and rank == 0:

@@ -43,6 +43,17 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.to(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
+def make_inputs(sizes, sample_shape, dtype=torch.float32, channels_last=False, seed=0, spread=True):
+    """Leaf inputs (requires_grad) of ``sizes[i]`` rows of ``sample_shape`` each, drawn in fp64
+    and stored in ``dtype`` and layout; with ``spread`` input i is scaled by i + 1 and shifted by
+    i, so that inputs differ in their statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(size, *sample_shape, generator=gen, dtype=torch.float64) for size in sizes]
+    if spread:
+        xs = [x * (i + 1) + i for i, x in enumerate(xs)]
+    return [to_layout(x.to(dtype), channels_last).to(DEVICE).requires_grad_() for x in xs]
+
+
 def train_step(model, x, seed=5, **kwargs):
     """Output and parameter gradients of one training forward/backward with a seeded RNG."""
     model.zero_grad()

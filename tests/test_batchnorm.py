@@ -349,11 +349,13 @@ def test_eval_needs_running_statistics():
         fk.bn_relu(torch.randn(4, 3), None, None, None, None, training=False)
 
 
-@pytest.mark.parametrize("mode", ["interpreter", "fake_gpu"])
+@pytest.mark.parametrize("mode", ["interpreter", "fake_gpu", "compiled"])
 def test_synchronised_statistics_across_two_processes(tmp_path, mode):
     """Two gloo ranks, each with part of the batch, against one process on the whole batch:
     bn_relu, and join_bn_relu of two inputs with a drop-path mask; neither reads a device value
-    on the host (the workers run under no_host_reads)."""
+    on the host (the workers run under no_host_reads). ``compiled``: on the fake GPU under
+    torch.compile(fullgraph=True), the collectives traced (the worker checks that it compiles
+    once, and compiles a FractalNet training step with synchronised BatchNorm)."""
     worker = Path(__file__).with_name("sync_bn_worker.py")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
            "WORLD_SIZE": "2", "FRACTAL_KERNELS_BACKEND": "triton"}

@@ -1,15 +1,13 @@
-"""gather_join and gather_join_bn_relu (interpreted on CPU) against their references, and the
-skip_dropped model they serve."""
+"""gather_join and gather_join_bn_relu (interpreted on CPU) against their references (the
+skip_dropped model they serve is test_model.py's)."""
 
 import helpers
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, freeze_batchnorm, to_layout, train_step
-from torch import nn
+from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close
 
 import fractal_kernels as fk
 from fractal_kernels import reference
-from fractalnet import FractalNet
 
 BATCH = 7
 
@@ -19,9 +17,7 @@ def make_rows(sizes, seed=0):
 
 
 def make_inputs(sizes, dtype, channels_last, seed=0, shape=(4, 3, 5)):
-    gen = torch.Generator().manual_seed(seed)
-    return [to_layout((torch.randn(size, *shape, generator=gen, dtype=torch.float64) * (i + 1) + i).to(dtype),
-                      channels_last) .to(DEVICE).requires_grad_() for i, size in enumerate(sizes)]
+    return helpers.make_inputs(sizes, shape, dtype, channels_last, seed)
 
 
 def grads(out, leaves, grad):
@@ -166,119 +162,3 @@ def test_bad_batchnorm_arguments(case, backend):
     with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
         fk.gather_join_bn_relu(**change(gather_bn_arguments()))
     assert launches[0] == 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The skip_dropped model
-# ----------------------------------------------------------------------------------------------
-
-# Drawn per sample, segments carry different subsets of the batch (the case skip_dropped is for).
-SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.0, 0.0), drop_path_per="sample")
-
-
-def model_pair(fused=True, **overrides):
-    torch.manual_seed(0)
-    dense = FractalNet(10, **{**SMALL, **overrides}, fused=fused).to(DEVICE)
-    skipping = FractalNet(10, **{**SMALL, **overrides}, fused=fused, skip_dropped=True).to(DEVICE)
-    skipping.load_state_dict(dense.state_dict())
-    return dense, skipping
-
-
-def batch(n=12, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def test_skipping_with_frozen_bn_equals_the_dense_model():
-    dense, skipping = model_pair()
-    freeze_batchnorm(dense), freeze_batchnorm(skipping)
-    x = batch()
-    with fk.use_backend("triton"):
-        out_d, grads_d = train_step(dense, x)
-        out_s, grads_s = train_step(skipping, x)
-    torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
-    for name, g in grads_d.items():
-        torch.testing.assert_close(grads_s.get(name, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_skipping_with_one_segment_left_at_a_join_spreads_it_over_the_batch():
-    """With two samples, a join often has one segment left: its output is still one row a
-    sample (zeros where nothing survived), as the dense model's. Many seeds, frozen BatchNorm."""
-    dense, skipping = model_pair(dropout=(0.0, 0.0, 0.0))
-    freeze_batchnorm(dense), freeze_batchnorm(skipping)
-    x = batch(n=2)
-    with fk.use_backend("triton"), torch.no_grad():
-        for seed in range(12):
-            torch.manual_seed(seed)
-            expected = dense(x)
-            torch.manual_seed(seed)
-            torch.testing.assert_close(skipping(x), expected, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
-
-
-def test_skipping_with_training_bn_matches_the_plain_pytorch_reference():
-    _, fused = model_pair(fused=True)
-    _, plain = model_pair(fused=False)  # reference ops: each segment on its surviving subset
-    x = batch()
-    with fk.use_backend("triton"):
-        out_f, grads_f = train_step(fused, x)
-    out_p, grads_p = train_step(plain, x)
-    torch.testing.assert_close(out_f, out_p, atol=1e-4, rtol=1e-4)
-    for name, g in grads_p.items():
-        torch.testing.assert_close(grads_f[name], g, atol=1e-4, rtol=1e-3, msg=name)
-    for (name, a), b in zip(fused.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def test_convolution_work_skipped_matches_the_drop_path_probabilities():
-    """Samples each conv processes, over many steps, against the expected survival of the
-    segment it belongs to: global samples keep one column of C, local ones keep each of a
-    k-input join's inputs with probability (1 - p) + p^k / k."""
-    model = FractalNet(10, widths=(4, 4), columns=3, dropout=(0.0, 0.0), skip_dropped=True, fused=False,
-                       drop_path_per="sample")
-    counts = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            module.register_forward_hook(lambda m, inputs, out, name=name: counts.__setitem__(
-                name, counts.get(name, 0) + inputs[0].shape[0]))
-    batch_size, steps, p, g, C = 64, 40, 0.15, 0.5, 3
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.randn(batch_size, 3, 8, 8))
-    block = model.blocks[0]
-    join_size = {row: len(ending) for row, ending in block.endings([1, 2, 3]) if len(ending) > 1}
-    for column in (1, 2, 3):
-        for u in range(len(block.columns[column - 1])):
-            end_row = next(r for r in sorted(join_size) if r >= (u + 1) * block.span(column))
-            k = join_size[end_row]
-            expected = g / C + (1 - g) * ((1 - p) + p**k / k)
-            for b in range(2):
-                seen = counts[f"blocks.{b}.columns.{column - 1}.{u}.conv"] / (steps * batch_size)
-                assert abs(seen - expected) < 0.06, (b, column, u, seen, expected)
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])  # local with one input dropped, global, local with several
-def test_drawn_per_batch_skipping_is_the_dense_computation(seed):
-    """Drawn per batch, every segment carries the whole batch or nothing, so the BatchNorm
-    statistics of the dense model already leave out the samples a segment does not carry:
-    training BatchNorm, the same outputs, gradients and running statistics of every unit that
-    ran (a unit skipping leaves out keeps its own). Drawn per sample, the two differ by design."""
-    dense, skipping = model_pair(drop_path_per="batch")
-    x = batch()
-    with fk.use_backend("triton"):
-        out_d, grads_d = train_step(dense, x, generator=torch.Generator().manual_seed(seed))
-        out_s, grads_s = train_step(skipping, x, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(out_s, out_d, atol=1e-5, rtol=1e-5)
-    for name, g in grads_s.items():
-        torch.testing.assert_close(g, grads_d[name], atol=1e-5, rtol=1e-4, msg=name)
-    ran = {name.rsplit(".", 2)[0] for name, g in grads_s.items() if g.any()}  # units that saw samples
-    for name, value in skipping.state_dict().items():
-        if name.rsplit(".", 2)[0] in ran and "running" in name:
-            torch.testing.assert_close(value, dense.state_dict()[name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_eval_is_dense_and_unchanged():
-    dense, skipping = model_pair()
-    dense.eval(), skipping.eval()
-    x = batch(4)
-    with fk.use_backend("triton"):
-        torch.testing.assert_close(skipping(x), dense(x))

@@ -4,9 +4,10 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, assert_close, to_layout
+from helpers import DEVICE, DTYPES, assert_close
 
 import fractal_kernels as fk
 from fractal_kernels.testing import saved_bytes
@@ -14,9 +15,7 @@ from fractal_kernels import reference
 
 
 def make_inputs(k, shape=(6, 5, 3, 4), dtype=torch.float32, channels_last=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(k)]
-    return [to_layout(x.to(dtype), channels_last).to(DEVICE).requires_grad_() for x in xs]
+    return helpers.make_inputs([shape[0]] * k, shape[1:], dtype, channels_last, seed, spread=False)
 
 
 def make_mask(k, batch, seed=0, dtype=torch.bool):

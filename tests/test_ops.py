@@ -31,14 +31,16 @@ def running(n=3, dtype=torch.float64):
 
 
 def test_opcheck_joins():
+    """The kernel ops, as torch traces them (their autograd is JoinFunction's)."""
     xs, _, _, mask = block_inputs()
+    xs = [x.detach() for x in xs]
     torch.library.opcheck(join.masked_join_op, (xs, mask))
     torch.library.opcheck(join.masked_join_op, (xs, None))
-    torch.library.opcheck(join.masked_join_backward_op, (xs[0].detach(), mask, 3))
+    torch.library.opcheck(join.masked_join_backward_op, (xs[0], mask, 3))
     rows = torch.tensor([[0, -1, 1, 2], [2, 0, -1, 1], [-1, -1, 0, 1]], device=DEVICE)
     compact = [x[:4 - i] for i, x in enumerate(xs)]
     torch.library.opcheck(join.gather_join_op, (compact, rows))
-    torch.library.opcheck(join.gather_join_backward_op, (xs[0].detach(), rows, [4, 3, 2]))
+    torch.library.opcheck(join.gather_join_backward_op, (xs[0], rows, [4, 3, 2]))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -61,20 +63,28 @@ def test_opcheck_join_bn_relu(training):
 
 
 def test_opcheck_primitives():
+    """The kernel ops, as torch traces them: schemas, fakes and mutation annotations."""
     xs, ws, bs, mask = block_inputs()
     detached = [x.detach() for x in xs]
     rms, rvs = running()
     counters = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in range(3)]
     seeds = torch.tensor([1, 2, 3], device=DEVICE)
-    torch.library.opcheck(batchnorm.bn_stats, (detached, rms, rvs, counters, 0.1, None, 0.0))
-    torch.library.opcheck(batchnorm.bn_stats, (detached, rms, rvs, counters, None, seeds, 0.2))
-    stats = batchnorm.bn_stats(detached, rms, rvs, counters, 0.1, None, 0.0)
+    for drop_seeds, momentum, dropout in ((None, 0.1, 0.0), (seeds, None, 0.2)):
+        torch.library.opcheck(batchnorm.bn_stats_op, (detached, rms, rvs, counters, drop_seeds),
+                              dict(momentum=momentum, dropout=dropout))
+    stats = batchnorm.bn_stats_op(detached, rms, rvs, counters, None, momentum=0.1, dropout=0.0)
     means, variances = list(stats[0]), list(stats[1])
-    for drop in ((None, 0.0), (seeds, 0.2)):
-        torch.library.opcheck(batchnorm.bn_apply, (xs, mask, None, ws, bs, means, variances, *drop, True, 1e-5, True))
-        params = [[t.detach() for t in ts] for ts in (ws, bs)]
-        torch.library.opcheck(batchnorm.bn_backward, (xs[0].detach(), detached, mask, None, *params, means, variances,
-                                                      *drop, True, 1e-5, True))
+    params = [[t.detach() for t in ts] for ts in (ws, bs)]
+    grad = xs[0].detach()
+    for drop_seeds, dropout in ((None, 0.0), (seeds, 0.2)):
+        options = dict(eps=1e-5, relu=True, batch_stats=True, dropout=dropout)
+        tensors = (detached, mask, None, *params, means, variances, drop_seeds)
+        torch.library.opcheck(batchnorm.bn_apply_op, tensors, options)
+        torch.library.opcheck(batchnorm.bn_backward_sums_op, (grad, *tensors), options)
+        sums = batchnorm.bn_backward_sums_op(grad, *tensors, **options)
+        for count, param_grads in ((None, True), (1, False)):
+            torch.library.opcheck(batchnorm.bn_backward_dx_op, (grad, *tensors, sums),
+                                  dict(options, count=count, param_grads=param_grads))
 
 
 class Block(torch.nn.Module):

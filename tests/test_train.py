@@ -63,9 +63,10 @@ def test_resume_continues_exactly(tmp_path):
                          ids=["ddp-per-sample", "ddp-per-batch", "ddp-sync-bn-per-batch"])
 def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn, per):
     """Drawn per batch, both ranks draw the same (a global batch runs the same column on each,
-    so DDP and synchronised BatchNorm see the same parameters and collectives)."""
+    so DDP and synchronised BatchNorm see the same parameters and collectives). The running
+    statistics are training's own (no re-estimation, which would give every rank the same)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    options = ["--drop-path-per", per]
+    options = ["--drop-path-per", per, "--no-reestimate-bn"]
     if sync_bn:  # synchronised statistics run on the Triton kernels: interpreted on CPU
         env.update(TRITON_INTERPRET="1", FRACTAL_KERNELS_BACKEND="triton")
         options.append("--sync-bn")
@@ -77,8 +78,11 @@ def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn, per
     digests = {rank: (weights, buffers) for rank, weights, buffers
                in re.findall(r"rank (\d): weights sha256 ([0-9a-f]{16}) buffers sha256 ([0-9a-f]{16})", result.stdout)}
     assert set(digests) == {"0", "1"} and digests["0"][0] == digests["1"][0]
-    # Running statistics agree only when the ranks normalise with global batch statistics.
-    assert (digests["0"][1] == digests["1"][1]) == sync_bn
+    # Running statistics agree only when the ranks normalise with global batch statistics. (DDP
+    # broadcasts rank 0's buffers at every forward: without --sync-bn they part only in the last
+    # step, which drawn per batch may be a global batch that updates none.)
+    if sync_bn or per == "sample":
+        assert (digests["0"][1] == digests["1"][1]) == sync_bn
     assert (tmp_path / "last.pt").exists()
 
 
