@@ -344,32 +344,32 @@ class LaunchPath(NamedTuple):
     """How batch_norm_join runs its launchers: directly (eager), or through the torch.library
     ops (while torch traces). Each function takes the launcher's arguments."""
 
-    statistics: Callable
-    apply: Callable
-    backward_sums: Callable
-    backward_dx: Callable
+    batch_statistics: Callable
+    normalize_join: Callable
+    bn_backward_sums: Callable
+    bn_backward_dx: Callable
 
 
-def _library_statistics(xs, running_means, running_vars, num_batches_tracked, *, momentum, seeds=None, dropout=0.0,
-                        tiling=None):
+def _library_batch_statistics(xs, running_means, running_vars, num_batches_tracked, *, momentum, seeds=None,
+                              dropout=0.0, tiling=None):
     like = xs[0]
     return bn_stats_op([x.detach() for x in xs], _filled(running_means, like), _filled(running_vars, like),
                        _filled(num_batches_tracked or (None,) * len(xs), like), seeds, momentum=momentum,
                        dropout=dropout)
 
 
-def _library_apply(tensors: PerInput, mask, rows, *, options, seeds=None, tiling=None):
+def _library_normalize_join(tensors: PerInput, mask, rows, *, options, seeds=None, tiling=None):
     xs, means, variances, weights, biases = _library_lists(tensors)
     return bn_apply_op(xs, mask, rows, weights, biases, means, variances, seeds, **options._asdict())
 
 
-def _library_backward_sums(grad, tensors: PerInput, mask, rows, *, options, seeds=None, tiling=None):
+def _library_bn_backward_sums(grad, tensors: PerInput, mask, rows, *, options, seeds=None, tiling=None):
     xs, means, variances, weights, biases = _library_lists(tensors)
     return bn_backward_sums_op(grad, xs, mask, rows, weights, biases, means, variances, seeds, **options._asdict())
 
 
-def _library_backward_dx(grad, tensors: PerInput, mask, rows, sums, *, options, seeds=None, count=None,
-                         param_grads=True, tiling=None):
+def _library_bn_backward_dx(grad, tensors: PerInput, mask, rows, sums, *, options, seeds=None, count=None,
+                            param_grads=True, tiling=None):
     xs, means, variances, weights, biases = _library_lists(tensors)
     grad_inputs, grads = bn_backward_dx_op(grad, xs, mask, rows, weights, biases, means, variances, seeds, sums,
                                            count=count, param_grads=param_grads, **options._asdict())
@@ -379,7 +379,8 @@ def _library_backward_dx(grad, tensors: PerInput, mask, rows, sums, *, options, 
 #: The launchers themselves: eager mode on plain tensors.
 DIRECT = LaunchPath(batch_statistics, normalize_join, bn_backward_sums, bn_backward_dx)
 #: The torch.library ops: what torch.compile, fake tensors and other dispatch modes see.
-LIBRARY = LaunchPath(_library_statistics, _library_apply, _library_backward_sums, _library_backward_dx)
+LIBRARY = LaunchPath(_library_batch_statistics, _library_normalize_join, _library_bn_backward_sums,
+                     _library_bn_backward_dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,14 +408,14 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
         tiling = channel_tiling(grad, len(xs))
     if options.batch_stats or any(t is not None for t in tensors.weights) or any(
             t is not None for t in tensors.biases):
-        sums = path.backward_sums(grad, tensors, mask, rows, options=options, seeds=seeds, tiling=tiling)
+        sums = path.bn_backward_sums(grad, tensors, mask, rows, options=options, seeds=seeds, tiling=tiling)
     else:
         sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
     if sync is None:
-        return path.backward_dx(grad, tensors, mask, rows, sums, options=options, seeds=seeds, tiling=tiling)
+        return path.bn_backward_dx(grad, tensors, mask, rows, sums, options=options, seeds=seeds, tiling=tiling)
     local = sums.sum(2, keepdim=True)  # [2, k, 1, C]: this rank's sums of g and g * x_hat
     # The global sums divided by the global count: the kernel's count is 1.
-    grad_inputs, _ = path.backward_dx(grad, tensors, mask, rows, sync.global_means(local), options=options,
+    grad_inputs, _ = path.bn_backward_dx(grad, tensors, mask, rows, sync.global_means(local), options=options,
                                       seeds=seeds, count=1, param_grads=False, tiling=tiling)
     # The weight gradients are the sums of g * x_hat, the bias gradients those of g.
     return grad_inputs, torch.stack([local[1, :, 0], local[0, :, 0]])
@@ -423,17 +424,17 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
 class BatchNormJoinFunction(torch.autograd.Function):
     """The autograd of batch_norm_join, eager or traced (``path``), synchronised or not
     (``sync``). Its autograd arguments are the inputs, weights and biases (None where absent);
-    ``statistics`` are the per-input means and variances: in training the batch statistics
+    ``moments`` are the per-input (means, variances): in training the batch statistics
     (differentiated through, as functions of the inputs), in eval the running ones."""
 
     @staticmethod
-    def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, statistics, tiling,
+    def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, moments, tiling,
                 *tensors):
         k = len(tensors) // 3
-        inputs = PerInput(tensors[:k], tensors[k:2 * k], tensors[2 * k:], *statistics)
+        inputs = PerInput(tensors[:k], tensors[k:2 * k], tensors[2 * k:], *moments)
         ctx.path, ctx.options, ctx.sync, ctx.tiling = path, options, sync, tiling  # the backward's tiling too
         ctx.save_for_backward(mask, rows, seeds, *inputs.flatten())
-        return path.apply(inputs, mask, rows, options=options, seeds=seeds, tiling=tiling)
+        return path.normalize_join(inputs, mask, rows, options=options, seeds=seeds, tiling=tiling)
 
     @staticmethod
     def backward(ctx, grad):
@@ -471,24 +472,25 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     tiling = channel_tiling(xs[0], k) if rows is None and path is DIRECT else None
     sync = None
     if not training:
-        statistics = (running_means, running_vars)
+        moments = (running_means, running_vars)
     elif group_name is None:
         # The statistics carry no autograd of their own: the apply's backward differentiates
         # through them.
-        statistics = input_statistics(path.statistics(xs, running_means, running_vars, num_batches_tracked,
+        moments = input_statistics(path.batch_statistics(xs, running_means, running_vars, num_batches_tracked,
                                                       momentum=momentum, seeds=seeds, dropout=dropout, tiling=tiling))
     else:
-        local = path.statistics(xs, (None,) * k, (None,) * k, None, momentum=0.0, seeds=seeds, dropout=dropout,
+        local = path.batch_statistics(xs, (None,) * k, (None,) * k, None, momentum=0.0, seeds=seeds, dropout=dropout,
                                 tiling=tiling)
         sync = RankStatistics.gather(local, xs[0].numel() // xs[0].shape[1], group_name)
         sync.update_running(running_means, running_vars, num_batches_tracked or (None,) * k, momentum)
-        statistics = sync.input_statistics(acc_dtype(xs[0].dtype))
+        moments = sync.input_statistics(acc_dtype(xs[0].dtype))
     options = BatchNormOptions(eps, relu, training, dropout)
-    out = BatchNormJoinFunction.apply(path, options, sync, mask, rows, seeds, statistics, tiling, *xs, *weights,
+    out = BatchNormJoinFunction.apply(path, options, sync, mask, rows, seeds, moments, tiling, *xs, *weights,
                                       *biases)
     if recompute.recording():
-        recompute.register(out, functools.partial(path.apply, PerInput(xs, weights, biases, *statistics), mask, rows,
-                                                  options=options, seeds=seeds, tiling=tiling))
+        tensors = PerInput(xs, weights, biases, *moments)
+        recompute.register(out, functools.partial(path.normalize_join, tensors, mask, rows, options=options,
+                                                  seeds=seeds, tiling=tiling))
     return out
 
 
