@@ -29,6 +29,18 @@ def join_rows(columns: Sequence[int], block_columns: int) -> list[int]:
     return list(range(span, 2 ** (block_columns - 1) + 1, span))
 
 
+def chosen_column(draw, n: int, weights: Optional[Sequence[float]] = None):
+    """The index among ``n`` columns that a uniform ``draw`` in [0, 1) (a float, or a tensor of
+    draws) picks: uniformly, or in proportion to ``weights``."""
+    if weights is None:
+        return int(draw * n) if isinstance(draw, float) else (draw * n).long()
+    total = sum(weights)
+    bounds = [sum(weights[:j + 1]) / total for j in range(n - 1)]
+    if isinstance(draw, float):
+        return sum(draw >= bound for bound in bounds)
+    return torch.zeros_like(draw, dtype=torch.long) + sum((draw >= bound).long() for bound in bounds)
+
+
 def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``; from the host to a GPU asynchronously through pinned memory, so that
     the host does not wait (a plain copy while torch traces, which cannot trace pinning, and for
@@ -64,6 +76,8 @@ class DropPath:
         block_columns: C, the columns of each block.
         num_blocks: blocks of the network.
         local_drop, global_ratio: the rates above.
+        column_weights: a global sample's column is drawn in proportion to these (one per
+            column); None: uniformly.
         device: where the masks are used.
         generator: all draws come from it (or the default RNG of ``device``; of the host with
             ``per_batch``), so two models fed the same seed draw the same masks; its device is
@@ -93,6 +107,7 @@ class DropPath:
         generator: Optional[torch.Generator] = None,
         per_batch: bool = False,
         local: bool = False,
+        column_weights: Optional[Sequence[float]] = None,
     ):
         if local and not per_batch:
             raise ValueError("local=True is a per-batch structure: pass per_batch=True")
@@ -103,13 +118,13 @@ class DropPath:
         on_host = host and draw_device.type == "cpu"
         with real_host_draws() if on_host else contextlib.nullcontext() as fake_mode:
             masks = self._draw(batch, columns, block_columns, num_blocks, local_drop, global_ratio, device,
-                               generator, draw_device, per_batch, local)
+                               generator, draw_device, per_batch, local, column_weights)
         if fake_mode is not None:
             masks = fake_mode.from_tensor(masks)
         self._masks = copy_to_device(masks, device).expand(-1, -1, -1, batch)
 
     def _draw(self, batch, columns, block_columns, num_blocks, local_drop, global_ratio, device, generator,
-              draw_device, per_batch, local) -> torch.Tensor:
+              draw_device, per_batch, local, column_weights) -> torch.Tensor:
         """Draws the structure (kept on self) and returns the masks, where they were drawn."""
         columns = list(columns)
         consecutive = columns == list(range(columns[0], columns[0] + len(columns))) if columns else False
@@ -133,7 +148,7 @@ class DropPath:
         restored = positions[:, None] == torch.where(ends, keep_draw, -1.0).argmax(2, keepdim=True)
         keep |= restored & ~keep.any(2, keepdim=True)
         self.is_global = (sample_draw[0] < global_ratio) & (not local)
-        chosen = (sample_draw[1] * n).long()
+        chosen = chosen_column(sample_draw[1], n, column_weights)
         self.global_column = chosen + columns[0]
         follows = positions[:, None] == chosen[None, :]
         masks = torch.where(self.is_global, follows, keep)

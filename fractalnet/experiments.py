@@ -1,6 +1,6 @@
 """The paper's experiments as one command.
 
-    python -m fractalnet.experiments {depth,drop-path,anytime,all} --dataset digits --out DIR [--seeds N]
+    python -m fractalnet.experiments {depth,drop-path,anytime,deepest,all} --dataset digits --out DIR [--seeds N]
     fractalnet experiments ...                                             (the same)
 
 * depth: for C = 1..4 columns (depth 5, 10, 20, 40 with B = 5 blocks; fewer blocks where the image
@@ -14,17 +14,22 @@
   the network evaluated.
 * anytime: error and measured latency of each column alone and each truncation, each with its
   own re-estimated BatchNorm statistics.
+* deepest: why the deepest column of the deepest FractalNet does not stand alone: how many steps
+  trained it alone, the plain net after as many, the column's error with each kind of BatchNorm
+  statistics, and the same FractalNet with global columns chosen in proportion to their depth.
 
 Every run trains with the training library's loop (fractalnet.training.fit), writes its checkpoint
 and result under DIR/runs/, and is not repeated once finished (an interrupted one resumes). Each
 experiment writes DIR/<experiment>.md (tables), .json (every number, with hardware, versions,
-seeds and wall time) and .png. The digits preset (32x32, B = 5, widths 8..64, 20 epochs) finishes
-on two CPU cores in about 20 minutes; the CIFAR settings are the paper's and want a GPU.
+seeds and wall time) and .png. The digits preset (32x32, B = 5, widths 8..64, 60 epochs: where
+its learning curves settle) takes two CPU cores about an hour and a half for one seed of
+everything; the CIFAR settings are the paper's and want a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import platform
@@ -40,9 +45,11 @@ from tqdm import tqdm
 
 from . import data
 from .model import FractalNet
-from .training import ConfigError, TrainConfig, evaluate, fit, load_checkpoint, load_dataset, reestimated
+from .training import (
+    ConfigError, TrainConfig, drop_path_generator, evaluate, fit, load_checkpoint, load_dataset, prepared, reestimated,
+)
 
-EXPERIMENTS = ("depth", "drop-path", "anytime")
+EXPERIMENTS = ("depth", "drop-path", "anytime", "deepest")
 
 #: Per dataset: the architecture and recipe of every run (the paper's for CIFAR; small for the
 #: embedded digits, so that ``all`` finishes on two CPU cores).
@@ -104,16 +111,18 @@ class Runner:
         """The config of one run: the recipe, with its seed and folder."""
         return self.config.replace(seed=seed, out=str(out), device=str(self.device))
 
-    def fractal(self, columns: int, drop_path: tuple = MODEL_DEFAULT) -> tuple[str, Callable[[], FractalNet]]:
+    def fractal(self, columns: int, drop_path: tuple = MODEL_DEFAULT,
+                global_columns: str = "uniform") -> tuple[str, Callable[[], FractalNet]]:
         """The run name and builder of a FractalNet with ``columns`` columns and ``drop_path``
         (local_drop, global_ratio, drawn per, skip_dropped): one name per configuration, so
         experiments share the runs they have in common."""
         local_drop, global_ratio, per, skip = drop_path
-        name = f"fractal-C{columns}-local{local_drop}-global{global_ratio}-per-{per}" + ("-skip" if skip else "")
+        name = (f"fractal-C{columns}-local{local_drop}-global{global_ratio}-per-{per}" + ("-skip" if skip else "")
+                + ("" if global_columns == "uniform" else f"-{global_columns}"))
         return name, lambda: FractalNet(
             self.dataset.num_classes, in_channels=self.dataset.channels, widths=self.config.widths[:self.blocks],
             dropout=self.config.dropout[:self.blocks], columns=columns, local_drop=local_drop,
-            global_ratio=global_ratio, drop_path_per=per, skip_dropped=skip)
+            global_ratio=global_ratio, drop_path_per=per, skip_dropped=skip, global_columns=global_columns)
 
     def train(self, name: str, seed: int, build: Callable[[], nn.Module],
               curves: Optional[dict[str, dict]] = None) -> tuple[nn.Module, dict]:
@@ -267,6 +276,81 @@ ANYTIME_NOTES = ("The model's default drop-path; each sub-network evaluated with
                  "by its images.")
 
 
+def deepest(runner: Runner, columns: int) -> dict:
+    """Why the deepest column does not stand alone: for the deepest FractalNet (the depth
+    experiment's runs, and one whose global batches choose their column in proportion to its
+    depth), how many steps trained the deepest column alone, the plain net's error after as many
+    steps, and the deepest column's error with each kind of BatchNorm statistics."""
+    c = columns
+    curves = {"fractal": {}, "deepest column": {"column": c}}
+    rows = []
+    for seed in runner.seeds:
+        _, plain_result = runner.train(f"plain-C{c}", seed, lambda: runner.fractal(c)[1]().extract_column(c),
+                                       {"plain": {}})
+        plain_curve = [h["plain"] for h in plain_result["history"]]
+        steps_per_epoch = len(runner.dataset.train) // runner.config.batch_size
+        for choice in ("uniform", "by-depth"):
+            name, build = runner.fractal(c, global_columns=choice)
+            model, result = runner.train(name, seed, build, curves)
+            solo = solo_steps(model, runner.run_config(seed, Path()), steps_per_epoch, c)
+            # The plain net after as many steps as the column trained alone (whole epochs, one at least).
+            matched_epoch = max(1, round(solo / steps_per_epoch))
+            matched = plain_curve[matched_epoch - 1]
+            column = result["history"][-1]["deepest column"]
+            rows.append(dict(
+                seed=seed, global_columns=choice, solo_steps=solo, steps=steps_per_epoch * runner.config.epochs,
+                fractal_error=runner.error_reestimated(model),
+                column_error=dict(running=runner.error(model, column=c),
+                                  reestimated=runner.error_reestimated(model, column=c),
+                                  batch=error_with_batch_statistics(runner, model, column=c)),
+                column_train_loss=column["train_loss"], plain_error=plain_curve[-1]["test_error"],
+                plain_train_loss=plain_curve[-1]["train_loss"], plain_matched_epoch=matched_epoch,
+                plain_matched_error=matched["test_error"], plain_matched_train_loss=matched["train_loss"],
+                curve=[h["deepest column"] for h in result["history"]]))
+    table = [f"| global column | steps column {c} trained alone (of all) | FractalNet % | column {c} alone: running / "
+             "re-estimated / batch statistics % | its train loss | plain net after as many steps: epoch, error %, "
+             "train loss | plain net at the end: error %, train loss |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['global_columns']} (seed {r['seed']}) | {r['solo_steps']} ({r['steps']}) | "
+              f"{r['fractal_error']:.2f} | "
+              f"{r['column_error']['running']:.2f} / {r['column_error']['reestimated']:.2f} / "
+              f"{r['column_error']['batch']:.2f} | {r['column_train_loss']:.3f} | {r['plain_matched_epoch']}, "
+              f"{r['plain_matched_error']:.2f}, {r['plain_matched_train_loss']:.3f} | {r['plain_error']:.2f}, "
+              f"{r['plain_train_loss']:.3f} |" for r in rows]
+    return dict(columns=c, rows=rows, table=table, notes=DEEPEST_NOTES)
+
+
+DEEPEST_NOTES = ("Solo steps: the training steps whose per-batch structure was a global batch of the deepest column "
+                 "(the run's own draws, replayed); in every other step that column trains only as part of joins. "
+                 "The plain net (the deepest column trained alone, every step) is read from its learning curve after "
+                 "as many epochs as the column's solo steps make. Statistics: the running ones training left, "
+                 "re-estimated over the training set for the column alone, and each test batch's own (batches of "
+                 "the training batch size). by-depth: global batches choose their column in proportion to its depth "
+                 "(FractalNet(global_columns='by-depth')), not uniformly as the paper does.")
+
+
+def solo_steps(model: FractalNet, config: TrainConfig, steps_per_epoch: int, column: int) -> int:
+    """How many of a run's training steps drew a global batch of ``column``: its structures
+    replayed from the run's drop-path generator (training.drop_path_generator)."""
+    generator = drop_path_generator(config)
+    return sum(model.draw_structure(generator) == column for _ in range(steps_per_epoch * config.epochs))
+
+
+def error_with_batch_statistics(runner: Runner, model: nn.Module, **mode) -> float:
+    """Test error (%) of the sub-network ``mode`` normalising each test batch (of the training
+    batch size) with its own statistics; the model is left as it was."""
+    evaluated = copy.deepcopy(model).eval()
+    for module in evaluated.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+    correct = 0
+    with torch.no_grad():
+        for images, labels in data.batches(runner.dataset.test, runner.config.batch_size,
+                                           torch.arange(len(runner.dataset.test)), runner.dataset.image_size):
+            out = evaluated(prepared(images, runner.dataset, runner.config, runner.device), **mode)
+            correct += (out.argmax(1).cpu() == labels).sum().item()
+    return 100 * (1 - correct / len(runner.dataset.test))
+
+
 def plot(name: str, result: dict, path: Path) -> None:
     import matplotlib
 
@@ -289,6 +373,12 @@ def plot(name: str, result: dict, path: Path) -> None:
                     marker="o", label=r["variant"])
         ax.set(xticks=list(columns), yscale="log", xlabel="column alone (BatchNorm re-estimated)",
                ylabel="test error (%)", title="columns by drop-path")
+    elif name == "deepest":
+        for r in rows:
+            ax.plot(range(1, len(r["curve"]) + 1), [point["test_error"] for point in r["curve"]],
+                    label=f"column {result['columns']} alone, global column {r['global_columns']} (seed {r['seed']})")
+        ax.set(xlabel="epoch", ylabel="test error (%, BatchNorm re-estimated)", yscale="log",
+               title="the deepest column while the fractal trains")
     else:
         for mode, marker in (("column", "o"), ("columns", "s")):
             points = [r for r in rows if r["mode"] == mode]
@@ -351,7 +441,8 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     for name in chosen:
         start = time.perf_counter()
-        result = {"depth": depth, "drop-path": drop_path, "anytime": anytime}[name](runner, options.columns)
+        experiment = {"depth": depth, "drop-path": drop_path, "anytime": anytime, "deepest": deepest}[name]
+        result = experiment(runner, options.columns)
         result.update(experiment=name, dataset=options.dataset, seeds=runner.seeds, blocks=runner.blocks,
                       recipe={k: getattr(runner.config, k) for k in ("image_size", "widths", "dropout", "batch_size",
                                                                      "epochs", "lr", "augment")},

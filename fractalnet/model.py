@@ -28,7 +28,7 @@ from torch import nn
 import fractal_kernels as fk
 from fractal_kernels import reference
 
-from .drop_path import DropPath, copy_to_device, real_host_draws
+from .drop_path import DropPath, chosen_column, copy_to_device, real_host_draws
 
 
 class ConvUnit(nn.Module):
@@ -246,6 +246,10 @@ class ImageNetStem(nn.Module):
         return [copy.deepcopy(self.conv), copy.deepcopy(self.bn), nn.ReLU(), copy.deepcopy(self.pool)]
 
 
+#: How a global draw chooses its column: uniformly (the paper's), or in proportion to its depth.
+GLOBAL_COLUMNS = ("uniform", "by-depth")
+
+
 def _execution_field(name: str) -> property:
     """A FractalNet attribute that is a field of its Execution: setting it hands the model and its
     blocks a new Execution (which checks the combination)."""
@@ -269,6 +273,9 @@ class FractalNet(nn.Module):
         dropout: dropout rate of each block's units (after the conv, as the paper's code).
         local_drop: local drop-path rate of a join input.
         global_ratio: fraction of the samples that are global (follow one column everywhere).
+        global_columns: how a global sample's (or batch's) column is chosen among the active
+            ones: "uniform" (the paper's) or "by-depth" (in proportion to the column's depth,
+            2^(c-1): the deepest column of C = 4 gets 8/15 of the global draws, not 1/4).
         fused: the fused Triton ops (True) or nn.BatchNorm2d, ReLU and the reference join (False).
         recompute: with ``fused``, save each BN+ReLU output only as a recipe and rebuild it in
             backward by one apply pass from the raw conv outputs and batch statistics that the
@@ -323,6 +330,7 @@ class FractalNet(nn.Module):
         imagenet_stem: bool = False,
         skip_dropped: bool = False,
         drop_path_per: str = "batch",
+        global_columns: str = "uniform",
     ):
         super().__init__()
         widths, dropout = list(widths), list(dropout)
@@ -339,7 +347,10 @@ class FractalNet(nn.Module):
             raise ValueError("num_classes, in_channels and widths must be positive")
         if drop_path_per not in ("sample", "batch"):
             raise ValueError(f"drop_path_per must be 'sample' or 'batch', got {drop_path_per!r}")
+        if global_columns not in GLOBAL_COLUMNS:
+            raise ValueError(f"global_columns must be one of {', '.join(GLOBAL_COLUMNS)}, got {global_columns!r}")
         self.drop_path_per = drop_path_per
+        self.global_columns = global_columns
         self.num_columns = columns
         self.local_drop = local_drop
         self.global_ratio = global_ratio
@@ -410,7 +421,8 @@ class FractalNet(nn.Module):
                                  "pass a CPU generator")
             device = torch.device("cpu") if self.skip_dropped else x.device
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
-                                 self.global_ratio, device, generator, per_batch=per_batch, local=structure == "local")
+                                 self.global_ratio, device, generator, per_batch=per_batch, local=structure == "local",
+                                 column_weights=self.column_weights(active))
             if per_batch and not torch.compiler.is_compiling() and drop_path.batch_column is not None:
                 # The whole batch follows one column: run that column alone (the others would
                 # only feed joins that drop them). Its BatchNorms see a single column, not the
@@ -442,7 +454,7 @@ class FractalNet(nn.Module):
 
     def draw_structure(self, generator: Optional[torch.Generator] = None, columns: Optional[int] = None):
         """The drop-path structure of a training step drawn per batch, on the host: with
-        probability ``global_ratio`` a global batch of one active column (drawn uniformly),
+        probability ``global_ratio`` a global batch of one active column (as ``global_columns`` says),
         otherwise "local"; two numbers from the CPU ``generator`` (or torch's), so that ranks
         seeded alike draw alike. None where :meth:`structures` has one (drawn per sample, or one
         column). What ``model(x, structure=...)`` takes: the training loop draws it for eager,
@@ -455,8 +467,12 @@ class FractalNet(nn.Module):
         with real_host_draws():
             first, second = torch.rand(2, generator=generator).tolist()
         if first < self.global_ratio:
-            return structures[1 + int(second * (len(structures) - 1))]
+            return structures[1 + chosen_column(second, len(structures) - 1, self.column_weights(structures[1:]))]
         return "local"
+
+    def column_weights(self, columns: Sequence[int]) -> Optional[list[float]]:
+        """The relative odds of each of ``columns`` for a global draw: None for uniform."""
+        return [2.0 ** (c - 1) for c in columns] if self.global_columns == "by-depth" else None
 
     def _check_structure(self, structure, active: list[int]) -> None:
         if not self.training or self.drop_path_per != "batch" or self.skip_dropped or len(active) < 2:

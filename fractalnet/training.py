@@ -385,6 +385,12 @@ class TrainingState:
     start_epoch: int
 
 
+def drop_path_generator(config: TrainConfig) -> torch.Generator:
+    """The CPU generator of a run's per-batch drop-path structures, seeded from its config (the
+    same on every rank)."""
+    return torch.Generator().manual_seed(config.seed + 2**31)
+
+
 def training_state(model: nn.Module, config: TrainConfig, device: torch.device, rank: int,
                    checkpoint: Optional[dict]) -> TrainingState:
     """The optimizer, gradient scaler and random streams of a run, seeded from ``config`` (and
@@ -399,7 +405,7 @@ def training_state(model: nn.Module, config: TrainConfig, device: torch.device, 
     torch.manual_seed(config.seed + 2)
     draws_per_batch = isinstance(model, FractalNet) and model.drop_path_per == "batch"
     if draws_per_batch:  # one draw for the whole global batch: the same on every rank
-        generators["drop_path"] = torch.Generator().manual_seed(config.seed + 2**31)
+        generators["drop_path"] = drop_path_generator(config)
     state = TrainingState(optimizer, scaler, generators, [], 0.0, 0)
     if checkpoint is None:
         return state

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fractalnet import DropPath
-from fractalnet.drop_path import join_rows
+from fractalnet import DropPath, FractalNet
+from fractalnet.drop_path import chosen_column, join_rows
 
 
 def sample(batch=4000, columns=(1, 2, 3), blocks=2, local_drop=0.15, global_ratio=0.5, seed=0):
@@ -28,6 +28,25 @@ def test_global_fraction_and_uniform_columns():
     assert abs(dp.is_global.float().mean().item() - 0.5) < 0.03
     counts = torch.bincount(dp.global_column[dp.is_global], minlength=4)[1:].float()
     assert torch.allclose(counts / counts.sum(), torch.full((3,), 1 / 3), atol=0.04)
+
+
+def test_global_columns_by_depth():
+    """global_columns="by-depth": a global sample's column, or a global batch's, in proportion to
+    its depth 2^(c-1) (drawn per sample on the device, per batch on the host alike)."""
+    dp = DropPath(8000, (1, 2, 3), 3, 2, 0.15, 0.5, torch.device("cpu"), torch.Generator().manual_seed(0),
+                  column_weights=[1.0, 2.0, 4.0])
+    counts = torch.bincount(dp.global_column[dp.is_global], minlength=4)[1:].float()
+    assert torch.allclose(counts / counts.sum(), torch.tensor([1 / 7, 2 / 7, 4 / 7]), atol=0.03)
+    model = FractalNet(10, widths=(4,), columns=3, dropout=(0.0,), global_columns="by-depth")
+    generator = torch.Generator().manual_seed(1)
+    drawn = [model.draw_structure(generator) for _ in range(4000)]
+    shares = torch.tensor([drawn.count(c) for c in (1, 2, 3)], dtype=torch.float) / (4000 - drawn.count("local"))
+    assert torch.allclose(shares, torch.tensor([1 / 7, 2 / 7, 4 / 7]), atol=0.04)
+    draws = torch.rand(1000, generator=generator)
+    assert chosen_column(draws, 3, [1.0, 2.0, 4.0]).tolist() == [chosen_column(u, 3, [1.0, 2.0, 4.0])
+                                                                 for u in draws.tolist()]
+    with pytest.raises(ValueError, match="global_columns"):
+        FractalNet(10, widths=(4,), columns=3, dropout=(0.0,), global_columns="deepest")
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])

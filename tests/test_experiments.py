@@ -93,12 +93,38 @@ def test_anytime_numbers(finished):
         assert _percent(r["error"]) and r["ms_per_image"] > 0 and r["depth"] >= 1 and r["conv_units"] >= r["depth"]
 
 
+def test_deepest_numbers(finished):
+    result = json.loads((finished / "deepest.json").read_text())
+    rows = result["rows"]
+    assert [r["global_columns"] for r in rows] == ["uniform", "by-depth"]
+    for r in rows:
+        assert 0 <= r["solo_steps"] <= r["steps"] and r["plain_matched_epoch"] == 1  # one epoch
+        assert _percent(r["fractal_error"]) and all(_percent(e) for e in r["column_error"].values()), r
+        assert len(r["curve"]) == 1 and math.isfinite(r["column_train_loss"])
+    # The uniform run is the depth experiment's deepest FractalNet: the same run, the same numbers.
+    depth = json.loads((finished / "depth.json").read_text())["rows"][-1]
+    assert rows[0]["fractal_error"] == depth["fractal_error"][0]
+    assert rows[0]["column_error"]["reestimated"] == depth["deepest_column_error"][0]
+
+
+def test_solo_steps_replay_the_runs_structures():
+    """solo_steps replays the structures fit draws: the same generator, two draws a step."""
+    from fractalnet import FractalNet, training
+
+    model = FractalNet(10, widths=(4,), columns=2, dropout=(0.0,))
+    config = training.TrainConfig(dataset="digits", epochs=3, seed=5)
+    generator = training.drop_path_generator(config)
+    drawn = [model.draw_structure(generator) for _ in range(3 * 7)]
+    assert experiments.solo_steps(model, config, 7, 2) == drawn.count(2) > 0
+
+
 def test_finished_runs_are_not_trained_again(finished):
     runs = sorted(finished.glob("runs/**/result.json"))
     before = {path: path.stat().st_mtime_ns for path in runs}
-    # 4 depth runs (fractal and plain, C = 1, 2) and the drop-path variants, one of which is the
-    # depth experiment's C = 2 FractalNet; anytime trains nothing of its own.
-    assert len(runs) == 4 + len(experiments.DROP_PATH) - 1
+    # 4 depth runs (fractal and plain, C = 1, 2), the drop-path variants, one of which is the
+    # depth experiment's C = 2 FractalNet, and deepest's by-depth FractalNet; anytime trains
+    # nothing of its own.
+    assert len(runs) == 4 + len(experiments.DROP_PATH) - 1 + 1
     assert experiments.main(["depth", "--out", str(finished), *TINY]) == 0
     assert {path: path.stat().st_mtime_ns for path in runs} == before
 
