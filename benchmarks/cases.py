@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import fractal_kernels as fk
 from fractal_kernels import reference
@@ -31,7 +32,9 @@ class OpSpec:
 
     ``call(fn, inputs)`` runs ``fn`` (the op of one implementation: fractal_kernels', the
     reference's, or torch.compile of the reference) on an OpInputs, in training mode; ``ks``
-    are the input counts benchmarked; the goals are the least speedups over eager and over
+    are the input counts benchmarked; ``masked``: it takes a drop-path mask (benchmarked with
+    and without); ``gathered``: its inputs are compact column segments, the samples a drop-path
+    draw keeps, with their gather table. The goals are the least speedups over eager and over
     torch.compile and the least fraction of copy bandwidth, forward+backward (None: no goal).
     """
 
@@ -43,6 +46,7 @@ class OpSpec:
     eager_goal: Optional[float] = None
     compile_goal: Optional[float] = None
     copy_goal: Optional[float] = None
+    gathered: bool = False
 
 
 OPS = {
@@ -55,6 +59,10 @@ OPS = {
         OpSpec("join_bn_relu", (2, 3, 4), True, True,
                lambda fn, a: fn(a.xs, a.mask, a.weights, a.biases, a.running_means, a.running_vars, True),
                3.0, 1.3, 0.80),
+        OpSpec("gather_join", (3,), False, False, lambda fn, a: fn(a.xs, a.rows), gathered=True),
+        OpSpec("gather_join_bn_relu", (3,), True, False,
+               lambda fn, a: fn(a.xs, a.rows, a.weights, a.biases, a.running_means, a.running_vars, True),
+               gathered=True),
     )
 }
 
@@ -80,6 +88,7 @@ class OpInputs:
     running_means: list[torch.Tensor]
     running_vars: list[torch.Tensor]
     grad: torch.Tensor
+    rows: Optional[torch.Tensor] = None
 
     @property
     def leaves(self) -> list[torch.Tensor]:
@@ -107,15 +116,26 @@ class OpCase:
 
     def drop_path_mask(self, seed: int = 0) -> Optional[torch.Tensor]:
         """A real drop-path draw for a join of the deepest k of four columns (local rate 0.15, half
-        the samples global), on the CPU; None for an op without a join."""
-        if not self.spec.masked:
+        the samples global), on the CPU; None for an op without a mask (a gathered op's inputs
+        are the rows this draw keeps: gather_table)."""
+        if not (self.spec.masked or self.spec.gathered):
             return None
         drop_path = DropPath(self.shape[0], [1, 2, 3, 4], 4, 1, 0.15, 0.5, torch.device("cpu"),
                              torch.Generator().manual_seed(seed))
         return drop_path.mask(0, {2: 2, 3: 4, 4: 8}[self.k])
 
+    def gather_table(self) -> tuple[torch.Tensor, list[int]]:
+        """A gathered op's table ([k, batch], the row of input i that holds sample b, or -1) and
+        its inputs' row counts: the samples the case's drop-path draw keeps (real CPU tensors,
+        also inside a FakeTensorMode)."""
+        with unset_fake_temporarily():
+            kept = self.drop_path_mask()
+            rows = torch.where(kept, kept.long().cumsum(1) - 1, -1)
+            return rows, kept.sum(1).tolist()
+
     def make(self, device: torch.device, mask: Optional[torch.Tensor], seed: int = 0) -> OpInputs:
-        """Random inputs on ``device`` (fake ones inside a FakeTensorMode) with the given mask."""
+        """Random inputs on ``device`` (fake ones inside a FakeTensorMode) with the given mask (a
+        gathered op: compact inputs with its gather_table)."""
         gen = torch.Generator().manual_seed(seed)
         channels = self.shape[1]
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -124,14 +144,19 @@ class OpCase:
             t = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
             return t.requires_grad_(grad)
 
-        xs = [tensor(*self.shape).to(memory_format=layout).requires_grad_() for _ in range(self.k)]
+        rows = None
+        sizes = [self.shape[0]] * self.k
+        if self.spec.gathered:
+            table, sizes = self.gather_table()
+            rows, mask = torch.tensor(table.tolist(), device=device), None
+        xs = [tensor(size, *self.shape[1:]).to(memory_format=layout).requires_grad_() for size in sizes]
         bn = self.spec.batch_norm
         weights = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
         biases = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
         running_means = [torch.zeros(channels, device=device) for _ in range(self.k)] if bn else []
         running_vars = [torch.ones(channels, device=device) for _ in range(self.k)] if bn else []
         grad = tensor(*self.shape).to(memory_format=layout)
-        return OpInputs(xs, mask, weights, biases, running_means, running_vars, grad)
+        return OpInputs(xs, mask, weights, biases, running_means, running_vars, grad, rows)
 
     def function(self, implementation: str, inputs: OpInputs) -> Callable[[], torch.Tensor]:
         """The op's forward (training mode for BatchNorm) with one implementation."""
@@ -141,6 +166,10 @@ class OpCase:
 
     def minimal_bytes(self, direction: str, mask: Optional[torch.Tensor]) -> int:
         """Bytes the fused design must move (fractal_kernels.testing.traffic.minimal_bytes)."""
+        if self.spec.gathered:
+            rows, sizes = self.gather_table()
+            xs = [torch.empty((size, *self.shape[1:]), dtype=self.dtype, device="meta") for size in sizes]
+            return minimal_bytes(self.op, xs, rows=rows)[direction]
         xs = [torch.empty(self.shape, dtype=self.dtype, device="meta") for _ in range(self.k)]
         return minimal_bytes(self.op, xs, mask)[direction]
 

@@ -7,6 +7,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 #: Storage dtypes the kernels accept (fp64 is for gradcheck; it accumulates in fp64).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,7 +56,7 @@ def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -
     """Checks a gather table: integer [k, B] on the inputs' device; with ``validate`` also its
     values: rows[i, b] in [-1, B_i), and no row of an input named twice (two samples stored to
     one row would race). ``validate=None`` validates where that reads nothing back from a device
-    (CPU tensors); on a GPU it costs a synchronisation, so it is done only when asked."""
+    (CPU tensors with values); on a GPU it costs a synchronisation, so it is done only when asked."""
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows must be a tensor, got {type(rows).__name__}")
     if rows.dtype not in (torch.int32, torch.int64):
@@ -64,8 +65,8 @@ def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -
         raise ValueError(f"rows must have shape [num_inputs, batch] = [{len(inputs)}, B], got {list(rows.shape)}")
     if rows.device != inputs[0].device:
         raise ValueError(f"rows is on {rows.device}, expected {inputs[0].device} like the inputs")
-    if validate is None:
-        validate = rows.device.type == "cpu"
+    if validate is None:  # fake and meta tensors have no values to read
+        validate = rows.device.type == "cpu" and not rows.is_meta and not is_fake(rows)
     if not validate or torch.compiler.is_compiling() or rows.numel() == 0:
         return
     sizes = torch.tensor([x.shape[0] for x in inputs], device=rows.device)[:, None]

@@ -40,8 +40,10 @@ def test_per_op_measurements(report):
     for label, row in rows.items():
         fused, eager = row["fused"], row["eager"]
         assert fused["launches_forward"]["aten"] == 0 and fused["launches_backward"]["aten"] == 0, label
-        expected_forward = 1 if row["op"] == "masked_join" else 3
-        expected_backward = 1 if row["op"] == "masked_join" else 2
+        # A gather join's backward launches once per input, over its own rows.
+        k = row["k"]
+        expected_forward, expected_backward = {"masked_join": (1, 1), "bn_relu": (3, 2), "join_bn_relu": (3, 2),
+                                               "gather_join": (1, k), "gather_join_bn_relu": (3, 1 + k)}[row["op"]]
         assert fused["launches_forward"]["triton"] == expected_forward, label
         assert fused["launches_backward"]["triton"] == expected_backward, label
         assert fused["saved_bytes"] < eager["saved_bytes"], label

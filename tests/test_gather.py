@@ -162,3 +162,16 @@ def test_bad_batchnorm_arguments(case, backend):
     with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
         fk.gather_join_bn_relu(**change(gather_bn_arguments()))
     assert launches[0] == 0
+
+
+def test_fake_tensors_skip_the_value_checks():
+    """On fake CPU tensors (a memory estimator, a FLOP counter) the gather table has no values to
+    validate (these zeros would name a row twice): the ops run on shapes alone."""
+    from fractal_kernels.testing import fake_mode
+
+    with fake_mode():
+        args = gather_bn_arguments()
+        args["rows"] = torch.zeros(2, 5, dtype=torch.int64, device=DEVICE)
+        out = fk.gather_join_bn_relu(**args)
+        assert out.shape == (5, 4, 1, 1)
+        assert fk.gather_join(args["inputs"], args["rows"]).shape == (5, 4, 1, 1)
