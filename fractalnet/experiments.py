@@ -181,9 +181,11 @@ def depth(runner: Runner, columns: int) -> dict:
     rows = []
     for c in tqdm(range(1, columns + 1), desc="depth"):
         fractal, column, plain, losses = [], [], [], {"fractal": [], "plain": []}
-        deepest = c == columns  # the training-apparatus curves: the deepest network only
         curves = []
         for seed in runner.seeds:
+            # The training-apparatus curves: the deepest network, first seed only (each point
+            # re-estimates and evaluates three networks: it costs more than the epoch itself).
+            deepest = c == columns and seed == runner.seeds[0]
             name, build = runner.fractal(c)
             model, result = runner.train(name, seed, build,
                                          {"fractal": {}, "deepest column": {"column": c}} if deepest else None)
@@ -201,7 +203,7 @@ def depth(runner: Runner, columns: int) -> dict:
                                for label in labels})
         rows.append(dict(columns=c, depth=runner.blocks * 2 ** (c - 1), fractal_error=fractal,
                          deepest_column_error=column, plain_error=plain, fractal_train_loss=losses["fractal"],
-                         plain_train_loss=losses["plain"], **({"curves": curves} if deepest else {})))
+                         plain_train_loss=losses["plain"], **({"curves": curves} if curves else {})))
     table = ["| depth (C) | FractalNet error % | its deepest column alone % | plain net trained alone % | "
              "final train loss fractal / plain |", "|---|---|---|---|---|"]
     table += [f"| {r['depth']} ({r['columns']}) | {_mean(r['fractal_error'])} | {_mean(r['deepest_column_error'])} | "
@@ -215,7 +217,7 @@ DEPTH_NOTES = ("FractalNets trained with the model's default drop-path and evalu
                "plain net is the deepest column of an untrained FractalNet, trained alone without drop-path and "
                "evaluated with its running statistics. depth-curves.png: for the deepest network, after every "
                "epoch, the loss over the training set and the test error of the fractal, of its deepest column "
-               "alone and of the plain net, each with BatchNorm statistics re-estimated for it (mean over seeds).")
+               "alone and of the plain net, each with BatchNorm statistics re-estimated for it (the first seed).")
 
 
 def drop_path(runner: Runner, columns: int) -> dict:
