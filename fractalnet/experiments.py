@@ -22,8 +22,8 @@ Every run trains with the training library's loop (fractalnet.training.fit), wri
 and result under DIR/runs/, and is not repeated once finished (an interrupted one resumes). Each
 experiment writes DIR/<experiment>.md (tables), .json (every number, with hardware, versions,
 seeds and wall time) and .png. The digits preset (32x32, B = 5, widths 8..64, 60 epochs: where
-its learning curves settle) takes two CPU cores about an hour and a half for one seed of
-everything; the CIFAR settings are the paper's and want a GPU.
+its learning curves settle) takes two CPU cores about two hours for one seed of everything; the
+CIFAR settings are the paper's and want a GPU.
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ class FractalNet(nn.Module):
         drop_path_per: "batch" (one draw for the whole batch, as the paper's code does: a
             global batch runs its column alone and leaves the running statistics unchanged) or
             "sample" (each sample draws its own, as the PyTorch ports do). Per sample, the
-            40-layer network does not train (docs/experiments/drop-path.md). A compiled
+            40-layer network trains badly (docs/experiments/drop-path.md). A compiled
             ``model(x)`` cannot branch on a host draw: there a global batch runs every column,
             the masks keeping only its own (the same output and gradients, zeros for the other
             columns), and every running statistic updates; pass ``structure=`` (as the training
