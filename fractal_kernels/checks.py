@@ -65,9 +65,11 @@ def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -
         raise ValueError(f"rows must have shape [num_inputs, batch] = [{len(inputs)}, B], got {list(rows.shape)}")
     if rows.device != inputs[0].device:
         raise ValueError(f"rows is on {rows.device}, expected {inputs[0].device} like the inputs")
+    if torch.compiler.is_compiling() or rows.numel() == 0:
+        return
     if validate is None:  # fake and meta tensors have no values to read
         validate = rows.device.type == "cpu" and not rows.is_meta and not is_fake(rows)
-    if not validate or torch.compiler.is_compiling() or rows.numel() == 0:
+    if not validate:
         return
     sizes = torch.tensor([x.shape[0] for x in inputs], device=rows.device)[:, None]
     if bool(((rows < -1) | (rows >= sizes)).any()):
