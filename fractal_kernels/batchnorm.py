@@ -233,6 +233,11 @@ def present(tensors: Sequence) -> list:
     return [optional(t) for t in tensors]
 
 
+def _op_tensors(inputs, weights, biases, means, variances) -> PerInput:
+    """A kernel op's per-input lists as the launchers take them (the inverse of _library_lists)."""
+    return PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library ops: the launchers as torch traces them (parallel tensor lists positional, every
 # scalar keyword-only; empty placeholders stand for absent tensors). They carry no autograd: the
@@ -273,7 +278,7 @@ def bn_apply_op(
     dropout: float,
 ) -> torch.Tensor:
     """normalize_join as a torch.library op."""
-    tensors = PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+    tensors = _op_tensors(inputs, weights, biases, means, variances)
     return normalize_join(tensors, mask, rows, options=BatchNormOptions(eps, relu, batch_stats, dropout), seeds=seeds)
 
 
@@ -295,7 +300,7 @@ def bn_backward_sums_op(
     dropout: float,
 ) -> torch.Tensor:
     """bn_backward_sums as a torch.library op."""
-    tensors = PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+    tensors = _op_tensors(inputs, weights, biases, means, variances)
     return bn_backward_sums(grad, tensors, mask, rows, options=BatchNormOptions(eps, relu, batch_stats, dropout),
                             seeds=seeds)
 
@@ -321,7 +326,7 @@ def bn_backward_dx_op(
     param_grads: bool,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """bn_backward_dx as a torch.library op (an empty parameter gradient without ``param_grads``)."""
-    tensors = PerInput(dense_inputs(inputs), present(weights), present(biases), means, variances)
+    tensors = _op_tensors(inputs, weights, biases, means, variances)
     grad_inputs, grads = bn_backward_dx(grad, tensors, mask, rows, sums,
                                         options=BatchNormOptions(eps, relu, batch_stats, dropout), seeds=seeds,
                                         count=count, param_grads=param_grads)

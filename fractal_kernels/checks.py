@@ -7,7 +7,8 @@ import math
 from typing import Optional, Sequence
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+
+from .launch import has_no_data
 
 #: Storage dtypes the kernels accept (fp64 is for gradcheck; it accumulates in fp64).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,7 +69,7 @@ def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -
     if torch.compiler.is_compiling() or rows.numel() == 0:
         return
     if validate is None:  # fake and meta tensors have no values to read
-        validate = rows.device.type == "cpu" and not rows.is_meta and not is_fake(rows)
+        validate = rows.device.type == "cpu" and not has_no_data(rows)
     if not validate:
         return
     sizes = torch.tensor([x.shape[0] for x in inputs], device=rows.device)[:, None]

@@ -131,7 +131,8 @@ def _is_plain(t: torch.Tensor) -> bool:
     return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
 
 
-def _has_no_data(t: torch.Tensor) -> bool:
+def has_no_data(t: torch.Tensor) -> bool:
+    """Whether t has shapes but no values to read: a meta or fake tensor."""
     return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
 
 
@@ -364,7 +365,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             kwargs.pop("maxnreg", None)
             traceable[grid](*args, **kwargs)
             return
-        if _has_no_data(first):
+        if has_no_data(first):
             return  # a custom op's fake kernel: only the output metadata matters
     if first.is_cuda and first.device.index != torch.cuda.current_device():
         # Triton launches on the current device: make it the tensors' one.

@@ -25,7 +25,6 @@ from . import join, library, reference
 from .batchnorm import batch_norm_join
 from .checks import check_bn_input, check_bn_params, check_mask, check_rows, check_tensor_list
 from .launch import check_launchable, runs_eagerly
-from .sync_batchnorm import group_name
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -88,11 +87,11 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
 
 
 def _synchronised_group(training: bool, process_group) -> Optional[str]:
-    """The name of the process group whose ranks the batch statistics cover: None for local
-    statistics (eval, no group, or a group of one rank)."""
+    """The name (as torch's functional collectives take it) of the process group whose ranks the
+    batch statistics cover: None for local statistics (eval, no group, or a group of one rank)."""
     if not training or process_group is None or not dist.is_initialized():
         return None
-    return group_name(process_group) if dist.get_world_size(process_group) > 1 else None
+    return process_group.group_name if dist.get_world_size(process_group) > 1 else None
 
 
 def _check_unit_options(inputs, training, num_batches_tracked, momentum, dropout, seeds, seeds_name) -> None:

@@ -15,17 +15,11 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 #: Gathers a tensor from every rank along dim 0 (all_gather_single since torch 2.12; its older name
 #: is deprecated there).
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-
-
-def group_name(process_group) -> str:
-    """The name torch's functional collectives take for ``process_group``."""
-    return process_group.group_name if process_group is not None else dist.group.WORLD.group_name
 
 
 class RankStatistics(NamedTuple):
