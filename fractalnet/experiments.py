@@ -197,9 +197,8 @@ def depth(runner: Runner, columns: int) -> dict:
             plain.append(runner.error(alone))
             losses["plain"].append(plain_result["history"][-1]["train_loss"])
             if deepest:
-                curves.append({label: [h[label] for h in history]
-                               for history, labels in ((result["history"], ("fractal", "deepest column")),
-                                                       (plain_result["history"], ("plain",)))
+                curves.append({label: curves_of(run, label)
+                               for run, labels in ((result, ("fractal", "deepest column")), (plain_result, ("plain",)))
                                for label in labels})
         rows.append(dict(columns=c, depth=runner.blocks * 2 ** (c - 1), fractal_error=fractal,
                          deepest_column_error=column, plain_error=plain, fractal_train_loss=losses["fractal"],
@@ -287,28 +286,31 @@ def deepest(runner: Runner, columns: int) -> dict:
     curves = {"fractal": {}, "deepest column": {"column": c}}
     rows = []
     for seed in runner.seeds:
-        _, plain_result = runner.train(f"plain-C{c}", seed, lambda: runner.fractal(c)[1]().extract_column(c),
-                                       {"plain": {}})
-        plain_curve = [h["plain"] for h in plain_result["history"]]
+        plain, plain_result = runner.train(f"plain-C{c}", seed, lambda: runner.fractal(c)[1]().extract_column(c),
+                                           {"plain": {}})
+        plain_curve = curves_of(plain_result, "plain")
+        plain_end = plain_curve[-1] if plain_curve else runner.curve_point(plain, {"plain": {}})["plain"]
         steps_per_epoch = len(runner.dataset.train) // runner.config.batch_size
         for choice in ("uniform", "by-depth"):
             name, build = runner.fractal(c, global_columns=choice)
             model, result = runner.train(name, seed, build, curves)
             solo = solo_steps(model, runner.run_config(seed, Path()), steps_per_epoch, c)
-            # The plain net after as many steps as the column trained alone (whole epochs, one at least).
+            curve = curves_of(result, "deepest column")
+            column = curve[-1] if curve else runner.curve_point(model, {"column": {"column": c}})["column"]
+            # The plain net after as many steps as the column trained alone (whole epochs, one at
+            # least): read from its learning curve, where its run recorded one.
             matched_epoch = max(1, round(solo / steps_per_epoch))
-            matched = plain_curve[matched_epoch - 1]
-            column = result["history"][-1]["deepest column"]
+            matched = plain_curve[matched_epoch - 1] if plain_curve else {"test_error": None, "train_loss": None}
             rows.append(dict(
                 seed=seed, global_columns=choice, solo_steps=solo, steps=steps_per_epoch * runner.config.epochs,
                 fractal_error=runner.error_reestimated(model),
                 column_error=dict(running=runner.error(model, column=c),
                                   reestimated=runner.error_reestimated(model, column=c),
                                   batch=error_with_batch_statistics(runner, model, column=c)),
-                column_train_loss=column["train_loss"], plain_error=plain_curve[-1]["test_error"],
-                plain_train_loss=plain_curve[-1]["train_loss"], plain_matched_epoch=matched_epoch,
+                column_train_loss=column["train_loss"], plain_error=plain_end["test_error"],
+                plain_train_loss=plain_end["train_loss"], plain_matched_epoch=matched_epoch,
                 plain_matched_error=matched["test_error"], plain_matched_train_loss=matched["train_loss"],
-                curve=[h["deepest column"] for h in result["history"]]))
+                curve=curve))
     table = [f"| global column | steps column {c} trained alone (of all) | FractalNet % | column {c} alone: running / "
              "re-estimated / batch statistics % | its train loss | plain net after as many steps: epoch, error %, "
              "train loss | plain net at the end: error %, train loss |", "|---|---|---|---|---|---|---|"]
@@ -316,8 +318,8 @@ def deepest(runner: Runner, columns: int) -> dict:
               f"{r['fractal_error']:.2f} | "
               f"{r['column_error']['running']:.2f} / {r['column_error']['reestimated']:.2f} / "
               f"{r['column_error']['batch']:.2f} | {r['column_train_loss']:.3f} | {r['plain_matched_epoch']}, "
-              f"{r['plain_matched_error']:.2f}, {r['plain_matched_train_loss']:.3f} | {r['plain_error']:.2f}, "
-              f"{r['plain_train_loss']:.3f} |" for r in rows]
+              f"{_number(r['plain_matched_error'], '.2f')}, {_number(r['plain_matched_train_loss'], '.3f')} | "
+              f"{r['plain_error']:.2f}, {r['plain_train_loss']:.3f} |" for r in rows]
     return dict(columns=c, rows=rows, table=table, notes=DEEPEST_NOTES)
 
 
@@ -328,6 +330,19 @@ DEEPEST_NOTES = ("Solo steps: the training steps whose per-batch structure was a
                  "re-estimated over the training set for the column alone, and each test batch's own (batches of "
                  "the training batch size). by-depth: global batches choose their column in proportion to its depth "
                  "(FractalNet(global_columns='by-depth')), not uniformly as the paper does.")
+
+
+def curves_of(result: dict, label: str) -> Optional[list[dict]]:
+    """The learning curve of sub-network ``label`` that a run recorded (one point per epoch), or
+    None: the depth experiment records curves for its first seed only, and a later experiment
+    reuses its runs as they are."""
+    history = result["history"]
+    return [h[label] for h in history] if label in history[-1] else None
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    """``value`` formatted, or "no curve" where it could not be read (None)."""
+    return "no curve" if value is None else format(value, spec)
 
 
 def solo_steps(model: FractalNet, config: TrainConfig, steps_per_epoch: int, column: int) -> int:
@@ -376,7 +391,7 @@ def plot(name: str, result: dict, path: Path) -> None:
         ax.set(xticks=list(columns), yscale="log", xlabel="column alone (BatchNorm re-estimated)",
                ylabel="test error (%)", title="columns by drop-path")
     elif name == "deepest":
-        for r in rows:
+        for r in (r for r in rows if r["curve"]):
             ax.plot(range(1, len(r["curve"]) + 1), [point["test_error"] for point in r["curve"]],
                     label=f"column {result['columns']} alone, global column {r['global_columns']} (seed {r['seed']})")
         ax.set(xlabel="epoch", ylabel="test error (%, BatchNorm re-estimated)", yscale="log",

@@ -107,6 +107,19 @@ def test_deepest_numbers(finished):
     assert rows[0]["column_error"]["reestimated"] == depth["deepest_column_error"][0]
 
 
+def test_deepest_reuses_depth_runs_without_curves(tmp_path):
+    """The depth experiment records learning curves for its first seed only; deepest then reuses
+    the later seeds' runs as they are: their curve-read cells say so, every other number is there."""
+    assert experiments.main(["depth", "--seeds", "2", "--out", str(tmp_path), *TINY]) == 0
+    assert experiments.main(["deepest", "--seeds", "2", "--out", str(tmp_path), *TINY]) == 0
+    rows = json.loads((tmp_path / "deepest.json").read_text())["rows"]
+    assert [(r["seed"], r["curve"] is None) for r in rows] == [(0, False), (0, False), (1, True), (1, False)]
+    assert rows[2]["plain_matched_error"] is None and _percent(rows[3]["column_error"]["reestimated"])
+    for r in rows:
+        assert math.isfinite(r["column_train_loss"]) and _percent(r["plain_error"]), r
+    assert (tmp_path / "deepest.md").read_text().count("no curve") == 2 * 2  # seed 1: two rows, error and loss
+
+
 def test_solo_steps_replay_the_runs_structures():
     """solo_steps replays the structures fit draws: the same generator, two draws a step."""
     from fractalnet import FractalNet, training
