@@ -29,7 +29,7 @@ from .batchnorm_kernels import (
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import join_args, row_samples
 from .launch import (
-    REDUCTION_REGISTERS, define_op, input_groups, launch, next_power_of_2, optional, slots,
+    REDUCTION_REGISTERS, define_op, eager_apply, input_groups, launch, next_power_of_2, optional, slots,
     wrap_triton,
 )
 from .sync_batchnorm import RankStatistics
@@ -221,11 +221,12 @@ def bn_backward_dx(grad, tensors: PerInput, mask, rows, sums: torch.Tensor, *, o
     return grad_inputs, grads
 
 
-def param_grads(grads: torch.Tensor, params: Sequence) -> list[Optional[torch.Tensor]]:
-    """Row i of the [k, C] ``grads`` in the dtype of the present ``params[i]``, None where absent
-    (None or an empty placeholder)."""
+def param_grads(grads: torch.Tensor, weights: Sequence, biases: Sequence) -> list[Optional[torch.Tensor]]:
+    """The weight and bias gradients of the [2, k, C] ``grads``, each in its parameter's dtype,
+    None where the parameter is absent (None or an empty placeholder)."""
+    rows = grads.view(-1, grads.shape[-1]).unbind(0)  # one op for all 2k rows
     return [None if optional(p) is None else g if g.dtype == p.dtype else g.to(p.dtype)
-            for g, p in zip(grads.unbind(0), params)]
+            for g, p in zip(rows, (*weights, *biases))]
 
 
 def present(tensors: Sequence) -> list:
@@ -447,8 +448,10 @@ class BatchNormJoinFunction(torch.autograd.Function):
         inputs = PerInput.unflatten(flat)
         grad_inputs, grads = normalize_join_backward(grad, inputs, mask, rows, options=ctx.options, seeds=seeds,
                                                      tiling=ctx.tiling, sync=ctx.sync, path=ctx.path)
-        return (None,) * 8 + (*grad_inputs, *param_grads(grads[0], inputs.weights),
-                              *param_grads(grads[1], inputs.biases))
+        return (None,) * 8 + (*grad_inputs, *param_grads(grads, inputs.weights, inputs.biases))
+
+
+_eager_batch_norm_join = eager_apply(BatchNormJoinFunction)
 
 
 def input_statistics(stats: torch.Tensor) -> tuple[Sequence, Sequence]:
@@ -490,8 +493,8 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         sync.update_running(running_means, running_vars, num_batches_tracked or (None,) * k, momentum)
         moments = sync.input_statistics(acc_dtype(xs[0].dtype))
     options = BatchNormOptions(eps, relu, training, dropout)
-    out = BatchNormJoinFunction.apply(path, options, sync, mask, rows, seeds, moments, tiling, *xs, *weights,
-                                      *biases)
+    apply = _eager_batch_norm_join if path is DIRECT else BatchNormJoinFunction.apply
+    out = apply(path, options, sync, mask, rows, seeds, moments, tiling, *xs, *weights, *biases)
     if recompute.recording():
         tensors = PerInput(xs, weights, biases, *moments)
         recompute.register(out, functools.partial(path.normalize_join, tensors, mask, rows, options=options,

@@ -80,8 +80,8 @@ def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -
         raise ValueError("rows must name each row of an input at most once (rows[i] has a repeated row)")
 
 
-def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, x: torch.Tensor) -> None:
-    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on x's device."""
+def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, device: torch.device) -> None:
+    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on ``device``."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
@@ -90,8 +90,8 @@ def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, x: 
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{name} must have shape [{channels}] (one value per channel), got {list(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device}, expected {x.device} like the input")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} like the input")
 
 
 def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
@@ -105,16 +105,17 @@ def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
 
 def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var) -> None:
     """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature."""
+    channels, device = x.shape[1], x.device
     for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        check_channel_param(name, t, x.shape[1], x)
+        if t is not None:
+            check_channel_param(name, t, channels, device)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{names[2]} and {names[3]} must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
-    for name, value in (("momentum", momentum), ("eps", eps)):
-        if value is None and name == "momentum":
-            continue  # the cumulative average (with num_batches_tracked)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # momentum None is the cumulative average (with num_batches_tracked).
+    for name, value in (("momentum", momentum), ("eps", eps)) if momentum is not None else (("eps", eps),):
+        if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     # torch's rules: sqrt(var + eps) of a batch variance needs eps > 0.
     if training and eps <= 0:

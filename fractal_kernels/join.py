@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .join_modes import JOIN_GATHER, join_args, join_row, join_scale, row_samples
 from .launch import (
-    STREAMING_REGISTERS, cdiv, define_op, input_groups, launch, next_power_of_2, runs_eagerly, slots,
+    STREAMING_REGISTERS, cdiv, define_op, eager_apply, input_groups, launch, next_power_of_2, runs_eagerly, slots,
     wrap_triton,
 )
 from .tensors import accumulation_type, dense, dense_inputs, like_rows
@@ -219,15 +219,20 @@ class JoinFunction(torch.autograd.Function):
         return (None, None, None, *ctx.path.backward(grad, ctx.sizes, mask, rows))
 
 
-def _path(x: torch.Tensor) -> JoinPath:
-    return DIRECT if runs_eagerly(x) else LIBRARY
+_eager_join = eager_apply(JoinFunction)
+
+
+def _join(inputs: list[torch.Tensor], mask, rows) -> torch.Tensor:
+    if runs_eagerly(inputs[0]):
+        return _eager_join(DIRECT, mask, rows, *inputs)
+    return JoinFunction.apply(LIBRARY, mask, rows, *inputs)
 
 
 def masked_join(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The masked join, launched directly in eager mode, through its torch.library op while torch traces."""
-    return JoinFunction.apply(_path(inputs[0]), mask, None, *inputs)
+    return _join(inputs, mask, None)
 
 
 def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """The gather join, launched directly in eager mode, through its torch.library op while torch traces."""
-    return JoinFunction.apply(_path(inputs[0]), None, rows, *inputs)
+    return _join(inputs, None, rows)

@@ -144,6 +144,16 @@ def runs_eagerly(x: torch.Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def eager_apply(function: type) -> Callable:
+    """The C-level apply of autograd.Function ``function``, for eager calls only (runs_eagerly):
+    Function.apply's Python prologue (binding setup_context's arguments, functorch's checks and
+    dead-wrapper unwrapping) costs microseconds a call and has nothing to do there, since no
+    functorch transform is active and the Function defines no setup_context."""
+    if function.setup_context is not torch.autograd.Function.setup_context:
+        raise TypeError(f"{function.__name__} defines setup_context: its apply needs Function.apply's prologue")
+    return super(torch.autograd.Function, function).apply
+
+
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
     if x.is_cuda or _recorders or torch.compiler.is_compiling() or not _is_plain(x):
@@ -175,12 +185,13 @@ class DirectLaunches:
     lot and of the options, and checks the kernel's globals: tens of microseconds a launch, most
     of a small op's host time. Here the first launch of each variant goes through run, which
     compiles it and returns the CompiledKernel; later launches find that variant by a guard,
-    generated for it, which tests each argument for exactly the facts it was compiled for (the
-    facts of _facts_function: at least as fine as Triton's specialisation, the kernel's own
+    generated for it, which tests the argument tuple for exactly the facts it was compiled for
+    (the facts of _facts_function: at least as fine as Triton's specialisation, the kernel's own
     ``do_not_specialize`` honoured), and call its launcher as run does, every argument in
-    parameter order (as Inductor launches user kernels). A guard is a chain of comparisons: no
-    tuple of facts is built or hashed. Variants are grouped by device (a compiled kernel's
-    function handle belongs to one device), argument count and keyword arguments.
+    parameter order (as Inductor launches user kernels). A guard is a chain of comparisons (a
+    run of None slots is one tuple comparison): no tuple of facts is built or hashed. Variants
+    are grouped by device (a compiled kernel's function handle belongs to one device), argument
+    count and keyword arguments, whose values complete the launcher's arguments.
     """
 
     def __init__(self, kernel):
@@ -190,35 +201,35 @@ class DirectLaunches:
         #: Per parameter: specialised on alignment and value (Triton's native_specialize_impl).
         self.specialised = [not p.do_not_specialize for p in params]
         self.align = [not p.do_not_specialize_on_alignment for p in params]
-        #: (device, argument count, keyword arguments) -> [(guard, compiled variant)].
+        #: (device, argument count, keyword arguments) -> (the keyword arguments' values in
+        #: parameter order, [(guard, compiled variant)]).
         self.variants: dict = {}
         self._facts: dict = {}  # argument count -> facts function (the first launch of a variant)
 
     def compiled_variants(self) -> list:
-        return [compiled for variants in self.variants.values() for _, compiled in variants]
+        return [compiled for _, variants in self.variants.values() for _, compiled in variants]
 
     def launch(self, grid: tuple, device: int, args: tuple, kwargs: dict) -> None:
         key = (device, len(args), *kwargs.items())
-        for guard, compiled in self.variants.get(key, ()):
-            if guard(*args):
-                break
-        else:
-            n = len(args)
-            if n not in self._facts:
-                self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
-            facts = self._facts[n](*args)  # _NotDirect before any launch
-            compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
-            if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
-                self.variants.setdefault(key, []).append((_guard_function(facts, self.specialised[:n]), compiled))
-            return
-        names = self.names
-        bound = args + tuple([kwargs[name] for name in names[len(args):]]) if len(args) < len(names) else args
-        stream = triton.runtime.driver.active.get_current_stream(device)
-        grid_1 = grid[1] if len(grid) > 1 else 1
-        grid_2 = grid[2] if len(grid) > 2 else 1
-        # No hook is set (_direct_launches): no launch metadata for one to read.
-        compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *bound)
+        entry = self.variants.get(key)
+        if entry is not None:
+            tail, variants = entry
+            for guard, compiled in variants:
+                if guard(args):
+                    # No hook is set (_direct_launches): no launch metadata for one to read.
+                    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                                 triton.runtime.driver.active.get_current_stream(device), compiled.function,
+                                 compiled.packed_metadata, None, None, None, *args, *tail)
+                    return
+        n = len(args)
+        if n not in self._facts:
+            self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
+        facts = self._facts[n](*args)  # _NotDirect before any launch
+        compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
+        if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
+            if entry is None:
+                entry = self.variants[key] = (tuple([kwargs[name] for name in self.names[n:]]), [])
+            entry[1].append((_guard_function(facts, self.specialised[:n]), compiled))
 
 
 def _scalar_fact(value, specialised: bool):
@@ -252,19 +263,29 @@ def _facts_function(specialised: list[bool], align: list[bool]) -> Callable:
         integer = f"{small} if -2147483648 <= {a} < 2147483648 else scalar({a}, {spec})"
         terms.append(f"(None if {a} is None else {tensor} if isinstance({a}, Tensor) else ({integer}) "
                      f"if type({a}) is int else scalar({a}, {spec}))")
-    return _generated("facts", len(specialised), f"({', '.join(terms)}{',' if len(terms) == 1 else ''})", {})
+    source = (f"def facts({', '.join(f'a{i}' for i in range(len(terms)))}):\n"
+              f"    return ({', '.join(terms)}{',' if len(terms) == 1 else ''})\n")
+    return _compiled_source("facts", source, {})
 
 
-def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[..., bool]:
-    """``guard(*args)``: whether every argument has the facts ``facts`` (those of the arguments
-    a variant was compiled for), tested one comparison after another."""
+def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], bool]:
+    """``guard(args)``: whether every argument has the facts ``facts`` (those of the arguments
+    a variant was compiled for), tested one comparison after another; a run of None arguments
+    (the empty slots of a per-input list) is one tuple comparison."""
     terms, constants = [], {}
-    for i, (fact, spec) in enumerate(zip(facts, specialised)):
-        a = f"a{i}"
-        small = f"type({a}) is int and -2147483648 <= {a} < 2147483648"
+    i = 0
+    while i < len(facts):
+        fact, spec, a = facts[i], specialised[i], f"a[{i}]"
         if fact is None:
-            terms.append(f"{a} is None")
-        elif isinstance(fact, torch.dtype) or (isinstance(fact, tuple) and isinstance(fact[0], torch.dtype)):
+            end = i
+            while end < len(facts) and facts[end] is None:
+                end += 1
+            constants[f"n{i}"] = (None,) * (end - i)
+            terms.append(f"a[{i}:{end}] == n{i}")
+            i = end
+            continue
+        small = f"type({a}) is int and -2147483648 <= {a} < 2147483648"
+        if isinstance(fact, torch.dtype) or (isinstance(fact, tuple) and isinstance(fact[0], torch.dtype)):
             dtype, aligned = (fact, None) if isinstance(fact, torch.dtype) else fact
             constants[f"d{i}"] = dtype
             alignment = "" if aligned is None else f" and ({a}.data_ptr() % 16 == 0) is {aligned}"
@@ -280,12 +301,13 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[..., bool
         else:  # a wide int's facts
             constants[f"f{i}"] = fact
             terms.append(f"type({a}) is int and not -2147483648 <= {a} < 2147483648 and scalar({a}, {spec}) == f{i}")
-    return _generated("guard", len(facts), " and ".join(f"({t})" for t in terms) or "True", constants)
+        i += 1
+    source = f"def guard(a):\n    return {' and '.join(f'({t})' for t in terms) or 'True'}\n"
+    return _compiled_source("guard", source, constants)
 
 
-def _generated(name: str, n: int, expression: str, constants: dict) -> Callable:
-    """``def name(a0, .., a{n-1}): return expression``, with ``constants`` in its globals."""
-    source = f"def {name}({', '.join(f'a{i}' for i in range(n))}):\n    return {expression}\n"
+def _compiled_source(name: str, source: str, constants: dict) -> Callable:
+    """The function ``name`` that ``source`` defines, with ``constants`` in its globals."""
     namespace = {"Tensor": torch.Tensor, "scalar": _scalar_fact, **constants}
     exec(source, namespace)
     return namespace[name]

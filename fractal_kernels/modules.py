@@ -52,18 +52,32 @@ def batchnorm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     statistics), its momentum (None: the cumulative average), and in training its
     ``num_batches_tracked``, which the statistics kernel increments as nn.BatchNorm2d.forward
     does, with no launch of its own and no read back to the host."""
+    weight, bias, running_mean, running_var, num_batches_tracked = (
+        _module_tensor(bn, name) for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
     track = not bn.training or bn.track_running_stats
-    counting = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    counting = bn.training and bn.track_running_stats and num_batches_tracked is not None
     return dict(
-        weight=bn.weight,
-        bias=bn.bias,
-        running_mean=bn.running_mean if track else None,
-        running_var=bn.running_var if track else None,
-        training=bn.training or (bn.running_mean is None and bn.running_var is None),
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean if track else None,
+        running_var=running_var if track else None,
+        training=bn.training or (running_mean is None and running_var is None),
         momentum=bn.momentum if counting or bn.momentum is not None else 0.0,
         eps=bn.eps,
-        num_batches_tracked=bn.num_batches_tracked if counting else None,
+        num_batches_tracked=num_batches_tracked if counting else None,
     )
+
+
+def _module_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>``, a parameter or buffer, read from the module's own tables where it is
+    registered there: nn.Module.__getattr__ costs about a microsecond a call, and a forward
+    reads five. Anything else (a parametrization, a property) goes through getattr."""
+    parameters, buffers = module._parameters, module._buffers
+    if name in parameters:
+        return parameters[name]
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
 
 
 class MaskedJoin(nn.Module):

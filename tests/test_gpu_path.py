@@ -570,6 +570,34 @@ def side_table_size() -> int:
     return len(kernel_side_table.id_to_kernel) + len(kernel_side_table.constant_args)
 
 
+def test_eager_apply_refuses_a_function_with_setup_context():
+    """The C-level apply skips Function.apply's prologue, which a setup_context needs."""
+
+    class WithSetupContext(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+    with pytest.raises(TypeError, match="setup_context"):
+        launch.eager_apply(WithSetupContext)
+    x = torch.randn(3, requires_grad=True)
+    assert launch.eager_apply(ClonedFunction)(x).grad_fn is not None
+
+
+class ClonedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def test_eager_launches_are_direct():
     """In eager mode a launch goes straight to the kernel: no higher-order-op dispatch, and
     nothing added to torch's kernel side table, which would otherwise grow without bound."""

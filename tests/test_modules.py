@@ -182,6 +182,25 @@ def test_module_without_tracking_uses_batch_statistics_in_eval():
         torch.testing.assert_close(fused(x), F.relu(F.batch_norm(x, None, None, training=True)), atol=1e-5, rtol=1e-5)
 
 
+def test_module_reads_a_parametrized_weight():
+    """batchnorm_arguments reads parameters from the module's own tables (no nn.Module.__getattr__):
+    a parametrized weight, which lives elsewhere, must still be the one used."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    fused, plain = fk.FusedBatchNormReLU2d(4), nn.BatchNorm2d(4)
+    for module in (fused, plain):
+        parametrize.register_parametrization(module, "weight", Doubled())
+    x = torch.randn(3, 4, 2, 2)
+    assert fk.batchnorm_arguments(fused)["weight"] is not None
+    with fk.use_backend("triton"):
+        torch.testing.assert_close(fused(x), F.relu(plain(x)), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # fuse_batchnorm_relu
 # ----------------------------------------------------------------------------------------------
