@@ -107,15 +107,15 @@ def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mea
     """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature."""
     channels, device = x.shape[1], x.device
     for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        if t is not None:
-            check_channel_param(name, t, channels, device)
+        check_channel_param(name, t, channels, device)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{names[2]} and {names[3]} must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
-    # momentum None is the cumulative average (with num_batches_tracked).
-    for name, value in (("momentum", momentum), ("eps", eps)) if momentum is not None else (("eps", eps),):
-        if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if value is None and name == "momentum":
+            continue  # the cumulative average (with num_batches_tracked)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     # torch's rules: sqrt(var + eps) of a batch variance needs eps > 0.
     if training and eps <= 0:
