@@ -56,7 +56,7 @@ STREAMING_KERNELS = {"masked_join_fwd_kernel", "masked_join_bwd_kernel", "bn_app
 
 
 #: Kernels that apply the ReLU to values (the backward kernels only test its sign).
-RELU_KERNELS = {"bn_apply_kernel"}
+RELU_KERNELS = {"bn_apply_kernel", "bn_forward_kernel"}
 
 
 def occupancy_goal(kernel: str) -> int:

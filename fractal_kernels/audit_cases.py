@@ -8,9 +8,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .batchnorm import (
-    BatchNormOptions, PerInput, batch_statistics, input_statistics, normalize_join, normalize_join_backward,
-)
+from .batchnorm import batch_norm_join
 from .join import join_backward, join_forward
 from .tensors import acc_dtype
 
@@ -36,18 +34,17 @@ def join_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: boo
 
 
 def _batch_norm_forward_backward(xs, mask, affine: bool, training: bool, relu: bool, rows=None) -> None:
-    """Runs the statistics, apply and backward launchers once (the audit's cases)."""
+    """Runs batch_norm_join forward and backward once (the audit's cases): the launches an
+    eager training step makes, split or single-pass as the tiling has it."""
     C, k = xs[0].shape[1], len(xs)
-    params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype)) if affine else None for _ in range(k)]
+    xs = [x.requires_grad_() for x in xs]
+    params = [xs[0].new_empty(C, dtype=acc_dtype(xs[0].dtype), requires_grad=True) if affine else None
+              for _ in range(k)]
     statistic = acc_dtype(xs[0].dtype)
     running_means, running_vars = ([xs[0].new_empty(C, dtype=statistic) for _ in range(k)] for _ in range(2))
-    if training:
-        means, variances = input_statistics(batch_statistics(xs, running_means, running_vars, None, momentum=0.1))
-    else:
-        means, variances = running_means, running_vars
-    tensors, options = PerInput(xs, params, params, means, variances), BatchNormOptions(1e-5, relu, training)
-    out = normalize_join(tensors, mask, rows, options=options)
-    normalize_join_backward(torch.empty_like(out), tensors, mask, rows, options=options)
+    out = batch_norm_join(xs, mask, params, params, running_means, running_vars, training=training, momentum=0.1,
+                          eps=1e-5, relu=relu, rows=rows)
+    out.backward(torch.empty_like(out))
 
 
 def batch_norm_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: bool):

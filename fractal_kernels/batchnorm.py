@@ -4,7 +4,10 @@ The kernels are batchnorm_kernels.py's. Four launchers run them: ``batch_statist
 statistics and the running-statistic update), ``normalize_join`` (the normalised, activated and
 joined output), ``bn_backward_sums`` and ``bn_backward_dx`` (its backward, which differentiates
 through the batch statistics). Each is also a torch.library op without autograd (``bn_stats``,
-``bn_apply``, ``bn_backward_sums``, ``bn_backward_dx``), what torch sees while it traces.
+``bn_apply``, ``bn_backward_sums``, ``bn_backward_dx``), what torch sees while it traces. In
+eager mode, where the tiling has one chunk per channel block (small problems: the host-bound
+ones), ``normalize_join_with_statistics`` and ``bn_backward`` do the training forward and the
+backward in one launch each.
 ``batch_norm_join`` composes them into the function behind bn_relu, join_bn_relu and
 gather_join_bn_relu, synchronised over a process group or not; its one autograd Function,
 BatchNormJoinFunction, launches through either (``LaunchPath``: DIRECT or LIBRARY), as the
@@ -22,14 +25,16 @@ from . import recompute
 from .batchnorm_kernels import (
     bn_apply_kernel,
     bn_backward_dx_kernel,
+    bn_backward_kernel,
     bn_backward_reduce_kernel,
     bn_combine_kernel,
+    bn_forward_kernel,
     bn_stats_kernel,
 )
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import join_args, row_samples
 from .launch import (
-    REDUCTION_REGISTERS, define_op, eager_apply, input_groups, launch, next_power_of_2, optional, slots,
+    MAX_INPUTS, REDUCTION_REGISTERS, define_op, eager_apply, input_groups, launch, next_power_of_2, optional, slots,
     wrap_triton,
 )
 from .sync_batchnorm import RankStatistics
@@ -221,6 +226,68 @@ def bn_backward_dx(grad, tensors: PerInput, mask, rows, sums: torch.Tensor, *, o
     return grad_inputs, grads
 
 
+class BatchStatistics(NamedTuple):
+    """What a single-pass training forward computes besides its output: the [2, k, C] batch
+    statistics ``stats`` (filled by the launch), and the running statistics and batch counters
+    it updates (None where absent) by ``momentum`` (a number: the cumulative average reads the
+    counters, which only the split path's one-program combine can)."""
+
+    stats: torch.Tensor
+    running_means: Sequence
+    running_vars: Sequence
+    num_batches_tracked: Sequence
+    momentum: float
+
+
+def single_pass(tiling: Optional[ChannelTiling], k: int) -> bool:
+    """Whether one launch covers a pass and the per-channel sums it needs: one chunk per channel
+    block and one group of inputs. No ``tiling``: a gather join, or torch tracing (which sees
+    the split kernels' ops)."""
+    return tiling is not None and tiling.num_chunks == 1 and k <= MAX_INPUTS
+
+
+def normalize_join_with_statistics(tensors: PerInput, mask, statistics: BatchStatistics, *,
+                                   options: BatchNormOptions, seeds: Optional[torch.Tensor] = None,
+                                   tiling: ChannelTiling) -> torch.Tensor:
+    """batch_statistics then normalize_join in one launch (bn_forward_kernel) on a single_pass
+    ``tiling``; ``tensors``' means and variances are the views of ``statistics.stats`` it fills."""
+    xs = tensors.xs
+    out = torch.empty_like(xs[0])
+    group = input_groups(len(xs))[0]
+    join, mode = join_args(mask, None)
+    launch(
+        wrap_triton(bn_forward_kernel), tiling.grid,
+        out, *slots(xs, group), *slots(tensors.weights, group), *slots(tensors.biases, group),
+        *slots(statistics.running_means, group), *slots(statistics.running_vars, group),
+        *slots(statistics.num_batches_tracked, group), statistics.stats, float(statistics.momentum),
+        *join, float(options.eps), *dropout_args(seeds, options.dropout),
+        tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=len(xs), JOIN=mode, RELU=options.relu,
+        **tiling.meta(streaming=False),
+    )
+    return out
+
+
+def bn_backward(grad, tensors: PerInput, mask, *, options: BatchNormOptions, seeds: Optional[torch.Tensor] = None,
+                tiling: ChannelTiling) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """bn_backward_sums then bn_backward_dx in one launch (bn_backward_kernel) on a single_pass
+    ``tiling``: the input gradients and the [2, k, C] weight and bias gradients."""
+    xs = tensors.xs
+    k = len(xs)
+    group = input_groups(k)[0]
+    join, mode = join_args(mask, None)
+    grad_inputs = [torch.empty_like(x) for x in xs]
+    grads = torch.empty(2, k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=grad.device)
+    launch(
+        wrap_triton(bn_backward_kernel), tiling.grid,
+        grad, *slots(xs, group), *slots(grad_inputs, group), *slots(tensors.weights, group),
+        *slots(tensors.biases, group), *slots(tensors.means, group), *slots(tensors.variances, group),
+        *join, float(options.eps), *dropout_args(seeds, options.dropout), grads,
+        tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=k, JOIN=mode, RELU=options.relu,
+        BATCH_STATS=options.batch_stats, **tiling.meta(streaming=False),
+    )
+    return grad_inputs, grads
+
+
 def param_grads(grads: torch.Tensor, weights: Sequence, biases: Sequence) -> list[Optional[torch.Tensor]]:
     """The weight and bias gradients of the [2, k, C] ``grads``, each in its parameter's dtype,
     None where the parameter is absent (None or an empty placeholder)."""
@@ -404,9 +471,9 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
     process group: the per-channel sums are reduced over its ranks before the input gradients
     (the parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them).
 
-    Two launches for up to eight inputs (one when no sums are needed: running statistics and no
-    affine parameters); a gather join launches the input-gradient kernel once per input.
-    ``tiling``: the inputs' (computed when None; none for a gather join).
+    Two launches for up to eight inputs, one on a single_pass tiling or when no sums are needed
+    (running statistics and no affine parameters); a gather join launches the input-gradient
+    kernel once per input. ``tiling``: the inputs' (computed when None; none for a gather join).
     """
     xs = tensors.xs
     grad = grad.contiguous(memory_format=memory_format(xs[0]))
@@ -414,6 +481,8 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
         tiling = channel_tiling(grad, len(xs))
     if options.batch_stats or any(t is not None for t in tensors.weights) or any(
             t is not None for t in tensors.biases):
+        if sync is None and single_pass(tiling, len(xs)):
+            return bn_backward(grad, tensors, mask, options=options, seeds=seeds, tiling=tiling)
         sums = path.bn_backward_sums(grad, tensors, mask, rows, options=options, seeds=seeds, tiling=tiling)
     else:
         sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
@@ -431,15 +500,20 @@ class BatchNormJoinFunction(torch.autograd.Function):
     """The autograd of batch_norm_join, eager or traced (``path``), synchronised or not
     (``sync``). Its autograd arguments are the inputs, weights and biases (None where absent);
     ``moments`` are the per-input (means, variances): in training the batch statistics
-    (differentiated through, as functions of the inputs), in eval the running ones."""
+    (differentiated through, as functions of the inputs), in eval the running ones. With
+    ``statistics`` (a BatchStatistics, eager only) the forward computes the batch statistics
+    itself, into the tensor ``moments`` are views of."""
 
     @staticmethod
-    def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, moments, tiling,
-                *tensors):
+    def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, moments, statistics,
+                tiling, *tensors):
         k = len(tensors) // 3
         inputs = PerInput(tensors[:k], tensors[k:2 * k], tensors[2 * k:], *moments)
         ctx.path, ctx.options, ctx.sync, ctx.tiling = path, options, sync, tiling  # the backward's tiling too
         ctx.save_for_backward(mask, rows, seeds, *inputs.flatten())
+        if statistics is not None:
+            return normalize_join_with_statistics(inputs, mask, statistics, options=options, seeds=seeds,
+                                                  tiling=tiling)
         return path.normalize_join(inputs, mask, rows, options=options, seeds=seeds, tiling=tiling)
 
     @staticmethod
@@ -448,7 +522,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
         inputs = PerInput.unflatten(flat)
         grad_inputs, grads = normalize_join_backward(grad, inputs, mask, rows, options=ctx.options, seeds=seeds,
                                                      tiling=ctx.tiling, sync=ctx.sync, path=ctx.path)
-        return (None,) * 8 + (*grad_inputs, *param_grads(grads, inputs.weights, inputs.biases))
+        return (None,) * 9 + (*grad_inputs, *param_grads(grads, inputs.weights, inputs.biases))
 
 
 _eager_batch_norm_join = eager_apply(BatchNormJoinFunction)
@@ -467,7 +541,8 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
                     path: LaunchPath = DIRECT):
     """The join (``mask`` or gather table ``rows``) of [bn(+relu)(dropout(x_i)) for each input]:
     in training the statistics of all inputs (with the running-statistic and batch-count
-    updates; over the ranks of process group ``group_name`` where given), then one apply pass.
+    updates; over the ranks of process group ``group_name`` where given), then one apply pass
+    (both in one launch on a single_pass tiling without a process group).
     A nonzero ``dropout`` rate applies, whatever ``training`` says (the caller passes 0 where
     its dropout is off), seeded by ``seeds`` [k] (int64; drawn here from torch's generator when
     None). None stands for any absent tensor. ``path``: DIRECT in eager mode, LIBRARY while torch
@@ -478,9 +553,15 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         seeds = draw_seeds(k, xs[0].device)
     # Without a gather table the statistics, apply and backward launchers share one tiling.
     tiling = channel_tiling(xs[0], k) if rows is None and path is DIRECT else None
-    sync = None
+    sync = statistics = None
     if not training:
         moments = (running_means, running_vars)
+    elif group_name is None and momentum is not None and single_pass(tiling, k):
+        # Computed by the apply launch itself.
+        stats = torch.empty(2, k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
+        statistics = BatchStatistics(stats, running_means, running_vars, num_batches_tracked or (None,) * k,
+                                     momentum)
+        moments = input_statistics(stats)
     elif group_name is None:
         # The statistics carry no autograd of their own: the apply's backward differentiates
         # through them.
@@ -494,7 +575,7 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         moments = sync.input_statistics(acc_dtype(xs[0].dtype))
     options = BatchNormOptions(eps, relu, training, dropout)
     apply = _eager_batch_norm_join if path is DIRECT else BatchNormJoinFunction.apply
-    out = apply(path, options, sync, mask, rows, seeds, moments, tiling, *xs, *weights, *biases)
+    out = apply(path, options, sync, mask, rows, seeds, moments, statistics, tiling, *xs, *weights, *biases)
     if recompute.recording():
         tensors = PerInput(xs, weights, biases, *moments)
         recompute.register(out, functools.partial(path.normalize_join, tensors, mask, rows, options=options,

@@ -95,7 +95,178 @@ def add_at(i: tl.constexpr, value, accumulators):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Tile loops over tiles first..last of channel block cb: one chunk of the tiles in the split
+# kernels, all of them in the single-pass ones
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def welford_tiles(x_ptr, input_index, cb, first, last, N, C, HW, hw_blocks, seeds_ptr, dropout_p, dropout_scale,
+                  ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Welford (mean, sum of squared deviations, count) of each channel, as [BLOCK_C] vectors,
+    of an input of N rows, after its dropout (input ``input_index``'s seed) where ``seeds_ptr``
+    is given."""
+    # Each lane runs Welford over the elements it sees; lanes merge once, at the end.
+    mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+    m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+    count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
+        if seeds_ptr is not None:
+            x, _ = dropout(x, seeds_ptr, input_index, n, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+        count += valid.to(ACC)
+        delta = tl.where(valid, x - mean, 0.0)
+        mean += delta / tl.maximum(count, 1.0)
+        m2 += delta * (x - mean)
+    return merge_lanes(mean, m2, count)
+
+
+@triton.jit
+def update_running(running_mean_ptr, running_var_ptr, c, c_ok, mean, m2, count, factor, ACC: tl.constexpr):
+    """Moves the running statistics of channels c by ``factor`` toward the batch mean and the
+    unbiased variance (of the [BLOCK_C] Welford values), as nn.BatchNorm2d does; a channel that
+    saw no element keeps its own."""
+    running_mean = tl.load(running_mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    running_var = tl.load(running_var_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+    seen = count > 0
+    running_mean = tl.where(seen, running_mean + factor * (mean - running_mean), running_mean)
+    running_var = tl.where(seen, running_var + factor * (unbiased - running_var), running_var)
+    tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def normalize_join_tiles(out_ptr, xs, weights, biases, means, variances, eps, join_ptr, join_stride_k,
+                         join_stride_n, first_input, num_inputs, seeds_ptr, dropout_p, dropout_scale, cb, first,
+                         last, N, C, HW, hw_blocks,
+                         K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr,
+                         ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+                         FIXED_HW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_HW: tl.constexpr):
+    """Writes the join of act(normalize(dropout(x_i))) to the tiles of ``out_ptr``."""
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n_ok = n < N
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+        for i in tl.static_range(K):
+            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
+            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
+            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
+                        mask=valid & keep, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+            y = normalize(x, mean, rstd, w, b)
+            if RELU:
+                y = relu(y)
+            acc += tl.where(keep, y, 0.0)
+        out = acc * scale
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        if ACCUMULATE:
+            out += tl.load(out_ptr + offs, mask=valid, other=0.0).to(ACC)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def gradient_sums_tiles(grad_ptr, xs, weights, biases, means, variances, eps, join_ptr, join_stride_k,
+                        join_stride_n, first_input, num_inputs, seeds_ptr, dropout_p, dropout_scale, cb, first,
+                        last, N, C, HW, hw_blocks,
+                        K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
+                        CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(sums of g_i, sums of g_i * x_hat_i): per input, [BLOCK_C] sums over the tiles, where g_i
+    is the output gradient routed to input i (join weight, ReLU mask) and x_hat_i the normalised
+    input. The gradient is read once for all K inputs; rows of a dropped input are not read."""
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    # Per-lane sums of each input, reduced across lanes once at the end.
+    zero = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
+    sums_g = (zero, zero, zero, zero, zero, zero, zero, zero)
+    sums_gxhat = (zero, zero, zero, zero, zero, zero, zero, zero)
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n_ok = n < N
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
+        for i in tl.static_range(K):
+            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
+            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
+            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
+                        mask=valid & keep, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+            g = tl.where(keep & valid, grad, 0.0)
+            if RELU:
+                g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
+            sums_g = add_at(i, g, sums_g)
+            sums_gxhat = add_at(i, g * ((x - mean) * rstd), sums_gxhat)
+    totals_g = ()
+    totals_gxhat = ()
+    for i in tl.static_range(K):
+        totals_g = totals_g + (tl.sum(tl.sum(sums_g[i], 2), 0),)
+        totals_gxhat = totals_gxhat + (tl.sum(tl.sum(sums_gxhat[i], 2), 0),)
+    return totals_g, totals_gxhat
+
+
+@triton.jit
+def input_gradient_tiles(grad_ptr, xs, dxs, weights, biases, means, variances, eps, totals_g, totals_gxhat,
+                         inv_count, join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, seeds_ptr,
+                         dropout_p, dropout_scale, sample_ptr, cb, first, last, N, C, HW, hw_blocks,
+                         K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
+                         ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
+                         FIXED_HW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_HW: tl.constexpr):
+    """Writes each input's gradient to the tiles of ``dxs``, from its per-channel totals of g and
+    g * x_hat ([1, BLOCK_C, 1]; see bn_backward_dx_kernel)."""
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    for t in range(first, last):
+        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+        n_ok = n < N
+        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        if JOIN == JOIN_GATHER:
+            sample = tl.load(sample_ptr + n, mask=n_ok, other=-1)
+            held = sample >= 0
+        else:
+            sample = n
+            held = n_ok
+        scale = join_scale(join_ptr, join_stride_k, join_stride_n, sample, held, num_inputs, JOIN, ACC)
+        grad_offs = element_offsets(sample, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
+        grad = tl.load(grad_ptr + grad_offs, mask=valid & held, other=0.0).to(ACC) * scale
+        for i in tl.static_range(K):
+            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
+            if JOIN == JOIN_GATHER:
+                keep = held
+            else:
+                keep, _ = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
+            # With batch statistics every row has a gradient (through the mean and variance).
+            if BATCH_STATS:
+                x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
+            else:
+                x = tl.load(xs[i] + offs, mask=valid & keep, other=0.0).to(ACC)
+            if seeds_ptr is not None:
+                x, kept = dropout(x, seeds_ptr, first_input + i, n, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+            g = tl.where(keep & valid, grad, 0.0)
+            if RELU:
+                g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
+            if BATCH_STATS:
+                g = g - (totals_g[i] + (x - mean) * rstd * totals_gxhat[i]) * inv_count
+            dx = w * rstd * g
+            if seeds_ptr is not None:
+                dx = tl.where(kept, dx * dropout_scale, 0.0)
+            dx_ptr = dxs[i]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Split kernels: a (channel blocks) x (chunks) grid, chunk partials merged by the next launch
 # ----------------------------------------------------------------------------------------------
 
 
@@ -131,21 +302,9 @@ def bn_stats_kernel(
     for i in tl.static_range(K):
         N = num_rows[i]
         first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
-        # Each lane runs Welford over the elements it sees; lanes merge once, at the end.
-        mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
-        m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
-        count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
-        for t in range(first, last):
-            n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
-            offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
-            x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
-            if seeds_ptr is not None:
-                x, _ = dropout(x, seeds_ptr, first_input + i, n, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
-            count += valid.to(ACC)
-            delta = tl.where(valid, x - mean, 0.0)
-            mean += delta / tl.maximum(count, 1.0)
-            m2 += delta * (x - mean)
-        mean, m2, count = merge_lanes(mean, m2, count)
+        mean, m2, count = welford_tiles(xs[i], first_input + i, cb, first, last, N, C, HW, hw_blocks, seeds_ptr,
+                                        dropout_p, dropout_scale, ACC, CHANNELS_LAST, INDEX_64, FIXED_HW,
+                                        BLOCK_N, BLOCK_C, BLOCK_HW)
         part = ((first_input + i) * num_chunks + chunk) * C + c_block
         plane = num_inputs * num_chunks * C
         tl.store(partials_ptr + part, mean, mask=c_block < C)
@@ -209,16 +368,7 @@ def bn_combine_kernel(
             tl.store(stats_ptr + (first_input + i) * C + c, mean, mask=c_ok)
             tl.store(stats_ptr + (num_inputs + first_input + i) * C + c, m2 / tl.maximum(count, 1.0), mask=c_ok)
             if running_means[i] is not None:
-                rm_ptr = running_means[i]
-                rv_ptr = running_vars[i]
-                running_mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
-                running_var = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
-                unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-                seen = count > 0
-                running_mean = tl.where(seen, running_mean + factor * (mean - running_mean), running_mean)
-                running_var = tl.where(seen, running_var + factor * (unbiased - running_var), running_var)
-                tl.store(rm_ptr + c, running_mean.to(rm_ptr.dtype.element_ty), mask=c_ok)
-                tl.store(rv_ptr + c, running_var.to(rv_ptr.dtype.element_ty), mask=c_ok)
+                update_running(running_means[i], running_vars[i], c, c_ok, mean, m2, count, factor, ACC)
 
 
 @triton.jit(do_not_specialize=("N", "tiles_per_chunk"))
@@ -254,31 +404,11 @@ def bn_apply_kernel(
     variances = (var0, var1, var2, var3, var4, var5, var6, var7)
     eps = exact_scalar(eps, ACC)
     dropout_scale = exact_scalar(dropout_scale, ACC)
-    cb = tl.program_id(0)
-    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c_block < C
     first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
-    for t in range(first, last):
-        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
-        n_ok = n < N
-        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
-        acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
-        for i in tl.static_range(K):
-            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
-            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
-            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
-                        mask=valid & keep, other=0.0).to(ACC)
-            if seeds_ptr is not None:
-                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
-            y = normalize(x, mean, rstd, w, b)
-            if RELU:
-                y = relu(y)
-            acc += tl.where(keep, y, 0.0)
-        out = acc * scale
-        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
-        if ACCUMULATE:
-            out += tl.load(out_ptr + offs, mask=valid, other=0.0).to(ACC)
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+    normalize_join_tiles(out_ptr, xs, weights, biases, means, variances, eps, join_ptr, join_stride_k,
+                         join_stride_n, first_input, num_inputs, seeds_ptr, dropout_p, dropout_scale,
+                         tl.program_id(0), first, last, N, C, HW, hw_blocks, K, JOIN, RELU, ACCUMULATE, ACC,
+                         CHANNELS_LAST, INDEX_64, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit(do_not_specialize=("N", "tiles_per_chunk"))
@@ -297,14 +427,11 @@ def bn_backward_reduce_kernel(
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Per-chunk sums over each channel of g_i and g_i * x_hat_i for K inputs, where g_i is the
-    output gradient routed to input i (join weight, ReLU mask) and x_hat_i the normalised input.
+    """Per-chunk sums over each channel of g_i and g_i * x_hat_i for K inputs (gradient_sums_tiles).
 
     Pointers as in bn_apply_kernel, with ``grad_ptr`` the [N, C, HW] output gradient;
     ``sums_ptr`` is the [2, num_inputs, num_chunks, C] output (accumulation dtype; sums of g and
-    of g * x_hat, row first_input + i for input i). The output gradient is read once for all K inputs;
-    rows of a dropped input are not read (their g is 0), nor rows of a gathered input that hold
-    no sample.
+    of g * x_hat, row first_input + i for input i).
     """
     ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
     xs = (x0, x1, x2, x3, x4, x5, x6, x7)
@@ -319,33 +446,16 @@ def bn_backward_reduce_kernel(
     num_chunks = tl.num_programs(1)
     c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c_block < C
-    # Per-lane sums of each input, reduced across lanes once at the end.
-    zero = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
-    sums_g = (zero, zero, zero, zero, zero, zero, zero, zero)
-    sums_gxhat = (zero, zero, zero, zero, zero, zero, zero, zero)
     first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
-    for t in range(first, last):
-        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
-        n_ok = n < N
-        scale = join_scale(join_ptr, join_stride_k, join_stride_n, n, n_ok, num_inputs, JOIN, ACC)
-        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
-        grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
-        for i in tl.static_range(K):
-            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
-            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
-            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
-                        mask=valid & keep, other=0.0).to(ACC)
-            if seeds_ptr is not None:
-                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
-            g = tl.where(keep & valid, grad, 0.0)
-            if RELU:
-                g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
-            sums_g = add_at(i, g, sums_g)
-            sums_gxhat = add_at(i, g * ((x - mean) * rstd), sums_gxhat)
+    sums_g, sums_gxhat = gradient_sums_tiles(grad_ptr, xs, weights, biases, means, variances, eps, join_ptr,
+                                             join_stride_k, join_stride_n, first_input, num_inputs, seeds_ptr,
+                                             dropout_p, dropout_scale, cb, first, last, N, C, HW, hw_blocks, K, JOIN,
+                                             RELU, ACC, CHANNELS_LAST, INDEX_64, FIXED_HW, BLOCK_N, BLOCK_C,
+                                             BLOCK_HW)
     for i in tl.static_range(K):
         part = ((first_input + i) * num_chunks + chunk) * C + c_block
-        tl.store(sums_ptr + part, tl.sum(tl.sum(sums_g[i], 2), 0), mask=c_ok)
-        tl.store(sums_ptr + num_inputs * num_chunks * C + part, tl.sum(tl.sum(sums_gxhat[i], 2), 0), mask=c_ok)
+        tl.store(sums_ptr + part, sums_g[i], mask=c_ok)
+        tl.store(sums_ptr + num_inputs * num_chunks * C + part, sums_gxhat[i], mask=c_ok)
 
 
 @triton.jit
@@ -360,6 +470,17 @@ def channel_totals(i: tl.constexpr, sums_ptr, num_inputs, num_partials, first_in
         total_g += tl.load(sums_ptr + offs, mask=c_ok, other=0.0)
         total_gxhat += tl.load(sums_ptr + num_inputs * num_partials * C + offs, mask=c_ok, other=0.0)
     return total_g[None, :, None], total_gxhat[None, :, None]
+
+
+@triton.jit
+def store_param_grads(param_grads_ptr, totals_g, totals_gxhat, first_input, num_inputs, c, c_ok, C,
+                      K: tl.constexpr):
+    """Writes each input's totals ([1, BLOCK_C, 1]) to the [2, num_inputs, C] parameter
+    gradients: weight gradients (sums of g x_hat), then bias gradients (sums of g)."""
+    for i in tl.static_range(K):
+        offs = (first_input + i) * C + c[None, :, None]
+        tl.store(param_grads_ptr + offs, totals_gxhat[i], mask=c_ok[None, :, None])
+        tl.store(param_grads_ptr + num_inputs * C + offs, totals_g[i], mask=c_ok[None, :, None])
 
 
 @triton.jit(do_not_specialize=("sample_ptr", "num_partials", "count", "N", "tiles_per_chunk"))
@@ -407,7 +528,6 @@ def bn_backward_dx_kernel(
     cb = tl.program_id(0)
     c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c_block < C
-    # Totals per input, loaded once: the tile loop needs all K.
     totals_g = ()
     totals_gxhat = ()
     for i in tl.static_range(K):
@@ -417,44 +537,139 @@ def bn_backward_dx_kernel(
         totals_gxhat = totals_gxhat + (total_gxhat,)
     if param_grads_ptr is not None:
         if tl.program_id(1) == 0:
-            for i in tl.static_range(K):
-                offs = (first_input + i) * C + c_block[None, :, None]
-                tl.store(param_grads_ptr + offs, totals_gxhat[i], mask=c_ok[None, :, None])
-                tl.store(param_grads_ptr + num_inputs * C + offs, totals_g[i], mask=c_ok[None, :, None])
+            store_param_grads(param_grads_ptr, totals_g, totals_gxhat, first_input, num_inputs, c_block, c_ok, C, K)
     first, last = chunk_tiles(N, hw_blocks, tiles_per_chunk, BLOCK_N)
-    for t in range(first, last):
-        n, c, hw, valid = tile_indices(t, cb, N, C, HW, hw_blocks, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
-        n_ok = n < N
-        offs = element_offsets(n, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
-        if JOIN == JOIN_GATHER:
-            sample = tl.load(sample_ptr + n, mask=n_ok, other=-1)
-            held = sample >= 0
-        else:
-            sample = n
-            held = n_ok
-        scale = join_scale(join_ptr, join_stride_k, join_stride_n, sample, held, num_inputs, JOIN, ACC)
-        grad_offs = element_offsets(sample, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW)
-        grad = tl.load(grad_ptr + grad_offs, mask=valid & held, other=0.0).to(ACC) * scale
-        for i in tl.static_range(K):
-            mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
-            if JOIN == JOIN_GATHER:
-                keep = held
-            else:
-                keep, _ = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
-            # With batch statistics every row has a gradient (through the mean and variance).
-            if BATCH_STATS:
-                x = tl.load(xs[i] + offs, mask=valid, other=0.0).to(ACC)
-            else:
-                x = tl.load(xs[i] + offs, mask=valid & keep, other=0.0).to(ACC)
-            if seeds_ptr is not None:
-                x, kept = dropout(x, seeds_ptr, first_input + i, n, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
-            g = tl.where(keep & valid, grad, 0.0)
-            if RELU:
-                g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)
-            if BATCH_STATS:
-                g = g - (totals_g[i] + (x - mean) * rstd * totals_gxhat[i]) * inv_count
-            dx = w * rstd * g
-            if seeds_ptr is not None:
-                dx = tl.where(kept, dx * dropout_scale, 0.0)
-            dx_ptr = dxs[i]
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+    input_gradient_tiles(grad_ptr, xs, dxs, weights, biases, means, variances, eps, totals_g, totals_gxhat,
+                         inv_count, join_ptr, join_stride_k, join_stride_n, first_input, num_inputs, seeds_ptr,
+                         dropout_p, dropout_scale, sample_ptr, cb, first, last, N, C, HW, hw_blocks, K, JOIN, RELU,
+                         BATCH_STATS, ACC, CHANNELS_LAST, INDEX_64, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-pass kernels: one program per channel block covers all its tiles (channel_tiling gives
+# small problems one chunk), so the statistics or gradient sums need no second launch
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=("N",))
+def bn_forward_kernel(
+    out_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7,
+    w0, w1, w2, w3, w4, w5, w6, w7,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    running_mean0, running_mean1, running_mean2, running_mean3,
+    running_mean4, running_mean5, running_mean6, running_mean7,
+    running_var0, running_var1, running_var2, running_var3,
+    running_var4, running_var5, running_var6, running_var7,
+    num_batches_tracked0, num_batches_tracked1, num_batches_tracked2, num_batches_tracked3,
+    num_batches_tracked4, num_batches_tracked5, num_batches_tracked6, num_batches_tracked7,
+    stats_ptr, momentum: tl.float64,
+    join_ptr, join_stride_k, join_stride_n, eps: tl.float64,
+    seeds_ptr, dropout_p, dropout_scale: tl.float64,
+    N, C, HW, hw_blocks,
+    K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """The training forward of K inputs in one launch: bn_stats_kernel, bn_combine_kernel and
+    bn_apply_kernel for a grid of one chunk, with the same arithmetic in the same order (the
+    same results, bit for bit).
+
+    Pointers as in those kernels (``stats_ptr`` [2, K, C]; the running statistics move by
+    ``momentum``); every input has the output's N rows. Program cb covers channels
+    cb*BLOCK_C.. over all rows: it merges its statistics itself, then normalises. Program 0
+    counts the batch (no program reads the counters: no cumulative average here).
+    """
+    ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    weights = (w0, w1, w2, w3, w4, w5, w6, w7)
+    biases = (b0, b1, b2, b3, b4, b5, b6, b7)
+    running_means = (running_mean0, running_mean1, running_mean2, running_mean3,
+                     running_mean4, running_mean5, running_mean6, running_mean7)
+    running_vars = (running_var0, running_var1, running_var2, running_var3,
+                    running_var4, running_var5, running_var6, running_var7)
+    counters = (num_batches_tracked0, num_batches_tracked1, num_batches_tracked2, num_batches_tracked3,
+                num_batches_tracked4, num_batches_tracked5, num_batches_tracked6, num_batches_tracked7)
+    eps = exact_scalar(eps, ACC)
+    factor = exact_scalar(momentum, ACC)
+    dropout_scale = exact_scalar(dropout_scale, ACC)
+    cb = tl.program_id(0)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    last = tl.cdiv(N, BLOCK_N) * hw_blocks
+    means = ()
+    variances = ()
+    for i in tl.static_range(K):
+        mean, m2, count = welford_tiles(xs[i], i, cb, 0, last, N, C, HW, hw_blocks, seeds_ptr, dropout_p,
+                                        dropout_scale, ACC, CHANNELS_LAST, INDEX_64, FIXED_HW,
+                                        BLOCK_N, BLOCK_C, BLOCK_HW)
+        means = means + (stats_ptr + i * C,)
+        variances = variances + (stats_ptr + (K + i) * C,)
+        tl.store(means[i] + c_block, mean, mask=c_ok)
+        tl.store(variances[i] + c_block, m2 / tl.maximum(count, 1.0), mask=c_ok)
+        if running_means[i] is not None:
+            update_running(running_means[i], running_vars[i], c_block, c_ok, mean, m2, count, factor, ACC)
+        if counters[i] is not None:
+            if cb == 0:
+                tl.store(counters[i], tl.load(counters[i]) + 1)
+    # The apply pass reads the statistics back, as the split apply kernel does: the threads that
+    # load a channel's statistics are not those that stored them, hence the barrier.
+    tl.debug_barrier()
+    normalize_join_tiles(out_ptr, xs, weights, biases, means, variances, eps, join_ptr, join_stride_k,
+                         join_stride_n, 0, K, seeds_ptr, dropout_p, dropout_scale, cb, 0, last, N, C, HW, hw_blocks,
+                         K, JOIN, RELU, False, ACC, CHANNELS_LAST, INDEX_64, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit(do_not_specialize=("N",))
+def bn_backward_kernel(
+    grad_ptr,
+    x0, x1, x2, x3, x4, x5, x6, x7,
+    dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7,
+    w0, w1, w2, w3, w4, w5, w6, w7,
+    b0, b1, b2, b3, b4, b5, b6, b7,
+    mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
+    var0, var1, var2, var3, var4, var5, var6, var7,
+    join_ptr, join_stride_k, join_stride_n, eps: tl.float64,
+    seeds_ptr, dropout_p, dropout_scale: tl.float64, param_grads_ptr,
+    N, C, HW, hw_blocks,
+    K: tl.constexpr, JOIN: tl.constexpr, RELU: tl.constexpr, BATCH_STATS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """The backward of K inputs in one launch: bn_backward_reduce_kernel and
+    bn_backward_dx_kernel for a grid of one chunk, with the same arithmetic in the same order.
+
+    Pointers as in bn_backward_dx_kernel (no gather join; ``param_grads_ptr`` [2, K, C]).
+    Program cb sums the gradients of channels cb*BLOCK_C.. over all rows, writes their
+    parameter gradients, then the input gradients.
+    """
+    ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
+    xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+    dxs = (dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7)
+    weights = (w0, w1, w2, w3, w4, w5, w6, w7)
+    biases = (b0, b1, b2, b3, b4, b5, b6, b7)
+    means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
+    variances = (var0, var1, var2, var3, var4, var5, var6, var7)
+    eps = exact_scalar(eps, ACC)
+    dropout_scale = exact_scalar(dropout_scale, ACC)
+    inv_count = 1.0 / tl.maximum(tl.cast(N * HW, ACC), 1.0)
+    cb = tl.program_id(0)
+    c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c_block < C
+    last = tl.cdiv(N, BLOCK_N) * hw_blocks
+    sums_g, sums_gxhat = gradient_sums_tiles(grad_ptr, xs, weights, biases, means, variances, eps, join_ptr,
+                                             join_stride_k, join_stride_n, 0, K, seeds_ptr, dropout_p, dropout_scale,
+                                             cb, 0, last, N, C, HW, hw_blocks, K, JOIN, RELU, ACC, CHANNELS_LAST,
+                                             INDEX_64, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)
+    # The split path's totals: its one partial added to zero (exact).
+    totals_g = ()
+    totals_gxhat = ()
+    for i in tl.static_range(K):
+        totals_g = totals_g + (sums_g[i][None, :, None],)
+        totals_gxhat = totals_gxhat + (sums_gxhat[i][None, :, None],)
+    if param_grads_ptr is not None:
+        store_param_grads(param_grads_ptr, totals_g, totals_gxhat, 0, K, c_block, c_ok, C, K)
+    input_gradient_tiles(grad_ptr, xs, dxs, weights, biases, means, variances, eps, totals_g, totals_gxhat,
+                         inv_count, join_ptr, join_stride_k, join_stride_n, 0, K, seeds_ptr, dropout_p, dropout_scale,
+                         None, cb, 0, last, N, C, HW, hw_blocks, K, JOIN, RELU, BATCH_STATS, ACC, CHANNELS_LAST,
+                         INDEX_64, FIXED_HW, BLOCK_N, BLOCK_C, BLOCK_HW)

@@ -4,8 +4,10 @@ An input is viewed as [N, C, HW], contiguous or channels-last. Programs form a (
 (chunks) grid of 3-D tiles [BLOCK_N, BLOCK_C, BLOCK_HW]: no program per (n, c) plane, and no
 per-element division. The tiles of one channel block, numbered n-block-major, are dealt to chunks
 in runs of ``tiles_per_chunk``; every per-channel kernel of one call uses the same tiling, so
-partial statistics line up chunk for chunk. Statistics are per-lane Welford partials merged once
-per program, then across chunks in a fixed order: no atomics, results bitwise reproducible.
+partial statistics line up chunk for chunk. A channel block of few tiles is one chunk: then one
+launch computes its statistics and applies them (or sums its gradients and uses the sums).
+Statistics are per-lane Welford partials merged once per program, then across chunks in a fixed
+order: no atomics, results bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ TILE = 2048
 #: and larger tiles are faster there.
 _INTERPRETER_PROGRAMS = 8
 _INTERPRETER_TILE = 16 * TILE
+#: Channel blocks of at most this many tiles (16K elements a GPU pass) are one chunk. Such small
+#: problems are where the GPU waits for the host (a FractalNet at CIFAR size past its first
+#: blocks): two launches saved per training BatchNorm outweigh the parallelism a split would add.
+SINGLE_PASS_TILES = 8
 #: The largest NCHW plane compiled as a constant (one kernel variant per such plane size).
 _MAX_FIXED_HW = 4096
 #: SMs of the GPU to tile for when tensors are on no GPU (the compile audit); None: the interpreter.
@@ -135,7 +141,7 @@ def _tiling(shape: tuple, channels_last: bool, element_size: int, num_inputs: in
     hw_blocks = cdiv(HW, BLOCK_HW)
     tiles = max(1, cdiv(N, BLOCK_N) * hw_blocks)
     c_blocks = cdiv(C, BLOCK_C)
-    chunks = max(1, min(tiles, cdiv(target, c_blocks)))
+    chunks = 1 if tiles <= SINGLE_PASS_TILES else min(tiles, cdiv(target, c_blocks))
     tiles_per_chunk = cdiv(tiles, chunks)
     num_chunks = cdiv(tiles, tiles_per_chunk)
     # An NCHW plane size the JIT cannot prove aligned (it marks only multiples of 16) is a

@@ -1,5 +1,6 @@
 """bn_relu: the Triton kernels (interpreted on CPU) against fp64 torch BatchNorm + ReLU."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, to_layout
 from torch import nn
 
 import fractal_kernels as fk
-from fractal_kernels import reference
+from fractal_kernels import batchnorm, reference
+from fractal_kernels.channel_tiling import channel_tiling, tile_for_gpu
 from fractal_kernels.testing import saved_bytes
 
 SHAPES = [(4, 3, 5, 6), (3, 7, 5, 9), (6, 16, 2, 2), (5, 24, 1, 1), (6, 5), (2, 4, 3), (2, 3, 2, 3, 2)]
@@ -144,16 +146,71 @@ def test_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+#: Shapes with more than SINGLE_PASS_TILES tiles per channel block when tiled for a GPU
+#: (tile_for_gpu): the split kernels, over several chunks. (channels_last, shape)
+SPLIT_CASES = [(False, (72, 2, 16, 16)), (True, (36, 2, 16, 16))]
+
+
+@pytest.mark.parametrize("channels_last,shape", SPLIT_CASES, ids=["nchw", "nhwc"])
+def test_split_kernels_over_chunks_match_torch(channels_last, shape):
+    x, params = make_case(shape, torch.float32, channels_last)
+    with tile_for_gpu(1):
+        assert channel_tiling(x).num_chunks > 1
+        with fk.count_launches() as launches:
+            out, expected, grads, expected_grads, ref_params = run_both(x, params, True)
+    assert launches[0] == 5  # statistics, combine, apply; gradient sums, input gradients
+    assert_close(out, expected, torch.float32, 10.0)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, torch.float32, 10.0 * max(1.0, e.abs().max().item()))
+    check_running(params, ref_params, torch.float32)
+
+
 def test_launch_counts():
-    x, params = make_case((4, 6, 3, 3), torch.float32)
-    with fk.use_backend("triton"):
-        with fk.count_launches() as train_forward:
-            out = fk.bn_relu(x, **params, training=True)
-        with fk.count_launches() as train_backward:
-            out.sum().backward()
-        with fk.count_launches() as eval_forward:
-            fk.bn_relu(x, **params, training=False)
-    assert (train_forward[0], train_backward[0], eval_forward[0]) == (3, 2, 1)
+    """One chunk per channel block (small problems): one launch a pass; several: five a step."""
+    small, params = make_case((4, 6, 3, 3), torch.float32)
+    large, large_params = make_case(SPLIT_CASES[0][1], torch.float32)
+    counts = []
+    for x, p, tiling in ((small, params, contextlib.nullcontext()), (large, large_params, tile_for_gpu(1))):
+        with fk.use_backend("triton"), tiling:
+            with fk.count_launches() as train_forward:
+                out = fk.bn_relu(x, **p, training=True)
+            with fk.count_launches() as train_backward:
+                out.sum().backward()
+            with fk.count_launches() as eval_forward:
+                fk.bn_relu(x, **p, training=False)
+        counts.append((train_forward[0], train_backward[0], eval_forward[0]))
+    assert counts == [(1, 1, 1), (3, 2, 1)]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["plain", "dropout"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_single_pass_kernels_equal_the_split_kernels(monkeypatch, k, dropout, momentum):
+    """On one tiling the single-pass kernels give the split kernels' results bit for bit: the
+    outputs, the gradients, the running statistics and the counters."""
+    results = []
+    for split in (False, True):
+        if split:
+            monkeypatch.setattr(batchnorm, "single_pass", lambda tiling, k: False)
+        torch.manual_seed(0)
+        xs = [make_case((5, 6, 3, 3), torch.float32, seed=i)[0] for i in range(k)]
+        bns = [nn.BatchNorm2d(6, momentum=momentum).to(DEVICE) for _ in range(k)]
+        for p in (p for bn in bns for p in bn.parameters()):
+            nn.init.uniform_(p, 0.5, 1.5)
+        mask = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 1, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)[:k].to(DEVICE)
+        seeds = torch.arange(7, 7 + k, device=DEVICE)
+        lists = {name: [getattr(bn, name) for bn in bns]
+                 for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+        with fk.use_backend("triton"), fk.count_launches() as launches:
+            out = fk.join_bn_relu(xs, mask, lists["weight"], lists["bias"], lists["running_mean"],
+                                  lists["running_var"], True, momentum,
+                                  num_batches_tracked=lists["num_batches_tracked"], dropout=dropout, seeds=seeds)
+            grads = torch.autograd.grad(out.square().sum(), [*xs, *lists["weight"], *lists["bias"]])
+        results.append((launches[0], [out, *grads, *(b for bn in bns for b in bn.buffers())]))
+    (single_launches, single), (split_launches, split) = results
+    assert (single_launches, split_launches) == ((4 if momentum is None else 2), 5)
+    for a, b in zip(single, split):
+        assert torch.equal(a, b)
 
 
 def test_saves_only_the_input_and_per_channel_statistics():
@@ -247,10 +304,12 @@ def test_dropout_saves_no_mask_and_adds_no_launch():
     with fk.use_backend("triton"):
         plain = saved_bytes(lambda: fk.bn_relu(x, **params, training=True))
         dropped = saved_bytes(lambda: fk.bn_relu(x, **params, training=True, dropout=0.2, seed=seed_tensor(1)))
+        with fk.count_launches() as plain_launches:
+            fk.bn_relu(x, **params, training=True).sum().backward()
         with fk.count_launches() as launches:
             fk.bn_relu(x, **params, training=True, dropout=0.2, seed=seed_tensor(1)).sum().backward()
     assert dropped == plain + 8  # the seed
-    assert launches[0] == 5
+    assert launches[0] == plain_launches[0] == 2
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -269,7 +328,9 @@ def test_batch_counter_and_cumulative_average(backend, momentum):
                        num_batches_tracked=state["num_batches_tracked"])
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(state[key], value, atol=1e-6, rtol=1e-5, msg=key)
-    assert launches[0] == (9 if backend == "triton" else 0)  # the counter takes no launch of its own
+    # The counter takes no launch of its own: one per forward, or three for the cumulative
+    # average (statistics, combine, apply: the one-program combine reads the counter).
+    assert launches[0] == ((3 if momentum is not None else 9) if backend == "triton" else 0)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])

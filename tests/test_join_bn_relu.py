@@ -5,6 +5,7 @@ import torch
 from helpers import DEVICE, DTYPES, STAT_TOLERANCES, assert_close, to_layout
 
 import fractal_kernels as fk
+from fractal_kernels.channel_tiling import channel_tiling, tile_for_gpu
 from fractal_kernels.testing import saved_bytes
 from fractal_kernels import reference
 
@@ -138,6 +139,7 @@ def test_gradcheck_fp64(training):
 
 
 def test_launch_counts():
+    """One launch a pass where each channel block is one chunk (small problems)."""
     xs, mask, weights, biases, running_means, running_vars = make_case(3, all_params=True)
     with fk.use_backend("triton"):
         with fk.count_launches() as train_forward:
@@ -146,7 +148,26 @@ def test_launch_counts():
             out.sum().backward()
         with fk.count_launches() as eval_forward:
             fk.join_bn_relu(xs, mask, weights, biases, running_means, running_vars, False)
-    assert (train_forward[0], train_backward[0], eval_forward[0]) == (3, 2, 1)
+    assert (train_forward[0], train_backward[0], eval_forward[0]) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_split_kernels_over_chunks(channels_last):
+    """Tiled as a GPU tiles more than SINGLE_PASS_TILES tiles a channel block: the split kernels
+    over several chunks, five launches, the reference's results."""
+    case = make_case(3, shape=(72 if not channels_last else 36, 2, 16, 16), channels_last=channels_last,
+                     all_params=True)
+    with tile_for_gpu(1):
+        assert channel_tiling(case[0][0], 3).num_chunks > 1
+        with fk.count_launches() as launches:
+            out, expected, grads, expected_grads, (means64, vars64) = run_both(case, True)
+    assert launches[0] == 5
+    assert_close(out, expected, torch.float32, 10.0)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, torch.float32, 10.0 * max(1.0, e.abs().max().item()))
+    atol, rtol = STAT_TOLERANCES[torch.float32]
+    for actual, ref in zip((*case[4], *case[5]), (*means64, *vars64)):
+        torch.testing.assert_close(actual.double(), ref, atol=atol, rtol=rtol)
 
 
 def test_saves_raw_inputs_mask_and_per_channel_statistics():
