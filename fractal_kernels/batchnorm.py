@@ -34,14 +34,16 @@ from .batchnorm_kernels import (
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import join_args, row_samples
 from .launch import (
-    MAX_INPUTS, REDUCTION_REGISTERS, define_op, eager_apply, input_groups, launch, next_power_of_2, optional, slots,
-    wrap_triton,
+    MAX_INPUTS, NONES, REDUCTION_REGISTERS, define_op, eager_apply, input_groups, launch, next_power_of_2,
+    optional, slots, wrap_triton,
 )
 from .sync_batchnorm import RankStatistics
 from .tensors import acc_dtype, dense, dense_inputs, like_rows, memory_format
 
 #: Channels per program of the combine stage.
 _COMBINE_BLOCK_C = 128
+#: The sixteen mean and variance slots of a launch that reads them from one statistics tensor.
+_NO_MOMENTS = (None,) * (2 * MAX_INPUTS)
 
 
 def placeholder(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +87,8 @@ class PerInput(NamedTuple):
 
     @classmethod
     def unflatten(cls, flat: Sequence) -> PerInput:
-        k = len(flat) // len(cls._fields)
-        return cls(*(tuple(flat[j * k:(j + 1) * k]) for j in range(len(cls._fields))))
+        k = len(flat) // 5
+        return cls(flat[:k], flat[k:2 * k], flat[2 * k:3 * k], flat[3 * k:4 * k], flat[4 * k:])
 
 
 def batch_statistics(xs: list[torch.Tensor], running_means: Sequence, running_vars: Sequence,
@@ -194,7 +196,7 @@ def bn_backward_sums(grad, tensors: PerInput, mask, rows, *, options: BatchNormO
 def bn_backward_dx(grad, tensors: PerInput, mask, rows, sums: torch.Tensor, *, options: BatchNormOptions,
                    seeds: Optional[torch.Tensor] = None, count: Optional[int] = None, param_grads: bool = True,
                    tiling: Optional[ChannelTiling] = None) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-    """Input gradients (the inputs' shapes) and the [2, k, C] weight and bias gradients (None
+    """Input gradients (the inputs' shapes) and the [2k, C] weight and bias gradients (None
     without ``param_grads``) from the [2, k, P, C] partial sums (bn_backward_dx_kernel): one
     launch per group of eight inputs, or, for a gather join, one per input over its own rows.
     ``count``: the elements per channel the sums cover (default: the inputs' own); ``tiling``:
@@ -205,7 +207,7 @@ def bn_backward_dx(grad, tensors: PerInput, mask, rows, sums: torch.Tensor, *, o
     join, mode = join_args(mask, rows)
     drop = dropout_args(seeds, options.dropout)
     grad_inputs = [torch.empty_like(x) for x in xs]
-    grads = torch.empty(2, k, grad.shape[1], dtype=sums.dtype, device=grad.device) if param_grads else None
+    grads = torch.empty(2 * k, grad.shape[1], dtype=sums.dtype, device=grad.device) if param_grads else None
     if rows is None:
         tiling = tiling or channel_tiling(xs[0], k)
         launches = [(group, tiling, None) for group in input_groups(k)]
@@ -227,10 +229,11 @@ def bn_backward_dx(grad, tensors: PerInput, mask, rows, sums: torch.Tensor, *, o
 
 
 class BatchStatistics(NamedTuple):
-    """What a single-pass training forward computes besides its output: the [2, k, C] batch
-    statistics ``stats`` (filled by the launch), and the running statistics and batch counters
-    it updates (None where absent) by ``momentum`` (a number: the cumulative average reads the
-    counters, which only the split path's one-program combine can)."""
+    """What a single-pass training forward computes besides its output: the [2k, C] batch
+    statistics ``stats`` (the k means, then the k variances; filled by the launch), and the
+    running statistics and batch counters it updates (None where absent) by ``momentum`` (a
+    number: the cumulative average reads the counters, which only the split path's one-program
+    combine can)."""
 
     stats: torch.Tensor
     running_means: Sequence
@@ -250,7 +253,8 @@ def normalize_join_with_statistics(tensors: PerInput, mask, statistics: BatchSta
                                    options: BatchNormOptions, seeds: Optional[torch.Tensor] = None,
                                    tiling: ChannelTiling) -> torch.Tensor:
     """batch_statistics then normalize_join in one launch (bn_forward_kernel) on a single_pass
-    ``tiling``; ``tensors``' means and variances are the views of ``statistics.stats`` it fills."""
+    ``tiling``, the statistics into ``statistics.stats`` (``tensors``' means and variances are
+    not read)."""
     xs = tensors.xs
     out = torch.empty_like(xs[0])
     group = input_groups(len(xs))[0]
@@ -268,20 +272,22 @@ def normalize_join_with_statistics(tensors: PerInput, mask, statistics: BatchSta
 
 
 def bn_backward(grad, tensors: PerInput, mask, *, options: BatchNormOptions, seeds: Optional[torch.Tensor] = None,
-                tiling: ChannelTiling) -> tuple[list[torch.Tensor], torch.Tensor]:
+                tiling: ChannelTiling, stats: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """bn_backward_sums then bn_backward_dx in one launch (bn_backward_kernel) on a single_pass
-    ``tiling``: the input gradients and the [2, k, C] weight and bias gradients."""
+    ``tiling``: the input gradients and the [2k, C] weight and bias gradients. The means and
+    variances are ``stats`` (a single-pass forward's) where given, else ``tensors``'."""
     xs = tensors.xs
     k = len(xs)
     group = input_groups(k)[0]
     join, mode = join_args(mask, None)
     grad_inputs = [torch.empty_like(x) for x in xs]
-    grads = torch.empty(2, k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=grad.device)
+    grads = torch.empty(2 * k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=grad.device)
+    moments = _NO_MOMENTS if stats is not None else (*slots(tensors.means, group), *slots(tensors.variances, group))
     launch(
         wrap_triton(bn_backward_kernel), tiling.grid,
         grad, *slots(xs, group), *slots(grad_inputs, group), *slots(tensors.weights, group),
-        *slots(tensors.biases, group), *slots(tensors.means, group), *slots(tensors.variances, group),
-        *join, float(options.eps), *dropout_args(seeds, options.dropout), grads,
+        *slots(tensors.biases, group), *moments, stats, *join, float(options.eps),
+        *dropout_args(seeds, options.dropout), grads,
         tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=k, JOIN=mode, RELU=options.relu,
         BATCH_STATS=options.batch_stats, **tiling.meta(streaming=False),
     )
@@ -289,10 +295,10 @@ def bn_backward(grad, tensors: PerInput, mask, *, options: BatchNormOptions, see
 
 
 def param_grads(grads: torch.Tensor, weights: Sequence, biases: Sequence) -> list[Optional[torch.Tensor]]:
-    """The weight and bias gradients of the [2, k, C] ``grads``, each in its parameter's dtype,
-    None where the parameter is absent (None or an empty placeholder)."""
-    rows = grads.view(-1, grads.shape[-1]).unbind(0)  # one op for all 2k rows
-    return [None if optional(p) is None else g if g.dtype == p.dtype else g.to(p.dtype)
+    """The weight and bias gradients of the [2k, C] ``grads`` (the k weights' first), each in its
+    parameter's dtype, None where the parameter is absent."""
+    rows = grads.unbind(0)  # one op for all 2k rows
+    return [None if p is None else g if g.dtype == p.dtype else g.to(p.dtype)
             for g, p in zip(rows, (*weights, *biases))]
 
 
@@ -463,17 +469,19 @@ LIBRARY = LaunchPath(_library_batch_statistics, _library_normalize_join, _librar
 
 def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *, options: BatchNormOptions,
                             seeds: Optional[torch.Tensor] = None, tiling: Optional[ChannelTiling] = None,
-                            sync: Optional[RankStatistics] = None,
-                            path: LaunchPath = DIRECT) -> tuple[list[torch.Tensor], torch.Tensor]:
+                            sync: Optional[RankStatistics] = None, path: LaunchPath = DIRECT,
+                            stats: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Backward of normalize_join: the input gradients (through the dropout, which it
     regenerates from ``seeds``, and with ``options.batch_stats`` through the batch statistics)
-    and the [2, k, C] weight and bias gradients. With ``sync`` the statistics are global over a
+    and the [2k, C] weight and bias gradients. With ``sync`` the statistics are global over a
     process group: the per-channel sums are reduced over its ranks before the input gradients
     (the parameter gradients stay local, as nn.SyncBatchNorm's: DDP reduces them).
 
     Two launches for up to eight inputs, one on a single_pass tiling or when no sums are needed
     (running statistics and no affine parameters); a gather join launches the input-gradient
     kernel once per input. ``tiling``: the inputs' (computed when None; none for a gather join).
+    ``stats``: the [2k, C] statistics of a single-pass forward, for its tensors' absent means and
+    variances.
     """
     xs = tensors.xs
     grad = grad.contiguous(memory_format=memory_format(xs[0]))
@@ -482,7 +490,7 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
     if options.batch_stats or any(t is not None for t in tensors.weights) or any(
             t is not None for t in tensors.biases):
         if sync is None and single_pass(tiling, len(xs)):
-            return bn_backward(grad, tensors, mask, options=options, seeds=seeds, tiling=tiling)
+            return bn_backward(grad, tensors, mask, options=options, seeds=seeds, tiling=tiling, stats=stats)
         sums = path.bn_backward_sums(grad, tensors, mask, rows, options=options, seeds=seeds, tiling=tiling)
     else:
         sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
@@ -493,7 +501,7 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
     grad_inputs, _ = path.bn_backward_dx(grad, tensors, mask, rows, sync.global_means(local), options=options,
                                       seeds=seeds, count=1, param_grads=False, tiling=tiling)
     # The weight gradients are the sums of g * x_hat, the bias gradients those of g.
-    return grad_inputs, torch.stack([local[1, :, 0], local[0, :, 0]])
+    return grad_inputs, torch.cat([local[1, :, 0], local[0, :, 0]])
 
 
 class BatchNormJoinFunction(torch.autograd.Function):
@@ -502,7 +510,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
     ``moments`` are the per-input (means, variances): in training the batch statistics
     (differentiated through, as functions of the inputs), in eval the running ones. With
     ``statistics`` (a BatchStatistics, eager only) the forward computes the batch statistics
-    itself, into the tensor ``moments`` are views of."""
+    itself, and ``moments`` are None: the backward reads ``statistics.stats``."""
 
     @staticmethod
     def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, moments, statistics,
@@ -510,7 +518,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
         k = len(tensors) // 3
         inputs = PerInput(tensors[:k], tensors[k:2 * k], tensors[2 * k:], *moments)
         ctx.path, ctx.options, ctx.sync, ctx.tiling = path, options, sync, tiling  # the backward's tiling too
-        ctx.save_for_backward(mask, rows, seeds, *inputs.flatten())
+        ctx.save_for_backward(mask, rows, seeds, None if statistics is None else statistics.stats, *inputs.flatten())
         if statistics is not None:
             return normalize_join_with_statistics(inputs, mask, statistics, options=options, seeds=seeds,
                                                   tiling=tiling)
@@ -518,10 +526,10 @@ class BatchNormJoinFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        mask, rows, seeds, *flat = ctx.saved_tensors
+        mask, rows, seeds, stats, *flat = ctx.saved_tensors
         inputs = PerInput.unflatten(flat)
         grad_inputs, grads = normalize_join_backward(grad, inputs, mask, rows, options=ctx.options, seeds=seeds,
-                                                     tiling=ctx.tiling, sync=ctx.sync, path=ctx.path)
+                                                     tiling=ctx.tiling, sync=ctx.sync, path=ctx.path, stats=stats)
         return (None,) * 9 + (*grad_inputs, *param_grads(grads, inputs.weights, inputs.biases))
 
 
@@ -529,9 +537,10 @@ _eager_batch_norm_join = eager_apply(BatchNormJoinFunction)
 
 
 def input_statistics(stats: torch.Tensor) -> tuple[Sequence, Sequence]:
-    """The per-input means and variances: the [C] slices of the [2, k, C] batch statistics."""
-    k = stats.shape[1]
-    slices = stats.view(2 * k, stats.shape[2]).unbind(0)
+    """The per-input means and variances: the [C] slices of the [2, k, C] (or [2k, C]) batch
+    statistics."""
+    slices = stats.reshape(-1, stats.shape[-1]).unbind(0)
+    k = len(slices) // 2
     return slices[:k], slices[k:]
 
 
@@ -557,11 +566,11 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     if not training:
         moments = (running_means, running_vars)
     elif group_name is None and momentum is not None and single_pass(tiling, k):
-        # Computed by the apply launch itself.
-        stats = torch.empty(2, k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
-        statistics = BatchStatistics(stats, running_means, running_vars, num_batches_tracked or (None,) * k,
+        # Computed by the apply launch itself, and read by the backward from the one tensor.
+        stats = torch.empty(2 * k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=xs[0].device)
+        statistics = BatchStatistics(stats, running_means, running_vars, num_batches_tracked or NONES[k],
                                      momentum)
-        moments = input_statistics(stats)
+        moments = NONES[k], NONES[k]
     elif group_name is None:
         # The statistics carry no autograd of their own: the apply's backward differentiates
         # through them.
@@ -577,7 +586,7 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     apply = _eager_batch_norm_join if path is DIRECT else BatchNormJoinFunction.apply
     out = apply(path, options, sync, mask, rows, seeds, moments, statistics, tiling, *xs, *weights, *biases)
     if recompute.recording():
-        tensors = PerInput(xs, weights, biases, *moments)
+        tensors = PerInput(xs, weights, biases, *(moments if statistics is None else input_statistics(stats)))
         recompute.register(out, functools.partial(path.normalize_join, tensors, mask, rows, options=options,
                                                   seeds=seeds, tiling=tiling))
     return out

@@ -628,7 +628,7 @@ def bn_backward_kernel(
     w0, w1, w2, w3, w4, w5, w6, w7,
     b0, b1, b2, b3, b4, b5, b6, b7,
     mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7,
-    var0, var1, var2, var3, var4, var5, var6, var7,
+    var0, var1, var2, var3, var4, var5, var6, var7, stats_ptr,
     join_ptr, join_stride_k, join_stride_n, eps: tl.float64,
     seeds_ptr, dropout_p, dropout_scale: tl.float64, param_grads_ptr,
     N, C, HW, hw_blocks,
@@ -639,17 +639,26 @@ def bn_backward_kernel(
     """The backward of K inputs in one launch: bn_backward_reduce_kernel and
     bn_backward_dx_kernel for a grid of one chunk, with the same arithmetic in the same order.
 
-    Pointers as in bn_backward_dx_kernel (no gather join; ``param_grads_ptr`` [2, K, C]).
-    Program cb sums the gradients of channels cb*BLOCK_C.. over all rows, writes their
-    parameter gradients, then the input gradients.
+    Pointers as in bn_backward_dx_kernel (no gather join; ``param_grads_ptr`` [2, K, C]), the
+    means and variances either per input or, as bn_forward_kernel writes the batch statistics,
+    in one [2, K, C] tensor at ``stats_ptr`` (the per-input slots then None). Program cb sums
+    the gradients of channels cb*BLOCK_C.. over all rows, writes their parameter gradients,
+    then the input gradients.
     """
     ACC: tl.constexpr = accumulation_type(x0.dtype.element_ty)
     xs = (x0, x1, x2, x3, x4, x5, x6, x7)
     dxs = (dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7)
     weights = (w0, w1, w2, w3, w4, w5, w6, w7)
     biases = (b0, b1, b2, b3, b4, b5, b6, b7)
-    means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
-    variances = (var0, var1, var2, var3, var4, var5, var6, var7)
+    if stats_ptr is not None:
+        means = ()
+        variances = ()
+        for i in tl.static_range(K):
+            means = means + (stats_ptr + i * C,)
+            variances = variances + (stats_ptr + (K + i) * C,)
+    else:
+        means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
+        variances = (var0, var1, var2, var3, var4, var5, var6, var7)
     eps = exact_scalar(eps, ACC)
     dropout_scale = exact_scalar(dropout_scale, ACC)
     inv_count = 1.0 / tl.maximum(tl.cast(N * HW, ACC), 1.0)

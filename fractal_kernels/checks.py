@@ -80,18 +80,26 @@ def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -
         raise ValueError("rows must name each row of an input at most once (rows[i] has a repeated row)")
 
 
-def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, device: torch.device) -> None:
-    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on ``device``."""
+def _label(name: str, index: Optional[int]) -> str:
+    """An argument's name in a message: ``name``, or entry ``index`` of the list ``name``."""
+    return name if index is None else f"{name}[{index}]"
+
+
+def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, device: torch.device,
+                        index: Optional[int] = None) -> None:
+    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on
+    ``device``; ``index``: its entry in the list ``name`` (the message is built only to raise)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        raise TypeError(f"{_label(name, index)} must be a tensor or None, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        raise TypeError(f"{_label(name, index)} must be a floating tensor, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != channels:
-        raise ValueError(f"{name} must have shape [{channels}] (one value per channel), got {list(t.shape)}")
+        raise ValueError(f"{_label(name, index)} must have shape [{channels}] (one value per channel), "
+                         f"got {list(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} like the input")
+        raise ValueError(f"{_label(name, index)} is on {t.device}, expected {device} like the input")
 
 
 def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
@@ -103,15 +111,18 @@ def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
-def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var) -> None:
-    """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature."""
+def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var,
+                    index: Optional[int] = None) -> None:
+    """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature
+    (with ``index``: the lists' names, of which these are entry ``index``)."""
     channels, device = x.shape[1], x.device
     for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        check_channel_param(name, t, channels, device)
+        check_channel_param(name, t, channels, device, index)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{names[2]} and {names[3]} must both be tensors or both be None")
+        raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} must both be tensors or both be "
+                         "None")
     if not training and running_mean is None:
-        raise ValueError(f"{names[2]} and {names[3]} are needed when training=False")
+        raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} are needed when training=False")
     for name, value in (("momentum", momentum), ("eps", eps)):
         if value is None and name == "momentum":
             continue  # the cumulative average (with num_batches_tracked)

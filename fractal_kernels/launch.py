@@ -75,13 +75,13 @@ def input_groups(n: int) -> tuple[range, ...]:
     return tuple(range(start, min(start + MAX_INPUTS, n)) for start in range(0, n, MAX_INPUTS))
 
 
-#: None padding of each length up to MAX_INPUTS.
-_PADDING = tuple((None,) * n for n in range(MAX_INPUTS + 1))
+#: Tuples of n Nones, n up to MAX_INPUTS (padding, and per-input lists of absent tensors).
+NONES = tuple((None,) * n for n in range(MAX_INPUTS + 1))
 
 
 def slots(items: Sequence, group: range) -> tuple:
     """The group's entries of a per-input kernel argument, padded with None to MAX_INPUTS slots."""
-    return (*items[group.start:group.stop], *_PADDING[MAX_INPUTS - len(group)])
+    return (*items[group.start:group.stop], *NONES[MAX_INPUTS - len(group)])
 
 
 def optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

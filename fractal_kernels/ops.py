@@ -175,6 +175,10 @@ def _check_reference(training: bool, process_group) -> None:
         raise ValueError("process_group: synchronised statistics run on the Triton backend only")
 
 
+#: The per-input parameter lists of the join ops, as check_bn_params names them.
+_PER_INPUT_NAMES = ("weights", "biases", "running_means", "running_vars")
+
+
 def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
                         num_batches_tracked, dropout, seeds):
     x = inputs[0]
@@ -187,7 +191,7 @@ def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, tr
         if len(values) != len(inputs):
             raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
     for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        check_bn_params(x, training, momentum, eps, [f"{name}[{i}]" for name in lists][:4], *params)
+        check_bn_params(x, training, momentum, eps, _PER_INPUT_NAMES, *params, index=i)
     _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds,
                         "seeds")
 
