@@ -510,7 +510,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
     ``moments`` are the per-input (means, variances): in training the batch statistics
     (differentiated through, as functions of the inputs), in eval the running ones. With
     ``statistics`` (a BatchStatistics, eager only) the forward computes the batch statistics
-    itself, and ``moments`` are None: the backward reads ``statistics.stats``."""
+    itself, and ``moments`` hold Nones: the backward reads ``statistics.stats``."""
 
     @staticmethod
     def forward(ctx, path: LaunchPath, options: BatchNormOptions, sync, mask, rows, seeds, moments, statistics,

@@ -89,6 +89,18 @@ def relu(y):
 
 
 @triton.jit
+def statistics_pointers(stats_ptr, C, K: tl.constexpr):
+    """(means, variances): each of K inputs' mean and variance rows of the [2, K, C] statistics at
+    ``stats_ptr``, as the per-input pointer tuples the tile loops take."""
+    means = ()
+    variances = ()
+    for i in tl.static_range(K):
+        means = means + (stats_ptr + i * C,)
+        variances = variances + (stats_ptr + (K + i) * C,)
+    return means, variances
+
+
+@triton.jit
 def add_at(i: tl.constexpr, value, accumulators):
     """The tuple ``accumulators`` with ``value`` added to its entry i."""
     return accumulators[:i] + (accumulators[i] + value,) + accumulators[i + 1:]
@@ -597,14 +609,11 @@ def bn_forward_kernel(
     c_block = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c_block < C
     last = tl.cdiv(N, BLOCK_N) * hw_blocks
-    means = ()
-    variances = ()
+    means, variances = statistics_pointers(stats_ptr, C, K)
     for i in tl.static_range(K):
         mean, m2, count = welford_tiles(xs[i], i, cb, 0, last, N, C, HW, hw_blocks, seeds_ptr, dropout_p,
                                         dropout_scale, ACC, CHANNELS_LAST, INDEX_64, FIXED_HW,
                                         BLOCK_N, BLOCK_C, BLOCK_HW)
-        means = means + (stats_ptr + i * C,)
-        variances = variances + (stats_ptr + (K + i) * C,)
         tl.store(means[i] + c_block, mean, mask=c_ok)
         tl.store(variances[i] + c_block, m2 / tl.maximum(count, 1.0), mask=c_ok)
         if running_means[i] is not None:
@@ -651,11 +660,7 @@ def bn_backward_kernel(
     weights = (w0, w1, w2, w3, w4, w5, w6, w7)
     biases = (b0, b1, b2, b3, b4, b5, b6, b7)
     if stats_ptr is not None:
-        means = ()
-        variances = ()
-        for i in tl.static_range(K):
-            means = means + (stats_ptr + i * C,)
-            variances = variances + (stats_ptr + (K + i) * C,)
+        means, variances = statistics_pointers(stats_ptr, C, K)
     else:
         means = (mean0, mean1, mean2, mean3, mean4, mean5, mean6, mean7)
         variances = (var0, var1, var2, var3, var4, var5, var6, var7)
