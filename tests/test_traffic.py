@@ -8,6 +8,7 @@ from helpers import DEVICE, to_layout
 
 import fractal_kernels as fk
 from fractal_kernels import reference
+from fractal_kernels.channel_tiling import channel_tiling, tile_for_gpu
 from fractal_kernels.launch import INTERPRETING
 from fractal_kernels.testing import fake_mode
 from fractal_kernels.testing.traffic import count_traffic, eager_traffic, minimal_bytes
@@ -102,9 +103,22 @@ def test_eager_composition_moves_more(op, k, masked, dropout):
 def test_minimal_bytes_of_the_two_pass_batch_norm():
     x = torch.empty(100, 64, 32, 32)
     size = x.numel() * 4
-    assert minimal_bytes("bn_relu", [x]) == {"forward": 3 * size, "backward": 5 * size, "forward+backward": 8 * size}
+    with tile_for_gpu(132):  # 50 tiles a channel block: the split kernels
+        assert minimal_bytes("bn_relu", [x]) == {"forward": 3 * size, "backward": 5 * size,
+                                                 "forward+backward": 8 * size}
     assert minimal_bytes("masked_join", [x, x]) == {"forward": 3 * size, "backward": 3 * size,
                                                      "forward+backward": 6 * size}
+
+
+def test_minimal_bytes_of_the_single_pass_batch_norm():
+    """One launch a pass: each input read once forward (statistics and apply), the gradient and
+    each input once backward (sums and input gradients)."""
+    x = torch.empty(16, 64, 8, 8)
+    size = x.numel() * 4
+    with tile_for_gpu(132):
+        assert channel_tiling(x).num_chunks == 1
+        assert minimal_bytes("bn_relu", [x]) == {"forward": 2 * size, "backward": 3 * size,
+                                                 "forward+backward": 5 * size}
 
 
 def test_counting_patches_the_interpreter_only_while_it_counts():

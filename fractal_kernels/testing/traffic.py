@@ -29,6 +29,8 @@ except ImportError as error:  # pragma: no cover - depends on the Triton version
     raise ImportError(f"counting kernel traffic needs Triton's interpreter internals: {error}")
 
 from . import _NO_KERNEL
+from ..batchnorm import single_pass
+from ..channel_tiling import channel_tiling
 
 
 @dataclass
@@ -150,6 +152,8 @@ def minimal_bytes(op: str, inputs: list[torch.Tensor], mask=None, rows=None, tra
     once; backward reads the gradient and the surviving rows for the sums, then the gradient and
     every input (every row has a gradient through the statistics; only surviving rows in eval)
     again and writes every input gradient. Gathered inputs read the gradient rows they hold.
+    Where the inputs' tiling is single-pass (batchnorm.single_pass, at the default momentum),
+    both passes are one launch, whose second read of a value is its first's (cached).
     """
     sizes = [x.numel() * x.element_size() for x in inputs]
     row_bytes = [size // max(x.shape[0], 1) for size, x in zip(sizes, inputs)]
@@ -162,6 +166,9 @@ def minimal_bytes(op: str, inputs: list[torch.Tensor], mask=None, rows=None, tra
     gradient_reads = sum(sizes) if rows is not None else output
     if op in ("masked_join", "gather_join"):
         forward, backward = kept + output, gradient_reads + sum(sizes)
+    elif rows is None and single_pass(channel_tiling(inputs[0], len(inputs)), len(inputs)):
+        read = sum(sizes) if training else kept
+        forward, backward = read + output, (output + read) + sum(sizes)
     elif training:
         forward = sum(sizes) + kept + output
         backward = (output + kept) + (gradient_reads + sum(sizes)) + sum(sizes)
