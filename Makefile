@@ -24,16 +24,20 @@ $(STAMP): setup.py
 
 # Without a GPU, the suite runs twice, side by side (each session keeps about one core busy):
 # every kernel in the Triton interpreter, and the GPU path (triton_op registration,
-# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows.
+# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. The
+# GPU-check dry run runs its phases in subprocesses of their own, whichever the session: it
+# goes with the fake GPU's, which the interpreter's would otherwise outlast by minutes.
 FAKE_GPU_TESTS := tests/test_gpu_path.py tests/test_ops.py tests/test_model.py
+EITHER_SESSION_TESTS := tests/test_gpu_check.py
 test: $(STAMP)
 	$(PY) -m ruff check .
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
 		log=$$(mktemp); \
-		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(FAKE_GPU_TESTS) > $$log 2>&1 & fake=$$!; \
-		$(PY) -m pytest -q tests; status=$$?; \
+		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(FAKE_GPU_TESTS) $(EITHER_SESSION_TESTS) \
+			> $$log 2>&1 & fake=$$!; \
+		$(PY) -m pytest -q $(foreach t,$(EITHER_SESSION_TESTS),--ignore=$(t)) tests; status=$$?; \
 		wait $$fake; fake_status=$$?; \
-		echo "--- fake GPU: $(FAKE_GPU_TESTS)"; cat $$log; rm -f $$log; \
+		echo "--- fake GPU: $(FAKE_GPU_TESTS) $(EITHER_SESSION_TESTS)"; cat $$log; rm -f $$log; \
 		exit $$((status || fake_status)); \
 	else $(PY) -m pytest -q tests; fi
 

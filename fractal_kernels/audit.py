@@ -69,6 +69,10 @@ def occupancy_goal(kernel: str) -> int:
 SHAPES = [(100, 64, 32, 32), (100, 128, 16, 16), (100, 256, 8, 8), (100, 512, 4, 4), (100, 512, 2, 2),
           (32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7), (3, 7, 5, 9)]
 QUICK_SHAPES = [(100, 64, 32, 32), (100, 512, 2, 2), (32, 256, 14, 14), (3, 7, 5, 9)]
+#: Storage dtypes, and the (dtype, channels-last) kinds of the quick audit: fp32 in both layouts,
+#: bf16 in the one mixed-precision training uses (channels-last, for the tensor cores).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+QUICK_KINDS = [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)]
 #: The odd shape's label: outside the occupancy goals, which are for the benchmarked shapes.
 ODD_SHAPE = "3x7x5x9"
 
@@ -193,22 +197,21 @@ def _config_label(label: str, record: LaunchRecord) -> str:
 def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
     """Runs every registered case, tiled for ``arch``'s GPU, with launches recorded; one (label,
     record) per distinct compiled kernel."""
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    kinds = QUICK_KINDS if quick else [(dtype, channels_last) for dtype in DTYPES for channels_last in (False, True)]
     distinct: dict[tuple, tuple[str, LaunchRecord]] = {}
     backend = make_backend(GPUTarget("cuda", arch, 32))
     with tile_for_gpu(SM_COUNT[arch]):
         for shape in QUICK_SHAPES if quick else SHAPES:
-            for dtype in dtypes:
-                for channels_last in (False, True):
-                    kind = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} {'nhwc' if channels_last else 'nchw'}"
-                    for cases in AUDIT_CASES:
-                        for label, thunk in cases(shape, dtype, channels_last, quick):
-                            label = f"{kind} {label}"
-                            with record_launches() as records:
-                                thunk()
-                            for record in records:
-                                distinct.setdefault(variant_key(record, backend),
-                                                    (_config_label(label, record), record))
+            for dtype, channels_last in kinds:
+                kind = f"{str(dtype)[6:]} {'x'.join(map(str, shape))} {'nhwc' if channels_last else 'nchw'}"
+                for cases in AUDIT_CASES:
+                    for label, thunk in cases(shape, dtype, channels_last, quick):
+                        label = f"{kind} {label}"
+                        with record_launches() as records:
+                            thunk()
+                        for record in records:
+                            distinct.setdefault(variant_key(record, backend),
+                                                (_config_label(label, record), record))
     return list(distinct.values())
 
 
@@ -269,7 +272,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SM_COUNT),
                         help="compute capabilities (default 80 90)")
-    parser.add_argument("--quick", action="store_true", help="fp32 and bf16, four of the shapes, fewer join sizes")
+    parser.add_argument("--quick", action="store_true",
+                        help="fp32, bf16 channels-last, four of the shapes, fewer join sizes")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--only", default="", metavar="TEXT", help="only launches whose kernel or label contains TEXT")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile processes (default: all cores)")

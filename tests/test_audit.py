@@ -30,7 +30,8 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 @pytest.fixture(scope="module")
 def audit_rows(tmp_path_factory):
-    """The quick audit (fp32 and bf16, four shapes; `make audit` does every dtype and shape), sm_80 and sm_90."""
+    """The quick audit (fp32, bf16 channels-last, four shapes; `make audit` does every dtype, layout and
+    shape), sm_80 and sm_90."""
     path = tmp_path_factory.mktemp("audit") / "audit.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(

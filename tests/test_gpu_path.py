@@ -106,6 +106,10 @@ def check_compiled(op, args: dict, dtype, scale=4.0):
 
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 KS = [1, 2, 3, 4, 9]
+#: The BatchNorm joins, compiled: one input, the most one launch tiles at full size (4), and two
+#: groups of inputs (9). Two and three inputs are the four-input path with fewer slots filled,
+#: which the eager and interpreter tests cover; dropping them keeps `make test` in its time.
+BN_KS = [1, 4, 9]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -132,7 +136,7 @@ def test_compiled_bn_relu(dtype, channels_last, training):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("masked", [False, True], ids=["mean", "mask"])
-@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("k", BN_KS)
 def test_compiled_join_bn_relu(k, masked, dtype, channels_last, training):
     args = dict(inputs=make_inputs(k, dtype, channels_last), mask=make_mask(k) if masked else None,
                 **make_params(k, dtype), training=training)
@@ -155,7 +159,7 @@ def test_compiled_gather_join(k, dtype, channels_last):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("k", BN_KS)
 def test_compiled_gather_join_bn_relu(k, dtype, channels_last, training):
     sizes = gather_sizes(k)
     args = dict(inputs=make_inputs(k, dtype, channels_last, sizes), rows=make_rows(sizes), **make_params(k, dtype),
