@@ -104,19 +104,33 @@ def channel_tiling(x: torch.Tensor, num_inputs: int = 1, index_64: bool = False)
     """The tiling of [N, C, *spatial] tensors like x, contiguous or channels-last, for a kernel
     that handles ``num_inputs`` of them at once (more than four get half-size tiles: registers).
     ``index_64``: the kernel also indexes a tensor of 2**31 elements or more. Cached by shape:
-    the host work of a launch is a dictionary lookup."""
-    shape = tuple(x.shape)
-    interpreted = x.device.type != "cuda" and _simulated_sm_count is None
-    args = (shape, is_channels_last(x), x.element_size(), num_inputs, _target_programs(x.device),
-            _INTERPRETER_TILE if interpreted else TILE, index_64 or x.numel() >= 2**31)
+    the host work of a launch is one dictionary lookup, keyed by what the tiling depends on
+    (strides for the layout, the device for its SM count)."""
+    key = (x.shape, x.stride(), x.dtype, x.device, num_inputs, index_64, _simulated_sm_count)
     try:
-        return _tiling(*args)
+        return _tilings[key]
+    except KeyError:
+        pass
     except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) do not hash
-        return _tiling.__wrapped__(*args)
+        return _tiling(x, num_inputs, index_64)
+    if len(_tilings) >= _MAX_TILINGS:
+        _tilings.clear()
+    tiling = _tilings[key] = _tiling(x, num_inputs, index_64)
+    return tiling
 
 
-@functools.lru_cache(maxsize=4096)
-def _tiling(shape: tuple, channels_last: bool, element_size: int, num_inputs: int, target: int, tile_elements: int,
+_tilings: dict = {}
+#: Cached tilings, at most (an eager loop over ever new shapes clears the cache now and then).
+_MAX_TILINGS = 4096
+
+
+def _tiling(x: torch.Tensor, num_inputs: int, index_64: bool) -> ChannelTiling:
+    interpreted = x.device.type != "cuda" and _simulated_sm_count is None
+    return _tiling_of(tuple(x.shape), is_channels_last(x), x.element_size(), num_inputs, _target_programs(x.device),
+                      _INTERPRETER_TILE if interpreted else TILE, index_64 or x.numel() >= 2**31)
+
+
+def _tiling_of(shape: tuple, channels_last: bool, element_size: int, num_inputs: int, target: int, tile_elements: int,
             index_64: bool) -> ChannelTiling:
     N, C = shape[0], shape[1]
     HW = math.prod(shape[2:])

@@ -12,6 +12,7 @@ from .launch import has_no_data
 
 #: Storage dtypes the kernels accept (fp64 is for gradcheck; it accumulates in fp64).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 
 
 def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[torch.Tensor]:
@@ -111,23 +112,30 @@ def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
+def _check_number(name: str, value) -> None:
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
 def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var,
                     index: Optional[int] = None) -> None:
     """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature
     (with ``index``: the lists' names, of which these are entry ``index``)."""
     channels, device = x.shape[1], x.device
     for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        check_channel_param(name, t, channels, device, index)
+        # The valid case in one test (this runs for every unit of every step); the full check
+        # names what is wrong.
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPE_SET
+                                  and t.shape == (channels,) and t.device == device):
+            check_channel_param(name, t, channels, device, index)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} must both be tensors or both be "
                          "None")
     if not training and running_mean is None:
         raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} are needed when training=False")
-    for name, value in (("momentum", momentum), ("eps", eps)):
-        if value is None and name == "momentum":
-            continue  # the cumulative average (with num_batches_tracked)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if momentum is not None:  # None: the cumulative average (with num_batches_tracked)
+        _check_number("momentum", momentum)
+    _check_number("eps", eps)
     # torch's rules: sqrt(var + eps) of a batch variance needs eps > 0.
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")

@@ -25,14 +25,18 @@ def bool_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask if mask is None or mask.dtype == torch.bool else mask != 0
 
 
+#: The join arguments of a plain mean.
+_NO_JOIN = ((None, 0, 0), JOIN_MEAN.value)
+
+
 def join_args(mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> tuple[tuple, int]:
     """The kernel arguments of a join given by a mask, by a gather table or by neither
     (pointer or None, stride over inputs, stride over samples), and its JOIN mode."""
+    if mask is None and rows is None:
+        return _NO_JOIN
     if rows is not None:
         return (rows, rows.stride(0), rows.stride(1)), JOIN_GATHER.value
     mask = bool_mask(mask)
-    if mask is None:
-        return (None, 0, 0), JOIN_MEAN.value
     return (mask, mask.stride(0), mask.stride(1)), JOIN_MASK.value
 
 

@@ -156,9 +156,8 @@ def eager_apply(function: type) -> Callable:
 
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
-    if x.is_cuda or _recorders or torch.compiler.is_compiling() or not _is_plain(x):
-        return
-    if x.device.type == "cpu" and _runs_on_cpu:
+    if x.is_cuda or (_runs_on_cpu and x.device.type == "cpu") or _recorders or torch.compiler.is_compiling() \
+            or not _is_plain(x):
         return
     if x.device.type == "cpu":
         raise RuntimeError(

@@ -58,6 +58,8 @@ def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The inputs in one dense layout: the first input's if it is contiguous or channels-last
     (inputs may differ in their batch size)."""
     first = dense(inputs[0])
+    if len(inputs) == 1:
+        return [first]
     layout = memory_format(first)
     return [first] + [x if x.is_contiguous(memory_format=layout) else x.contiguous(memory_format=layout)
                       for x in inputs[1:]]
