@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from fractal_kernels.audit import SM_COUNT
+from fractal_kernels.channel_tiling import tile_for_gpu
 from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
 
 from .cases import DIRECTIONS, IMPLEMENTATIONS, OpCase, OpInputs
@@ -62,7 +64,13 @@ def gpu_row(case: OpCase, device: torch.device) -> dict:
 
 def cpu_row(case: OpCase, time_reference: bool) -> dict:
     """What a CPU measures honestly: saved bytes and launches (fake tensors), minimal bytes, and
-    optionally the CPU wall time of the eager reference's forward+backward."""
+    optionally the CPU wall time of the eager reference's forward+backward. Tiled as an H100
+    tiles: whether a BatchNorm is single-pass (2 launches a training step) or split (5) follows."""
+    with tile_for_gpu(SM_COUNT[90]):
+        return _cpu_row(case, time_reference)
+
+
+def _cpu_row(case: OpCase, time_reference: bool) -> dict:
     mask = case.drop_path_mask()
     row = case_fields(case)
     row["minimal_bytes"] = {direction: case.minimal_bytes(direction, mask) for direction in DIRECTIONS}

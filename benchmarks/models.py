@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import fractal_kernels as fk
+from fractal_kernels.audit import SM_COUNT
+from fractal_kernels.channel_tiling import tile_for_gpu
 from fractal_kernels.testing import HostReads, count_kernels, fake_mode, saved_bytes
 from fractalnet import create_model
 
@@ -137,7 +139,9 @@ def step_measurements(network: str, batch: int) -> dict:
         result[implementation] = dict(host_reads=host_reads(case, batch))
         if implementation == "fused+skip":
             continue  # its sizes come from its (host) masks: fake tensors cannot follow them
-        with fake_mode(), fk.use_backend("triton" if implementation != "eager" else "reference"):
+        # Tiled as an H100 tiles (single-pass or split BatchNorms), on fake tensors.
+        with fake_mode(), fk.use_backend("triton" if implementation != "eager" else "reference"), \
+                tile_for_gpu(SM_COUNT[90]):
             model, _, _, x, labels = case.build(torch.device("cpu"), batch)
             losses = []
             saved = saved_bytes(

@@ -1,13 +1,14 @@
 """BatchNorm(+ReLU) over k inputs with a join: launchers, torch.library ops and one autograd Function.
 
-The kernels are batchnorm_kernels.py's. Four launchers run them: ``batch_statistics`` (batch
-statistics and the running-statistic update), ``normalize_join`` (the normalised, activated and
-joined output), ``bn_backward_sums`` and ``bn_backward_dx`` (its backward, which differentiates
-through the batch statistics). Each is also a torch.library op without autograd (``bn_stats``,
-``bn_apply``, ``bn_backward_sums``, ``bn_backward_dx``), what torch sees while it traces. In
-eager mode, where the tiling has one chunk per channel block (small problems: the host-bound
-ones), ``normalize_join_with_statistics`` and ``bn_backward`` do the training forward and the
-backward in one launch each.
+The kernels are batchnorm_kernels.py's. Four launchers run the split kernels:
+``batch_statistics`` (batch statistics and the running-statistic update), ``normalize_join``
+(the normalised, activated and joined output), ``bn_backward_sums`` and ``bn_backward_dx`` (its
+backward, which differentiates through the batch statistics). Where the tiling has one chunk per
+channel block (small problems: the host-bound ones), two run the single-pass kernels instead:
+``normalize_join_with_statistics`` (the training forward) and ``bn_backward``, one launch each.
+Each launcher is also a torch.library op without autograd (``bn_stats``, ``bn_apply``,
+``bn_backward_sums``, ``bn_backward_dx``, ``bn_forward``, ``bn_backward``), what torch sees
+while it traces.
 ``batch_norm_join`` composes them into the function behind bn_relu, join_bn_relu and
 gather_join_bn_relu, synchronised over a process group or not; its one autograd Function,
 BatchNormJoinFunction, launches through either (``LaunchPath``: DIRECT or LIBRARY), as the
@@ -407,16 +408,77 @@ def bn_backward_dx_op(
     return grad_inputs, grads if grads is not None else sums.new_empty(0)
 
 
+def _single_pass_tiling(xs: Sequence[torch.Tensor]) -> ChannelTiling:
+    """The inputs' tiling, which the single-pass ops need to be single_pass."""
+    tiling = channel_tiling(xs[0], len(xs))
+    if not single_pass(tiling, len(xs)):
+        raise ValueError(f"the single-pass BatchNorm ops need at most {MAX_INPUTS} inputs of one chunk per channel "
+                         f"block; got {len(xs)} inputs of shape {list(xs[0].shape)} ({tiling.num_chunks} chunks)")
+    return tiling
+
+
+@define_op("fractal_kernels::bn_forward",
+           mutates_args=("running_means", "running_vars", "num_batches_tracked", "stats"))
+def bn_forward_op(
+    inputs: list[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    running_means: list[torch.Tensor],
+    running_vars: list[torch.Tensor],
+    num_batches_tracked: list[torch.Tensor],
+    stats: torch.Tensor,
+    seeds: Optional[torch.Tensor],
+    *,
+    momentum: float,
+    eps: float,
+    relu: bool,
+    dropout: float,
+) -> torch.Tensor:
+    """normalize_join_with_statistics as a torch.library op: the training forward, its batch
+    statistics into ``stats`` [2k, C]."""
+    xs = dense_inputs(inputs)
+    k = len(xs)
+    statistics = BatchStatistics(stats, present(running_means), present(running_vars), present(num_batches_tracked),
+                                 momentum)
+    return normalize_join_with_statistics(PerInput(xs, present(weights), present(biases), NONES[k], NONES[k]), mask,
+                                          statistics, options=BatchNormOptions(eps, relu, True, dropout), seeds=seeds,
+                                          tiling=_single_pass_tiling(xs))
+
+
+@define_op("fractal_kernels::bn_backward")
+def bn_backward_op(
+    grad: torch.Tensor,
+    inputs: list[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    means: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    stats: Optional[torch.Tensor],
+    seeds: Optional[torch.Tensor],
+    *,
+    eps: float,
+    relu: bool,
+    batch_stats: bool,
+    dropout: float,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """bn_backward as a torch.library op (means and variances from ``stats`` where given)."""
+    tensors = _op_tensors(inputs, weights, biases, present(means), present(variances))
+    return bn_backward(grad, tensors, mask, options=BatchNormOptions(eps, relu, batch_stats, dropout), seeds=seeds,
+                       tiling=_single_pass_tiling(tensors.xs), stats=stats)
+
+
 def _filled(tensors: Sequence, like: torch.Tensor) -> list[torch.Tensor]:
     """A per-input list with an empty placeholder for each absent (None) entry."""
     return [placeholder(like) if t is None else t for t in tensors]
 
 
 def _library_lists(tensors: PerInput) -> tuple:
-    """The ops' list arguments of ``tensors`` (placeholders for absent weights and biases)."""
+    """The ops' list arguments of ``tensors`` (placeholders for absent tensors)."""
     like = tensors.xs[0]
-    return (list(tensors.xs), list(tensors.means), list(tensors.variances), _filled(tensors.weights, like),
-            _filled(tensors.biases, like))
+    return (list(tensors.xs), _filled(tensors.means, like), _filled(tensors.variances, like),
+            _filled(tensors.weights, like), _filled(tensors.biases, like))
 
 
 class LaunchPath(NamedTuple):
@@ -427,6 +489,8 @@ class LaunchPath(NamedTuple):
     normalize_join: Callable
     bn_backward_sums: Callable
     bn_backward_dx: Callable
+    normalize_join_with_statistics: Callable
+    bn_backward: Callable
 
 
 def _library_batch_statistics(xs, running_means, running_vars, num_batches_tracked, *, momentum, seeds=None,
@@ -455,11 +519,26 @@ def _library_bn_backward_dx(grad, tensors: PerInput, mask, rows, sums, *, option
     return grad_inputs, grads if param_grads else None
 
 
+def _library_normalize_join_with_statistics(tensors: PerInput, mask, statistics: BatchStatistics, *, options,
+                                            seeds=None, tiling=None):
+    like = tensors.xs[0]
+    return bn_forward_op(list(tensors.xs), mask, _filled(tensors.weights, like), _filled(tensors.biases, like),
+                         _filled(statistics.running_means, like), _filled(statistics.running_vars, like),
+                         _filled(statistics.num_batches_tracked, like), statistics.stats, seeds,
+                         momentum=statistics.momentum, eps=options.eps, relu=options.relu, dropout=options.dropout)
+
+
+def _library_bn_backward(grad, tensors: PerInput, mask, *, options, seeds=None, tiling=None, stats=None):
+    xs, means, variances, weights, biases = _library_lists(tensors)
+    return bn_backward_op(grad, xs, mask, weights, biases, means, variances, stats, seeds, **options._asdict())
+
+
 #: The launchers themselves: eager mode on plain tensors.
-DIRECT = LaunchPath(batch_statistics, normalize_join, bn_backward_sums, bn_backward_dx)
+DIRECT = LaunchPath(batch_statistics, normalize_join, bn_backward_sums, bn_backward_dx, normalize_join_with_statistics,
+                    bn_backward)
 #: The torch.library ops: what torch.compile, fake tensors and other dispatch modes see.
 LIBRARY = LaunchPath(_library_batch_statistics, _library_normalize_join, _library_bn_backward_sums,
-                     _library_bn_backward_dx)
+                     _library_bn_backward_dx, _library_normalize_join_with_statistics, _library_bn_backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,7 +569,7 @@ def normalize_join_backward(grad: torch.Tensor, tensors: PerInput, mask, rows, *
     if options.batch_stats or any(t is not None for t in tensors.weights) or any(
             t is not None for t in tensors.biases):
         if sync is None and single_pass(tiling, len(xs)):
-            return bn_backward(grad, tensors, mask, options=options, seeds=seeds, tiling=tiling, stats=stats)
+            return path.bn_backward(grad, tensors, mask, options=options, seeds=seeds, tiling=tiling, stats=stats)
         sums = path.bn_backward_sums(grad, tensors, mask, rows, options=options, seeds=seeds, tiling=tiling)
     else:
         sums = grad.new_empty(2, len(xs), 0, grad.shape[1], dtype=acc_dtype(grad.dtype))
@@ -520,8 +599,8 @@ class BatchNormJoinFunction(torch.autograd.Function):
         ctx.path, ctx.options, ctx.sync, ctx.tiling = path, options, sync, tiling  # the backward's tiling too
         ctx.save_for_backward(mask, rows, seeds, None if statistics is None else statistics.stats, *inputs.flatten())
         if statistics is not None:
-            return normalize_join_with_statistics(inputs, mask, statistics, options=options, seeds=seeds,
-                                                  tiling=tiling)
+            return path.normalize_join_with_statistics(inputs, mask, statistics, options=options, seeds=seeds,
+                                                       tiling=tiling)
         return path.normalize_join(inputs, mask, rows, options=options, seeds=seeds, tiling=tiling)
 
     @staticmethod
@@ -560,8 +639,9 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
     k = len(xs)
     if dropout and seeds is None:
         seeds = draw_seeds(k, xs[0].device)
-    # Without a gather table the statistics, apply and backward launchers share one tiling.
-    tiling = channel_tiling(xs[0], k) if rows is None and path is DIRECT else None
+    # Without a gather table the statistics, apply and backward launchers share one tiling; while
+    # torch traces, it decides only whether the single-pass ops apply (sizes must be known).
+    tiling = channel_tiling(xs[0], k) if rows is None and (path is DIRECT or _static_sizes(xs[0])) else None
     sync = statistics = None
     if not training:
         moments = (running_means, running_vars)
@@ -590,6 +670,11 @@ def batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, 
         recompute.register(out, functools.partial(path.normalize_join, tensors, mask, rows, options=options,
                                                   seeds=seeds, tiling=tiling))
     return out
+
+
+def _static_sizes(x: torch.Tensor) -> bool:
+    """Whether x's sizes are numbers (not symbols of a dynamic-shape trace)."""
+    return all(type(n) is int for n in x.shape)
 
 
 def draw_seeds(n: int, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from benchmarks import cases
-from fractal_kernels.channel_tiling import tile_for_gpu
+from fractal_kernels.audit import SM_COUNT
+from fractal_kernels.batchnorm import single_pass
+from fractal_kernels.channel_tiling import channel_tiling, tile_for_gpu
 from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
 
 
@@ -34,6 +36,14 @@ def test_cpu_mode_says_so_and_reports_no_kernel_timings(report):
         assert f"## {title}" in markdown
 
 
+def single_pass_on_an_h100(row: dict) -> bool:
+    """Whether an H100 tiles the row's inputs in one chunk per channel block (the report counts as it tiles)."""
+    layout = torch.channels_last if row["layout"] == "nhwc" else torch.contiguous_format
+    x = torch.empty(row["shape"], dtype=getattr(torch, row["dtype"]), device="meta").to(memory_format=layout)
+    with tile_for_gpu(SM_COUNT[90]):
+        return single_pass(channel_tiling(x, row["k"]), row["k"])
+
+
 def test_per_op_measurements(report):
     data, _, _ = report
     rows = {r["label"]: r for r in data["kernels_cpu"]}
@@ -43,7 +53,8 @@ def test_per_op_measurements(report):
         assert fused["launches_forward"]["aten"] == 0 and fused["launches_backward"]["aten"] == 0, label
         # A gather join's backward launches once per input, over its own rows.
         k = row["k"]
-        expected_forward, expected_backward = {"masked_join": (1, 1), "bn_relu": (3, 2), "join_bn_relu": (3, 2),
+        bn = (1, 1) if single_pass_on_an_h100(row) else (3, 2)
+        expected_forward, expected_backward = {"masked_join": (1, 1), "bn_relu": bn, "join_bn_relu": bn,
                                                "gather_join": (1, k), "gather_join_bn_relu": (3, 1 + k)}[row["op"]]
         assert fused["launches_forward"]["triton"] == expected_forward, label
         assert fused["launches_backward"]["triton"] == expected_backward, label
@@ -59,7 +70,7 @@ def test_training_step_memory_launches_and_host_reads(report):
     fused, recompute = steps["fused"], steps["fused+recompute"]
     assert recompute["saved_ratio_to_eager"] < fused["saved_ratio_to_eager"] < 1.0
     assert recompute["saved_ratio_to_eager"] <= 0.45
-    assert fused["launch_ratio_to_eager"] < 0.5
+    assert fused["launch_ratio_to_eager"] <= 0.35  # issue 13's goal: single-pass BatchNorms
     assert all(m["host_reads"] == [] for m in steps.values())
 
 

@@ -559,6 +559,8 @@ OP_KERNELS = {
     "fractal_kernels::bn_apply": {"bn_apply_kernel"},
     "fractal_kernels::bn_backward_sums": {"bn_backward_reduce_kernel"},
     "fractal_kernels::bn_backward_dx": {"bn_backward_dx_kernel"},
+    "fractal_kernels::bn_forward": {"bn_forward_kernel"},
+    "fractal_kernels::bn_backward": {"bn_backward_kernel"},
 }
 
 

@@ -85,6 +85,16 @@ def test_opcheck_primitives():
         for count, param_grads in ((None, True), (1, False)):
             torch.library.opcheck(batchnorm.bn_backward_dx_op, (grad, *tensors, sums),
                                   dict(options, count=count, param_grads=param_grads))
+        # The single-pass ops: the training forward, and the backward from its [2k, C] statistics
+        # or from per-input ones (eval).
+        forward_stats = detached[0].new_empty(2 * len(detached), detached[0].shape[1])
+        torch.library.opcheck(batchnorm.bn_forward_op, (detached, mask, *params, rms, rvs, counters, forward_stats,
+                                                        drop_seeds), dict(momentum=0.1, eps=1e-5, relu=True,
+                                                                          dropout=dropout))
+        torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances, forward_stats,
+                                                         drop_seeds), options)
+        torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances, None,
+                                                         drop_seeds), dict(options, batch_stats=False))
 
 
 class Block(torch.nn.Module):
