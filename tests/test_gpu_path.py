@@ -143,6 +143,25 @@ def test_compiled_join_bn_relu(k, masked, dtype, channels_last, training):
     check_compiled(fk.join_bn_relu, args, dtype)
 
 
+def test_compiled_join_bn_relu_with_dynamic_shapes():
+    """Compiled with symbolic sizes, the BatchNorm joins take the split ops (whether a tiling is
+    single-pass needs numbers): at two batch sizes, the output and running statistics of torch's
+    composition."""
+    compiled = torch.compile(fk.join_bn_relu, fullgraph=True, backend="aot_eager", dynamic=True)
+    for batch in (BATCH, BATCH + 3):
+        xs = helpers.make_inputs([batch] * 2, (CHANNELS, 3, 4), torch.float32, False, 0)
+        params = make_params(2, torch.float32)
+        expected_params = fp64_copy(params)
+        with fk.use_backend("triton"):
+            out = compiled(xs, None, **params, training=True)
+        with fk.use_backend("reference"):
+            expected = fk.join_bn_relu(fp64_copy(xs), None, **expected_params, training=True)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+        for a, e in zip(params["running_means"] + params["running_vars"],
+                        expected_params["running_means"] + expected_params["running_vars"]):
+            torch.testing.assert_close(a.double(), e, atol=1e-6, rtol=1e-6)
+
+
 def gather_sizes(k):
     return [(BATCH - i) % (BATCH + 1) or 2 for i in range(k)]
 
