@@ -24,11 +24,12 @@ $(STAMP): setup.py
 
 # Without a GPU, the suite runs twice, side by side (each session keeps about one core busy):
 # every kernel in the Triton interpreter, and the GPU path (triton_op registration,
-# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. The
-# GPU-check dry run runs its phases in subprocesses of their own, whichever the session: it
-# goes with the fake GPU's, which the interpreter's would otherwise outlast by minutes.
+# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. Tests that
+# run no Triton kernel in the session itself (the GPU-check dry run's phases are subprocesses of
+# their own; the experiments train on the CPU reference ops) go with the fake GPU's session,
+# which the interpreter's would otherwise outlast by minutes.
 FAKE_GPU_TESTS := tests/test_gpu_path.py tests/test_ops.py tests/test_model.py
-EITHER_SESSION_TESTS := tests/test_gpu_check.py
+EITHER_SESSION_TESTS := tests/test_gpu_check.py tests/test_experiments.py
 test: $(STAMP)
 	$(PY) -m ruff check .
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
