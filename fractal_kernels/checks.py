@@ -90,7 +90,9 @@ def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, dev
                         index: Optional[int] = None) -> None:
     """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on
     ``device``; ``index``: its entry in the list ``name`` (the message is built only to raise)."""
-    if t is None:
+    # The valid case in one test (this runs for every unit of every step); the rest names what is wrong.
+    if t is None or (isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPE_SET and t.shape == (channels,)
+                     and t.device == device):
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{_label(name, index)} must be a tensor or None, got {type(t).__name__}")
@@ -123,11 +125,7 @@ def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mea
     (with ``index``: the lists' names, of which these are entry ``index``)."""
     channels, device = x.shape[1], x.device
     for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        # The valid case in one test (this runs for every unit of every step); the full check
-        # names what is wrong.
-        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPE_SET
-                                  and t.shape == (channels,) and t.device == device):
-            check_channel_param(name, t, channels, device, index)
+        check_channel_param(name, t, channels, device, index)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} must both be tensors or both be "
                          "None")
