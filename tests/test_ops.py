@@ -91,8 +91,10 @@ def test_opcheck_primitives():
         torch.library.opcheck(batchnorm.bn_forward_op, (detached, mask, *params, rms, rvs, counters, forward_stats,
                                                         drop_seeds), dict(momentum=0.1, eps=1e-5, relu=True,
                                                                           dropout=dropout))
-        torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances, forward_stats,
-                                                         drop_seeds), options)
+        # The backward reads its statistics: the [2k, C] of these means and variances, not an
+        # uninitialised buffer (whose NaNs would differ from run to run).
+        torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances,
+                                                         torch.stack([*means, *variances]), drop_seeds), options)
         torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances, None,
                                                          drop_seeds), dict(options, batch_stats=False))
 
