@@ -257,17 +257,15 @@ def normalize_join_with_statistics(tensors: PerInput, mask, statistics: BatchSta
     ``tiling``, the statistics into ``statistics.stats`` (``tensors``' means and variances are
     not read)."""
     xs = tensors.xs
+    k = len(xs)
     out = torch.empty_like(xs[0])
-    group = input_groups(len(xs))[0]
     join, mode = join_args(mask, None)
-    launch(
-        wrap_triton(bn_forward_kernel), tiling.grid,
-        out, *slots(xs, group), *slots(tensors.weights, group), *slots(tensors.biases, group),
-        *slots(statistics.running_means, group), *slots(statistics.running_vars, group),
-        *slots(statistics.num_batches_tracked, group), statistics.stats, float(statistics.momentum),
-        *join, float(options.eps), *dropout_args(seeds, options.dropout),
-        tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=len(xs), JOIN=mode, RELU=options.relu,
-        **tiling.meta(streaming=False),
+    pad = NONES[MAX_INPUTS - k]  # the slots of the one group of inputs, as slots() pads them
+    tiling.launcher(wrap_triton(bn_forward_kernel), False, K=k, JOIN=mode, RELU=options.relu)(
+        out, *xs, *pad, *tensors.weights, *pad, *tensors.biases, *pad, *statistics.running_means, *pad,
+        *statistics.running_vars, *pad, *statistics.num_batches_tracked, *pad, statistics.stats,
+        float(statistics.momentum), *join, float(options.eps), *dropout_args(seeds, options.dropout),
+        tiling.N, tiling.C, tiling.HW, tiling.hw_blocks,
     )
     return out
 
@@ -279,18 +277,16 @@ def bn_backward(grad, tensors: PerInput, mask, *, options: BatchNormOptions, see
     variances are ``stats`` (a single-pass forward's) where given, else ``tensors``'."""
     xs = tensors.xs
     k = len(xs)
-    group = input_groups(k)[0]
     join, mode = join_args(mask, None)
     grad_inputs = [torch.empty_like(x) for x in xs]
     grads = torch.empty(2 * k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=grad.device)
-    moments = _NO_MOMENTS if stats is not None else (*slots(tensors.means, group), *slots(tensors.variances, group))
-    launch(
-        wrap_triton(bn_backward_kernel), tiling.grid,
-        grad, *slots(xs, group), *slots(grad_inputs, group), *slots(tensors.weights, group),
-        *slots(tensors.biases, group), *moments, stats, *join, float(options.eps),
-        *dropout_args(seeds, options.dropout), grads,
-        tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=k, JOIN=mode, RELU=options.relu,
-        BATCH_STATS=options.batch_stats, **tiling.meta(streaming=False),
+    pad = NONES[MAX_INPUTS - k]  # the slots of the one group of inputs, as slots() pads them
+    moments = _NO_MOMENTS if stats is not None else (*tensors.means, *pad, *tensors.variances, *pad)
+    tiling.launcher(wrap_triton(bn_backward_kernel), False, K=k, JOIN=mode, RELU=options.relu,
+                    BATCH_STATS=options.batch_stats)(
+        grad, *xs, *pad, *grad_inputs, *pad, *tensors.weights, *pad, *tensors.biases, *pad, *moments, stats, *join,
+        float(options.eps), *dropout_args(seeds, options.dropout), grads, tiling.N, tiling.C, tiling.HW,
+        tiling.hw_blocks,
     )
     return grad_inputs, grads
 

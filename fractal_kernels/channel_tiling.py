@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS, cdiv, next_power_of_2
+from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS, PreparedLaunch, cdiv, next_power_of_2
 from .tensors import is_channels_last
 
 #: Elements per tile (8 warps: 8 values a thread).
@@ -87,7 +87,18 @@ class ChannelTiling:
         """The tiling's constexprs and launch options, for a streaming kernel or a reduction."""
         return self._streaming_meta if streaming else self._reduction_meta
 
+    def launcher(self, kernel, streaming: bool, **constexprs) -> PreparedLaunch:
+        """The PreparedLaunch of ``kernel`` on this tiling: its grid, meta and ``constexprs``
+        (one per kernel and constexprs, kept with the tiling, which is cached by shape)."""
+        key = (id(kernel), streaming, *constexprs.items())
+        prepared = self._launchers.get(key)
+        if prepared is None:
+            prepared = PreparedLaunch(kernel, self.grid, dict(self.meta(streaming), **constexprs))
+            self._launchers[key] = prepared
+        return prepared
+
     def __post_init__(self):
+        object.__setattr__(self, "_launchers", {})
         object.__setattr__(self, "_grid", (cdiv(self.C, self.BLOCK_C), self.num_chunks))
         common = dict(CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, FIXED_HW=self.fixed_hw,
                       BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps)

@@ -22,21 +22,22 @@ def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[to
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
     if not tensors:
         raise ValueError(f"{name} must hold at least one tensor, got none")
-    for i, t in enumerate(tensors):
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{name}[0] must be a tensor, got {type(first).__name__}")
+    shape, dtype, device = first.shape, first.dtype, first.device
+    if dtype not in _FLOAT_DTYPE_SET:
+        raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {dtype}")
+    for i, t in enumerate(tensors[1:], 1):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-    first = tensors[0]
-    if first.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {first.dtype}")
-    skip = int(not same_batch)
-    for i, t in enumerate(tensors[1:], 1):
-        if t.dim() != first.dim() or t.shape[skip:] != first.shape[skip:]:
-            like = f"[B_{i}, {', '.join(map(str, first.shape[1:]))}]" if not same_batch else str(tuple(first.shape))
+        if (t.shape != shape) if same_batch else (t.dim() != first.dim() or t.shape[1:] != shape[1:]):
+            like = str(tuple(shape)) if same_batch else f"[B_{i}, {', '.join(map(str, shape[1:]))}]"
             raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {like} like {name}[0]")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {first.dtype} like {name}[0]")
-        if t.device != first.device:
-            raise ValueError(f"{name}[{i}] is on {t.device}, expected {first.device} like {name}[0]")
+        if t.dtype != dtype:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {dtype} like {name}[0]")
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, expected {device} like {name}[0]")
     return list(tensors)
 
 
@@ -119,11 +120,18 @@ def _check_number(name: str, value) -> None:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
 
 
-def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var,
-                    index: Optional[int] = None) -> None:
-    """Checks one input's BatchNorm parameters; ``names`` are theirs in the caller's signature
-    (with ``index``: the lists' names, of which these are entry ``index``)."""
-    channels, device = x.shape[1], x.device
+def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var) -> None:
+    """Checks one input's BatchNorm parameters and options; ``names`` are the parameters' in the
+    caller's signature."""
+    check_bn_tensors(x.shape[1], x.device, training, names, weight, bias, running_mean, running_var)
+    check_bn_options(training, momentum, eps)
+
+
+def check_bn_tensors(channels: int, device: torch.device, training, names, weight, bias, running_mean, running_var,
+                     index: Optional[int] = None) -> None:
+    """Checks one input's BatchNorm parameters and running statistics (``channels`` of them, on
+    ``device``); ``names`` are theirs in the caller's signature (with ``index``: the lists'
+    names, of which these are entry ``index``)."""
     for name, t in zip(names, (weight, bias, running_mean, running_var)):
         check_channel_param(name, t, channels, device, index)
     if (running_mean is None) != (running_var is None):
@@ -131,6 +139,10 @@ def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mea
                          "None")
     if not training and running_mean is None:
         raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} are needed when training=False")
+
+
+def check_bn_options(training, momentum, eps) -> None:
+    """Checks the BatchNorm options, momentum and eps, as torch does."""
     if momentum is not None:  # None: the cumulative average (with num_batches_tracked)
         _check_number("momentum", momentum)
     _check_number("eps", eps)

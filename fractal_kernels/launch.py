@@ -208,18 +208,29 @@ class DirectLaunches:
     def compiled_variants(self) -> list:
         return [compiled for _, variants in self.variants.values() for _, compiled in variants]
 
+    def entry(self, device: int, num_args: int, kwargs: dict) -> Optional[tuple]:
+        """The variants compiled for launches of ``num_args`` arguments and keyword arguments
+        ``kwargs`` on ``device``: (the keyword arguments' values in parameter order, [(guard,
+        compiled variant)]), or None before the first. The list grows as variants compile."""
+        return self.variants.get((device, num_args, *kwargs.items()))
+
+    @staticmethod
+    def run_compiled(entry: tuple, grid: tuple, device: int, args: tuple) -> bool:
+        """Launches the first variant of ``entry`` whose guard ``args`` pass, on the 3-D
+        ``grid``; False where none does (a launch that needs another variant)."""
+        tail, variants = entry
+        for guard, compiled in variants:
+            if guard(args):
+                # No hook is set (_direct_launches): no launch metadata for one to read.
+                compiled.run(grid[0], grid[1], grid[2], triton.runtime.driver.active.get_current_stream(device),
+                             compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+                return True
+        return False
+
     def launch(self, grid: tuple, device: int, args: tuple, kwargs: dict) -> None:
-        key = (device, len(args), *kwargs.items())
-        entry = self.variants.get(key)
-        if entry is not None:
-            tail, variants = entry
-            for guard, compiled in variants:
-                if guard(args):
-                    # No hook is set (_direct_launches): no launch metadata for one to read.
-                    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                                 triton.runtime.driver.active.get_current_stream(device), compiled.function,
-                                 compiled.packed_metadata, None, None, None, *args, *tail)
-                    return
+        entry = self.entry(device, len(args), kwargs)
+        if entry is not None and self.run_compiled(entry, (*grid, 1, 1)[:3], device, args):
+            return
         n = len(args)
         if n not in self._facts:
             self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
@@ -227,7 +238,8 @@ class DirectLaunches:
         compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
         if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
             if entry is None:
-                entry = self.variants[key] = (tuple([kwargs[name] for name in self.names[n:]]), [])
+                entry = self.variants[(device, n, *kwargs.items())] = (
+                    tuple([kwargs[name] for name in self.names[n:]]), [])
             entry[1].append((_guard_function(facts, self.specialised[:n]), compiled))
 
 
@@ -326,9 +338,12 @@ def _direct_launches(kernel) -> Optional[DirectLaunches]:
         if not (_DIRECT_PATH and hasattr(kernel, "params")):
             return None
         direct = _direct[id(kernel)] = DirectLaunches(kernel)
-    if _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook):
-        return None
-    return direct
+    return None if _hooks_set() else direct
+
+
+def _hooks_set() -> bool:
+    """Whether a launch hook is set."""
+    return _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook)
 
 
 def _hooked(hook) -> bool:
@@ -402,3 +417,38 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         except _NotDirect:
             pass
     kernel.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+class PreparedLaunch:
+    """``launch(kernel, grid, *args, **kwargs)`` with one kernel, grid and set of keyword
+    arguments, prepared for a call site that launches them again and again (the single-pass
+    BatchNorm kernels on small, host-bound problems): where launch() would launch a compiled
+    variant directly, this finds the keyword arguments' variants once per device rather than per
+    call, and launches as DirectLaunches does; anything else (recording, torch tracing, fake or
+    meta tensors, a tensor on another device than the current one, a launch hook, a variant not
+    compiled yet) goes through launch() itself."""
+
+    def __init__(self, kernel, grid: tuple, kwargs: dict):
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+        self._grid_xyz = (*grid, 1, 1)[:3]
+        #: (device, argument count) -> DirectLaunches.entry of these keyword arguments.
+        self._entries: dict = {}
+
+    def __call__(self, *args) -> None:
+        first = args[0]
+        if _DIRECT_PATH and not _recorders and type(first) is torch.Tensor and not first.is_meta and not _hooks_set():
+            device = triton.runtime.driver.active.get_current_device()
+            if not first.is_cuda or first.get_device() == device:
+                key = (device, len(args))
+                entry = self._entries.get(key)
+                if entry is not None and DirectLaunches.run_compiled(entry, self._grid_xyz, device, args):
+                    for counter in _counters:
+                        counter[0] += 1
+                    return
+                launch(self.kernel, self.grid, *args, **self.kwargs)
+                direct = _direct.get(id(self.kernel))
+                entry = direct and direct.entry(device, len(args), self.kwargs)
+                if entry is not None:
+                    self._entries[key] = entry
+                return
+        launch(self.kernel, self.grid, *args, **self.kwargs)

@@ -23,7 +23,9 @@ import torch.distributed as dist
 
 from . import join, library, reference
 from .batchnorm import batch_norm_join
-from .checks import check_bn_input, check_bn_params, check_mask, check_rows, check_tensor_list
+from .checks import (
+    check_bn_input, check_bn_options, check_bn_params, check_bn_tensors, check_mask, check_rows, check_tensor_list,
+)
 from .launch import check_launchable, runs_eagerly
 
 BACKENDS = ("auto", "triton", "reference")
@@ -175,7 +177,7 @@ def _check_reference(training: bool, process_group) -> None:
         raise ValueError("process_group: synchronised statistics run on the Triton backend only")
 
 
-#: The per-input parameter lists of the join ops, as check_bn_params names them.
+#: The per-input parameter lists of the join ops, as check_bn_tensors names them.
 _PER_INPUT_NAMES = ("weights", "biases", "running_means", "running_vars")
 
 
@@ -190,8 +192,10 @@ def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, tr
             raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
         if len(values) != len(inputs):
             raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
+    channels, device = x.shape[1], x.device
     for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        check_bn_params(x, training, momentum, eps, _PER_INPUT_NAMES, *params, index=i)
+        check_bn_tensors(channels, device, training, _PER_INPUT_NAMES, *params, index=i)
+    check_bn_options(training, momentum, eps)
     _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds,
                         "seeds")
 

@@ -565,6 +565,77 @@ def test_direct_launch_keys_are_at_least_as_fine_as_triton_specialisation(monkey
     assert len(seen) == 5 * 2 * 5 * 2
 
 
+#: The launches the single-pass launchers make through a PreparedLaunch.
+PREPARED = [entry for entry in LAUNCHES if entry[1].kernel.fn.__name__ in ("bn_forward_kernel", "bn_backward_kernel")]
+
+
+def counted_fallbacks(monkeypatch) -> list:
+    """The calls a PreparedLaunch hands to launch() (appended to the list returned)."""
+    fallbacks = []
+    general = launch.launch
+
+    def counted(kernel, grid, *args, **kwargs):
+        fallbacks.append(kernel)
+        general(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "launch", counted)
+    return fallbacks
+
+
+@requires_fake_gpu
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("label,record,kwargs", PREPARED,
+                         ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(PREPARED)])
+def test_prepared_launch_is_what_jit_run_launches(label, record, kwargs, misaligned, monkeypatch):
+    """A PreparedLaunch hands its first launch to launch() (which compiles or finds the variant)
+    and launches the later ones itself: the variant JITFunction.run picks for the same
+    arguments, with the same grid, stream and arguments; each launch counted once."""
+    args = tuple(materialised(a, misaligned) for a in record.args)
+    calls = []
+    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
+    fallbacks = counted_fallbacks(monkeypatch)
+    prepared = launch.PreparedLaunch(record.kernel, record.grid, dict(record.kwargs))
+    with launch.count_launches() as launches:
+        prepared(*args)
+        prepared(*args)
+    assert launches[0] == 2 and len(fallbacks) == 1, label
+    record.kernel.run(*args, grid=record.grid, warmup=False, **record.kwargs)
+    (prepared_variant, prepared_call), (run, run_call) = calls[1:]
+    assert prepared_variant is run, label
+    assert same_arguments(prepared_call[:4], run_call[:4]) and same_arguments(prepared_call[9:], run_call[9:]), label
+
+
+@requires_fake_gpu
+def test_prepared_launch_hands_over_what_it_does_not_launch_itself(monkeypatch):
+    """Recording, a launch hook, another current device and arguments of a variant not yet
+    compiled all go through launch()."""
+    _, record, _ = PREPARED[0]
+    args = tuple(materialised(a, False) for a in record.args)
+    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: None)
+    fallbacks = counted_fallbacks(monkeypatch)
+    prepared = launch.PreparedLaunch(record.kernel, record.grid, dict(record.kwargs))
+    prepared(*args)
+    prepared(*args)
+    assert len(fallbacks) == 1
+    with launch.record_launches() as records:
+        prepared(*args)
+    assert len(records) == 1 and len(fallbacks) == 2
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    prepared(*args)
+    assert len(fallbacks) == 3
+    monkeypatch.undo()
+    fallbacks = counted_fallbacks(monkeypatch)
+    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: None)
+    # Variants belong to a device: another current device finds none of this one's.
+    monkeypatch.setattr(triton.runtime.driver.active, "get_current_device", lambda: 1)
+    prepared(*args)
+    prepared(*args)
+    assert len(fallbacks) == 1
+    # An fp16 output is another variant than the fp32 one compiled: launch() compiles it.
+    prepared(args[0].half(), *args[1:])
+    assert len(fallbacks) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # The kernels torch.library finds for each op, and eager launches
 # ----------------------------------------------------------------------------------------------
