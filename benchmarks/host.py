@@ -29,16 +29,18 @@ import torch.nn.functional as F
 
 from fractal_kernels.testing import fake_gpu
 
-#: Repeats of each measurement (the best is kept) and calls per repeat.
-REPEATS, CALLS = 7, 50
+#: Repeats of each measurement (the best is kept; --quick: fewer) and calls per repeat. This
+#: machine's speed drifts over seconds: many short repeats, alternated, let both sides meet its
+#: quiet spells.
+REPEATS, QUICK_REPEATS, CALLS = 21, 7, 50
 
 
-def best_us(fns: dict[str, Callable[[], object]], calls: int = CALLS,
-            reset: Callable[[], object] = lambda: None) -> dict[str, float]:
-    """The least mean microseconds of thread CPU time per call of each of ``fns``, over REPEATS
-    repeats that alternate between them, after a warm-up; names starting with "fused" run in
-    ``fused()``. ``reset`` runs before each repeat of each function (to give every side the same
-    random draws)."""
+def best_us(fns: dict[str, Callable[[], object]], calls: int = CALLS, reset: Callable[[], object] = lambda: None,
+            repeats: int = REPEATS) -> dict[str, float]:
+    """The least mean microseconds of thread CPU time per call of each of ``fns``, over
+    ``repeats`` repeats that alternate between them, after a warm-up; names starting with "fused"
+    run in ``fused()``. ``reset`` runs before each repeat of each function (to give every side
+    the same random draws)."""
 
     def context(name):
         return fused() if name.startswith("fused") else contextlib.nullcontext()
@@ -48,7 +50,7 @@ def best_us(fns: dict[str, Callable[[], object]], calls: int = CALLS,
             for _ in range(3):
                 fn()
     means: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for name, fn in fns.items():
             reset()
             with context(name):
@@ -101,7 +103,7 @@ def launch_arguments(fn: Callable[[], object]) -> list[dict]:
     return [dict(kernel=name, arguments=arguments, launches=n) for (name, arguments), n in counts.items()]
 
 
-def op_rows() -> list[dict]:
+def op_rows(repeats: int = REPEATS) -> list[dict]:
     """Forward + backward of each op: fused and eager (the reference), alternated."""
     import fractal_kernels as fk
     from fractal_kernels import reference
@@ -109,7 +111,7 @@ def op_rows() -> list[dict]:
     ops, eager = _op_cases(fk), _op_cases(reference)
     rows = []
     for name in ops:
-        times = best_us({"fused": ops[name], "eager": eager[name]})
+        times = best_us({"fused": ops[name], "eager": eager[name]}, repeats=repeats)
         rows.append(dict(op=name, fused_us=times["fused"], eager_us=times["eager"],
                          fused_over_eager=times["fused"] / times["eager"], launches=launch_arguments(ops[name])))
     return rows
@@ -120,7 +122,8 @@ STEP_IMPLEMENTATIONS = {"eager": dict(fused=False), "fused": {}, "fused+recomput
                         "fused+skip": dict(skip_dropped=True)}
 
 
-def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", "batch")) -> list[dict]:
+def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", "batch"),
+              repeats: int = REPEATS) -> list[dict]:
     """One training step (forward, backward, SGD step) of each network's structure, one channel
     wide, batch 2, drop-path drawn per sample and per batch: the eager model and the fused ones,
     alternated, on the same drop-path draws (one generator, reset before each repeat)."""
@@ -145,8 +148,8 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
                     optimizer.zero_grad(set_to_none=True)
 
                 steps[implementation] = step
-            times = {name: us / 1e3 for name, us in best_us(steps, calls=5,
-                                                            reset=lambda: generator.manual_seed(1)).items()}
+            times = {name: us / 1e3 for name, us in best_us(steps, calls=5, reset=lambda: generator.manual_seed(1),
+                                                            repeats=repeats).items()}
             rows.append(dict(network=network, batch=2, drop_path_per=per, **{f"{k}_ms": v for k, v in times.items()},
                              fused_over_eager=times["fused"] / times["eager"]))
     return rows
@@ -162,11 +165,12 @@ def main(argv=None) -> int:
     # Stubbed launches leave the fused ops' outputs uninitialised; denormal garbage there would
     # slow the CPU convolutions that read them, a cost no GPU run has.
     torch.set_flush_denormal(True)
+    repeats = QUICK_REPEATS if args.quick else REPEATS
     if args.quick:
-        steps = step_rows(["fractalnet20_cifar"], ("batch",))
+        steps = step_rows(["fractalnet20_cifar"], ("batch",), repeats)
     else:
-        steps = step_rows(["fractalnet20_cifar", "fractalnet40_cifar"])
-    result = dict(ops=op_rows(), steps=steps)
+        steps = step_rows(["fractalnet20_cifar", "fractalnet40_cifar"], repeats=repeats)
+    result = dict(ops=op_rows(repeats), repeats=repeats, steps=steps)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     return 0

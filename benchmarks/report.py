@@ -201,11 +201,11 @@ def _host(report: dict) -> list[str]:
     if not host:
         return []
     lines = _table("Host time per op, Triton's launch path counted, beside eager",
-                   ["Forward + backward on one-channel tensors, thread CPU time, fused and eager alternated, "
-                    "best of seven: the fused ops on the fake GPU, every launch through Triton's launch path "
-                    "(or the direct launch of its compiled variant) up to the C launcher, which only reads the "
-                    "pointers; the eager reference for real (its kernels are negligible at this size). Neither "
-                    "side includes the CUDA driver's launch. Launches: kernel (arguments) x count."],
+                   [f"Forward + backward on one-channel tensors, thread CPU time, fused and eager alternated, "
+                    f"best of {host.get('repeats', 7)}: the fused ops on the fake GPU, every launch through Triton's "
+                    "launch path (or the direct launch of its compiled variant) up to the C launcher, which only "
+                    "reads the pointers; the eager reference for real (its kernels are negligible at this size). "
+                    "Neither side includes the CUDA driver's launch. Launches: kernel (arguments) x count."],
                    ["op", "fused us", "eager us", "fused / eager", "launches"],
                    [[r["op"], f"{r['fused_us']:.0f}", f"{r['eager_us']:.0f}", f"{r['fused_over_eager']:.2f}",
                      ", ".join(f"{x['kernel']} ({x['arguments']}) x{x['launches']}" for x in r.get("launches", []))]
