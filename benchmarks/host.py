@@ -9,9 +9,10 @@ package's direct launches of the compiled variants) up to the C launcher, which 
 tensors' pointers. The eager ops run for real on CPU tensors so small (one channel, batch 2) that
 their time is dispatch, not arithmetic; neither side includes the CUDA driver's launch of each
 kernel. Both sides run the same convolutions and pools, and in a step the same drop-path
-structures (the generator is reset before each repeat). Times are the thread's CPU time (the
-machine may be shared: wall time is not stable), eager and fused alternated repeat by repeat,
-the best repeat kept (the least disturbed).
+structures (the generator is seeded with the repeat's number before each side's repeat: every
+repeat draws other structures). Times are the thread's CPU time (the machine may be shared: wall
+time is not stable), eager and fused alternated repeat by repeat: per op the best repeat kept
+(the least disturbed), per step the median over repeats and their structures.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections import Counter
@@ -35,30 +37,36 @@ from fractal_kernels.testing import fake_gpu
 REPEATS, QUICK_REPEATS, CALLS = 21, 7, 50
 
 
-def best_us(fns: dict[str, Callable[[], object]], calls: int = CALLS, reset: Callable[[], object] = lambda: None,
-            repeats: int = REPEATS) -> dict[str, float]:
-    """The least mean microseconds of thread CPU time per call of each of ``fns``, over
-    ``repeats`` repeats that alternate between them, after a warm-up; names starting with "fused"
-    run in ``fused()``. ``reset`` runs before each repeat of each function (to give every side
-    the same random draws)."""
+def alternated_us(fns: dict[str, Callable[[], object]], calls: int = CALLS,
+                  reset: Callable[[int], object] = lambda repeat: None, repeats: int = REPEATS) -> dict[str, list]:
+    """The mean microseconds of thread CPU time per call of each of ``fns`` in each of
+    ``repeats`` repeats that alternate between them, after a warm-up (one call per repeat's
+    reset); names starting with "fused" run in ``fused()``. ``reset(repeat)`` runs before each
+    repeat of each function: the same random draws for every side in a repeat."""
 
     def context(name):
         return fused() if name.startswith("fused") else contextlib.nullcontext()
 
     for name, fn in fns.items():
         with context(name):
-            for _ in range(3):
+            for repeat in range(repeats):
+                reset(repeat)
                 fn()
     means: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, fn in fns.items():
-            reset()
+            reset(repeat)
             with context(name):
                 start = time.thread_time()
                 for _ in range(calls):
                     fn()
                 means[name].append((time.thread_time() - start) / calls * 1e6)
-    return {name: min(values) for name, values in means.items()}
+    return means
+
+
+def best_us(fns: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, float]:
+    """The least of alternated_us's repeats of each of ``fns`` (calls without random draws)."""
+    return {name: min(values) for name, values in alternated_us(fns, repeats=repeats).items()}
 
 
 @contextlib.contextmanager
@@ -111,7 +119,7 @@ def op_rows(repeats: int = REPEATS) -> list[dict]:
     ops, eager = _op_cases(fk), _op_cases(reference)
     rows = []
     for name in ops:
-        times = best_us({"fused": ops[name], "eager": eager[name]}, repeats=repeats)
+        times = best_us({"fused": ops[name], "eager": eager[name]}, repeats)
         rows.append(dict(op=name, fused_us=times["fused"], eager_us=times["eager"],
                          fused_over_eager=times["fused"] / times["eager"], launches=launch_arguments(ops[name])))
     return rows
@@ -126,7 +134,11 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
               repeats: int = REPEATS) -> list[dict]:
     """One training step (forward, backward, SGD step) of each network's structure, one channel
     wide, batch 2, drop-path drawn per sample and per batch: the eager model and the fused ones,
-    alternated, on the same drop-path draws (one generator, reset before each repeat)."""
+    alternated, on the same drop-path draws (one generator, seeded with the repeat's number
+    before each side's repeat). A step's cost depends on the structure drawn (a per-batch step
+    of one column runs its units alone), so each repeat draws other structures: 5 steps a
+    repeat, the sides' times the medians over the repeats, and fused / eager the median of the
+    repeats' own ratios (each of two sides timed moments apart, on the same structures)."""
     from fractalnet import create_model, model_config
 
     rows = []
@@ -148,10 +160,11 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
                     optimizer.zero_grad(set_to_none=True)
 
                 steps[implementation] = step
-            times = {name: us / 1e3 for name, us in best_us(steps, calls=5, reset=lambda: generator.manual_seed(1),
-                                                            repeats=repeats).items()}
-            rows.append(dict(network=network, batch=2, drop_path_per=per, **{f"{k}_ms": v for k, v in times.items()},
-                             fused_over_eager=times["fused"] / times["eager"]))
+            times = alternated_us(steps, calls=5, reset=generator.manual_seed, repeats=repeats)
+            ratio = statistics.median(f / e for f, e in zip(times["fused"], times["eager"]))
+            rows.append(dict(network=network, batch=2, drop_path_per=per,
+                             **{f"{k}_ms": statistics.median(v) / 1e3 for k, v in times.items()},
+                             fused_over_eager=ratio))
     return rows
 
 

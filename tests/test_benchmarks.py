@@ -91,6 +91,20 @@ def test_traffic_occupancy_and_host_sections(report):
     assert step["eager_ms"] > 0 and step["fused_ms"] > 0
 
 
+def test_host_repeats_alternate_the_sides_on_the_same_draws():
+    """Each repeat resets the draws with its own number before each side: the sides of a repeat
+    meet the same structures, and every repeat other ones."""
+    from benchmarks import host
+
+    seen, state = [], {}
+    fns = {name: (lambda name=name: seen.append((name, state["repeat"]))) for name in ("eager", "other")}
+    times = host.alternated_us(fns, calls=2, reset=lambda repeat: state.update(repeat=repeat), repeats=3)
+    assert {name: len(values) for name, values in times.items()} == {"eager": 3, "other": 3}
+    warm_up, timed = seen[:6], seen[6:]
+    assert warm_up == [(name, repeat) for name in ("eager", "other") for repeat in range(3)]
+    assert timed == [(name, repeat) for repeat in range(3) for name in ("eager", "other") for _ in range(2)]
+
+
 def test_minimal_bytes_of_the_bn_relu_two_pass_design():
     case = cases.OpCase("bn_relu", 1, "fractalnet20_cifar", (100, 64, 32, 32), torch.float32, False)
     size = 100 * 64 * 32 * 32 * 4
