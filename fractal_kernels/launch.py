@@ -436,7 +436,7 @@ class PreparedLaunch:
 
     def __call__(self, *args) -> None:
         first = args[0]
-        if _DIRECT_PATH and not _recorders and type(first) is torch.Tensor and not first.is_meta and not _hooks_set():
+        if _DIRECT_PATH and not _recorders and _is_plain(first) and not _hooks_set():
             device = triton.runtime.driver.active.get_current_device()
             if not first.is_cuda or first.get_device() == device:
                 key = (device, len(args))
