@@ -91,6 +91,24 @@ class Execution:
                              "it with nn.SyncBatchNorm.convert_sync_batchnorm, or use fused=True")
 
 
+class _ZeroGradients(torch.autograd.Function):
+    """The identity on ``out`` that gives each of ``params`` a zero gradient: the parameters a
+    training step does not reach (the other columns of a global batch, the units of an empty
+    skip_dropped segment) get one, as they do where a compiled step's masks drop them."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.params = params
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # A gradient that exists already is left as it is (adding zeros would change nothing and
+        # cost a launch a parameter); traced, the graph returns the zeros.
+        compiling = torch.compiler.is_compiling()
+        return (grad, *[torch.zeros_like(p) if compiling or p.grad is None else None for p in ctx.params])
+
+
 class DropoutSeeds:
     """The dropout seeds of one training step, drawn at once (one launch) and handed to the fused
     units in forward order."""
@@ -176,14 +194,17 @@ class FractalBlock(nn.Module):
         return self.columns[column - 1][row // self.span(column) - 1]
 
     def forward(self, x: torch.Tensor, active: Sequence[int], masks: dict[int, torch.Tensor],
-                seeds: Optional[DropoutSeeds] = None, track_running_stats: bool = True):
+                seeds: Optional[DropoutSeeds] = None, track_running_stats: bool = True,
+                unreached: Optional[list] = None):
         """The block restricted to the ``active`` columns (ascending), with the drop-path masks of
         its joins by row (none outside training) and the fused units' dropout seeds, run as its
         ``execution`` says; without ``track_running_stats`` its BatchNorms leave their running
-        statistics unchanged."""
+        statistics unchanged. Units of the active columns that the output does not depend on
+        (those of skip_dropped segments no sample survives) are appended to ``unreached``."""
         endings = self.endings(active)
         if self.execution.skip_dropped and masks:
-            return self._forward_skipping_dropped(x, active, endings, masks, seeds)
+            return self._forward_skipping_dropped(x, active, endings, masks, seeds,
+                                                  [] if unreached is None else unreached)
         inputs = {column: x for column in active}
         for row, ending in endings:
             units = [self.unit(column, row) for column in ending]
@@ -193,7 +214,7 @@ class FractalBlock(nn.Module):
             inputs.update((column, out) for column in ending)
         return out
 
-    def _forward_skipping_dropped(self, x, active, endings, masks, seeds):
+    def _forward_skipping_dropped(self, x, active, endings, masks, seeds, unreached):
         """Each column segment (its units from one join to the next) runs only on the samples
         that survive at the join ending it: their rows are gathered at the segment's start, and
         the join reads the compact outputs through a gather table. The masks are on the host, so
@@ -214,11 +235,14 @@ class FractalBlock(nn.Module):
                 samples = segments[column][1]
                 # A segment without samples stays empty (BatchNorm of no rows is undefined).
                 compact = normalize_and_join(units, raws, self.execution, seeds=seeds) if len(samples) else raws[0]
+                if not len(samples):
+                    unreached.extend(units)
                 segments[column] = (compact, samples)
                 continue
             samples = [segments.pop(column)[1] for column in ending]
             # A segment no sample survives contributes nothing: it is left out of the join.
             present = [j for j, s in enumerate(samples) if len(s)]
+            unreached.extend(unit for unit, s in zip(units, samples) if not len(s))
             if not present:
                 out = x.new_zeros((x.shape[0],) + raws[0].shape[1:])
             else:
@@ -298,9 +322,9 @@ class FractalNet(nn.Module):
             "sample" (each sample draws its own, as the PyTorch ports do). Per sample, the
             40-layer network trains badly (docs/experiments/drop-path.md). A compiled
             ``model(x)`` cannot branch on a host draw: there a global batch runs every column,
-            the masks keeping only its own (the same output and gradients, zeros for the other
-            columns), and every running statistic updates; pass ``structure=`` (as the training
-            loop does) to compile the step eager mode takes.
+            the masks keeping only its own, and the running statistics are put back after it:
+            the same step, in one graph; ``structure=`` (as the training loop passes it) compiles
+            one graph per structure, the step eager mode takes.
         skip_dropped: in training, run each column segment only on the samples that survive at
             the join ending it (drop-path makes the rest wasted work), and join the compact
             outputs with gather_join_bn_relu. The BatchNorm statistics of a segment then cover
@@ -313,6 +337,11 @@ class FractalNet(nn.Module):
     ``fused``, ``skip_dropped`` and ``process_group`` are the model's :class:`Execution`, which its
     blocks share; setting one to a combination that cannot work (a process group with
     skip_dropped, or unfused) raises there.
+
+    In training, every parameter gets a gradient every step, zeros where the step does not reach
+    it (the other columns of a global batch or a truncation, the units of an empty skip_dropped
+    segment), so that momentum and weight decay move every parameter every step, as the paper's
+    code does, whatever the loop (``zero_grad()`` to None or not) and the compiler.
 
     ``model(x, columns=k)`` runs the network truncated to its k shallowest columns (the fractal
     f_k; in training with drop-path among them); ``model(x, column=k)`` runs column k alone.
@@ -415,6 +444,7 @@ class FractalNet(nn.Module):
         active = self.active_columns(columns, column)
         drop_path = None
         track_running_stats = True
+        restored = None  # traced per-batch drop-path: (global batch?, running buffers, their values before)
         if structure is not None:
             self._check_structure(structure, active)
             if structure != "local":  # a global batch of that column: it runs alone (see below)
@@ -431,12 +461,16 @@ class FractalNet(nn.Module):
             drop_path = DropPath(x.shape[0], active, self.num_columns, len(self.blocks), self.local_drop,
                                  self.global_ratio, device, generator, per_batch=per_batch, local=structure == "local",
                                  column_weights=self.column_weights(active))
-            if per_batch and not torch.compiler.is_compiling() and drop_path.batch_column is not None:
+            if per_batch and structure is None and torch.compiler.is_compiling():
+                # Traced, a host branch would break the graph: every column runs, the masks
+                # dropping all but a global batch's own (the same output and gradients, zeros for
+                # the other columns), and the running statistics are put back after a global batch.
+                bns = [unit.bn for unit in self.units()]
+                restored = (drop_path.is_global[0], bns, [{n: b.clone() for n, b in bn.named_buffers()} for bn in bns])
+            elif per_batch and drop_path.batch_column is not None:
                 # The whole batch follows one column: run that column alone (the others would
                 # only feed joins that drop them). Its BatchNorms see a single column, not the
                 # network that eval runs, so their running statistics are left unchanged.
-                # (Traced, a host branch would break the graph: the masks drop the other
-                # columns instead, with the same output.)
                 active, track_running_stats = [drop_path.batch_column], False
         self.last_drop_path = drop_path
         seeds = None
@@ -444,15 +478,31 @@ class FractalNet(nn.Module):
             seeds = DropoutSeeds(sum(1 for _ in self.units()), x.device)
         # Under torch.compile the partitioner makes its own recomputation choices.
         recompute = self.recompute and self.fused and self.training and not torch.compiler.is_compiling()
+        unreached = []
         with fk.recompute_activations() if recompute else contextlib.nullcontext():
             h = self.stem(x) if self.stem is not None else x
             for i, block in enumerate(self.blocks):
                 masks = ({row: drop_path.mask(i, row) for row in drop_path.rows}
                          if len(active) > 1 and drop_path is not None else {})
-                h = block(h, active, masks, seeds, track_running_stats)
+                h = block(h, active, masks, seeds, track_running_stats, unreached)
                 if self.pool_last or i < len(self.blocks) - 1:
                     h = self.pool(h)
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        out = self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        if restored is not None:
+            # New tensors, not in-place copies: the BatchNorms saved their buffers for backward.
+            is_global, bns, before = restored
+            for bn, buffers in zip(bns, before):
+                for name, value in buffers.items():
+                    setattr(bn, name, torch.where(is_global, value, getattr(bn, name)))
+        if self.training and torch.is_grad_enabled():
+            # Every parameter gets a gradient every step, zeros where the step does not reach it,
+            # whatever the loop and the compiler (DESIGN.md, "Training semantics").
+            unreached.extend(unit for block in self.blocks for k, column in enumerate(block.columns, 1)
+                             if k not in active for unit in column)
+            params = [p for unit in unreached for p in unit.parameters() if p.requires_grad]
+            if params:
+                out = _ZeroGradients.apply(out, *params)
+        return out
 
     def structures(self, columns: Optional[int] = None) -> list:
         """The drop-path structures a training step of the truncation to ``columns`` can take: drawn

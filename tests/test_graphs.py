@@ -28,8 +28,8 @@ def setup(per="batch", seed=0, **options):
     model = FractalNet(10, **CONFIG, drop_path_per=per, **options).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
-    images = [torch.randn(4, 3, 8, 8, generator=gen).to(DEVICE) for _ in range(6)]
-    labels = [torch.randint(10, (4,), generator=gen).to(DEVICE) for _ in range(6)]
+    images = [torch.randn(4, 3, 8, 8, generator=gen).to(DEVICE) for _ in range(12)]
+    labels = [torch.randint(10, (4,), generator=gen).to(DEVICE) for _ in range(12)]
     return model, optimizer, images, labels
 
 
@@ -79,8 +79,9 @@ def test_bad_structures(structure, message):
 
 
 def graphed_against_eager(per: str, capture, tolerance: float):
-    """K graphed steps and K structure-forced eager steps of a twin from the same torch seed:
-    parameters, running statistics and momentum buffers agree. Returns the step and structures."""
+    """Twelve graphed steps and as many structure-forced eager steps of a twin in a user's loop
+    (``zero_grad()`` to None), from the same torch seed: parameters, running statistics and
+    momentum buffers agree. Returns the step and structures."""
     model, optimizer, images, labels = setup(per)
     twin = copy.deepcopy(model)
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
@@ -92,10 +93,8 @@ def graphed_against_eager(per: str, capture, tolerance: float):
         torch.manual_seed(11)
         structures = [step(x, y) for x, y in zip(images, labels)]
         torch.manual_seed(11)
-        for p in twin.parameters():
-            p.grad = torch.zeros_like(p)
         for x, y, structure in zip(images, labels, structures):
-            twin_optimizer.zero_grad(set_to_none=False)
+            twin_optimizer.zero_grad()  # a user's loop: the model gives unreached parameters zeros
             out = twin(x) if structure is None else twin(x, structure=structure)
             F.cross_entropy(out, y).backward()
             twin_optimizer.step()
