@@ -3,6 +3,7 @@ expected, raised before any launch."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -23,11 +24,8 @@ def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[to
     if not tensors:
         raise ValueError(f"{name} must hold at least one tensor, got none")
     first = tensors[0]
-    if not isinstance(first, torch.Tensor):
-        raise TypeError(f"{name}[0] must be a tensor, got {type(first).__name__}")
+    check_float_tensor(f"{name}[0]", first)
     shape, dtype, device = first.shape, first.dtype, first.device
-    if dtype not in _FLOAT_DTYPE_SET:
-        raise TypeError(f"{name}[0] must have a floating dtype in {FLOAT_DTYPES}, got {dtype}")
     for i, t in enumerate(tensors[1:], 1):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
@@ -39,6 +37,14 @@ def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[to
         if t.device != device:
             raise ValueError(f"{name}[{i}] is on {t.device}, expected {device} like {name}[0]")
     return list(tensors)
+
+
+def check_float_tensor(name: str, t) -> None:
+    """Checks that ``t`` is a tensor of a storage dtype the kernels take."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPE_SET:
+        raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
 
 
 def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device: torch.device) -> None:
@@ -53,6 +59,12 @@ def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device
         raise ValueError(f"mask must have shape [num_inputs, batch] = {[num_inputs, batch]}, got {list(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device}, expected {device} like the inputs")
+    # A float mask's values: where they can be read (a GPU mask costs one synchronisation: the
+    # model's masks are bool, which need no check); not while torch traces or on fake tensors.
+    if mask.dtype != torch.bool and mask.numel() and not torch.compiler.is_compiling() and not has_no_data(mask):
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold only 0 and 1 (a drop-path mask keeps or drops an input, it does not "
+                             "weight it); pass a bool mask")
 
 
 def check_rows(rows, inputs: Sequence[torch.Tensor], validate: Optional[bool]) -> None:
@@ -87,18 +99,33 @@ def _label(name: str, index: Optional[int]) -> str:
     return name if index is None else f"{name}[{index}]"
 
 
+#: The dtypes a per-channel parameter or statistic may have, by the input's dtype: torch's
+#: batch_norm rule (the input's own, or fp32 for a half-precision input).
+PARAM_DTYPES = {
+    torch.float32: frozenset({torch.float32}),
+    torch.float64: frozenset({torch.float64}),
+    torch.float16: frozenset({torch.float16, torch.float32}),
+    torch.bfloat16: frozenset({torch.bfloat16, torch.float32}),
+}
+
+
 def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, device: torch.device,
-                        index: Optional[int] = None) -> None:
-    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` floats on
-    ``device``; ``index``: its entry in the list ``name`` (the message is built only to raise)."""
+                        dtypes: frozenset, index: Optional[int] = None) -> None:
+    """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` values on
+    ``device``, of one of ``dtypes`` (PARAM_DTYPES of the input's); ``index``: its entry in the
+    list ``name`` (the message is built only to raise)."""
     # The valid case in one test (this runs for every unit of every step); the rest names what is wrong.
-    if t is None or (isinstance(t, torch.Tensor) and t.dtype in _FLOAT_DTYPE_SET and t.shape == (channels,)
+    if t is None or (isinstance(t, torch.Tensor) and t.dtype in dtypes and t.shape == (channels,)
                      and t.device == device):
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{_label(name, index)} must be a tensor or None, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{_label(name, index)} must be a floating tensor, got {t.dtype}")
+    if t.dtype not in dtypes:
+        expected = " or ".join(sorted(str(d) for d in dtypes))
+        raise TypeError(f"{_label(name, index)} has dtype {t.dtype}, expected {expected} for an input of that "
+                        "dtype (as torch's batch_norm)")
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{_label(name, index)} must have shape [{channels}] (one value per channel), "
                          f"got {list(t.shape)}")
@@ -123,17 +150,23 @@ def _check_number(name: str, value) -> None:
 def check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var) -> None:
     """Checks one input's BatchNorm parameters and options; ``names`` are the parameters' in the
     caller's signature."""
-    check_bn_tensors(x.shape[1], x.device, training, names, weight, bias, running_mean, running_var)
+    check_bn_tensors(x, training, names, weight, bias, running_mean, running_var)
     check_bn_options(training, momentum, eps)
 
 
-def check_bn_tensors(channels: int, device: torch.device, training, names, weight, bias, running_mean, running_var,
+def check_bn_tensors(x: torch.Tensor, training, names, weight, bias, running_mean, running_var,
                      index: Optional[int] = None) -> None:
-    """Checks one input's BatchNorm parameters and running statistics (``channels`` of them, on
-    ``device``); ``names`` are theirs in the caller's signature (with ``index``: the lists'
-    names, of which these are entry ``index``)."""
-    for name, t in zip(names, (weight, bias, running_mean, running_var)):
-        check_channel_param(name, t, channels, device, index)
+    """Checks one input's BatchNorm parameters and running statistics against input ``x`` (its
+    channels, device and dtype); ``names`` are theirs in the caller's signature (with ``index``:
+    the lists' names, of which these are entry ``index``)."""
+    channels, device, dtypes = x.shape[1], x.device, PARAM_DTYPES[x.dtype]
+    tensors = (weight, bias, running_mean, running_var)
+    for name, t in zip(names, tensors):
+        check_channel_param(name, t, channels, device, dtypes, index)
+    if len(dtypes) > 1 and len({t.dtype for t in tensors if t is not None}) > 1:
+        # A half-precision input's parameters and statistics are all its dtype or all fp32 (torch's rule).
+        given = ", ".join(f"{_label(n, index)} {t.dtype}" for n, t in zip(names, tensors) if t is not None)
+        raise TypeError(f"the parameters and running statistics of a {x.dtype} input must share one dtype, got {given}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} must both be tensors or both be "
                          "None")
@@ -146,8 +179,22 @@ def check_bn_options(training, momentum, eps) -> None:
     if momentum is not None:  # None: the cumulative average (with num_batches_tracked)
         _check_number("momentum", momentum)
     _check_number("eps", eps)
-    # torch's rules: sqrt(var + eps) of a batch variance needs eps > 0.
-    if training and eps <= 0:
+    # The installed torch's rules: sqrt(var + eps) of a batch variance needs eps > 0; torch 2.13
+    # takes eps = 0 in eval (the running variance), 2.11 does not.
+    if eps > 0:
+        return
+    if training:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps < 0 or not eval_takes_zero_eps():
+        raise ValueError(f"batch_norm eps must be {'non-negative' if eval_takes_zero_eps() else 'positive'}, "
+                         f"but got {eps}")
+
+
+@functools.cache
+def eval_takes_zero_eps() -> bool:
+    """Whether the installed torch's batch_norm takes eps = 0 in eval (2.13 does, 2.11 does not)."""
+    try:
+        torch.nn.functional.batch_norm(torch.ones(2, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except ValueError:
+        return False
+    return True

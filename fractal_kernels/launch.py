@@ -395,7 +395,9 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if first.is_meta:
         return  # shapes only: nothing to run, nothing traced
     if not _is_plain(first):
-        traceable = torch.library.wrap_triton(kernel)
+        # Interpreted kernels run as custom ops, opaque to tracing (torch 2.11's wrap_triton
+        # refuses them; 2.13's returns them as they are).
+        traceable = kernel if INTERPRETING else torch.library.wrap_triton(kernel)
         if traceable is not kernel:
             # Inductor launches user kernels with num_warps but no register limit.
             kwargs.pop("maxnreg", None)

@@ -121,16 +121,34 @@ class MaskedJoin(nn.Module):
 
 @dataclass
 class FusionReport:
-    """What fuse_batchnorm_relu did: the BatchNorm2d modules swapped (by name), and those it
-    left, with why."""
+    """What fuse_batchnorm_relu did: the BatchNorm2d modules swapped (by name), those it left,
+    with why, the normalisation layers of other kinds it does not fuse, and whether it traced a
+    forward (without an example input it sees only pairs inside an nn.Sequential)."""
 
     swapped: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_fused: list[tuple[str, str]] = field(default_factory=list)
+    traced: bool = True
 
     def __str__(self) -> str:
         lines = [f"swapped {len(self.swapped)} of {len(self.swapped) + len(self.skipped)} BatchNorm2d -> ReLU pairs"]
         lines += [f"  left {name}: {why}" for name, why in self.skipped]
+        lines += [f"  not fused {name}: {why}" for name, why in self.not_fused]
+        if self.skipped and not self.traced:
+            lines.append("  pass an example input, fuse_batchnorm_relu(model, x), to trace one forward: it finds the "
+                         "pairs outside an nn.Sequential and through functional ReLUs too")
         return "\n".join(lines)
+
+
+#: Normalisation layers that fuse_batchnorm_relu names when it leaves them (only nn.BatchNorm2d fuses).
+_NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def _not_fused(model: nn.Module) -> list[tuple[str, str]]:
+    """The normalisation layers of ``model`` that are not a plain nn.BatchNorm2d, with why."""
+    return [(name, f"{type(m).__name__} (only nn.BatchNorm2d is fused)") for name, m in model.named_modules()
+            if isinstance(m, _NORMALISATIONS) and type(m) is not nn.BatchNorm2d
+            and not isinstance(m, FusedBatchNormReLU2d)]
 
 
 #: Calls that apply ReLU to their first argument.
@@ -187,13 +205,16 @@ def fuse_batchnorm_relu(model: nn.Module, example_input=None) -> FusionReport:
     FusionReport ("swapped 14 of 14 BatchNorm2d -> ReLU pairs", and why any were left), also
     logged at INFO on the "fractal_kernels" logger.
     """
+    not_fused = _not_fused(model)
     report = _fuse_traced(model, example_input) if example_input is not None else _fuse_sequential(model)
+    report.not_fused = not_fused
     logger.info("%s", report)
     return report
 
 
 def _fuse_sequential(model: nn.Module) -> FusionReport:
-    report = FusionReport()
+    report = FusionReport(traced=False)
+    batchnorms = [name for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
     for parent_name, sequential in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]:
         children = list(sequential.named_children())
         for (name, module), (next_name, following) in zip(children, children[1:]):
@@ -201,6 +222,8 @@ def _fuse_sequential(model: nn.Module) -> FusionReport:
                 setattr(sequential, name, FusedBatchNormReLU2d.from_batchnorm(module))
                 setattr(sequential, next_name, nn.Identity())
                 report.swapped.append(f"{parent_name}.{name}".lstrip("."))
+    report.skipped = [(name, "not followed by an nn.ReLU inside an nn.Sequential") for name in batchnorms
+                      if name not in report.swapped]
     return report
 
 

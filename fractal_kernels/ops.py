@@ -24,7 +24,8 @@ import torch.distributed as dist
 from . import join, library, reference
 from .batchnorm import batch_norm_join
 from .checks import (
-    check_bn_input, check_bn_options, check_bn_params, check_bn_tensors, check_mask, check_rows, check_tensor_list,
+    check_bn_input, check_bn_options, check_bn_params, check_bn_tensors, check_float_tensor, check_mask, check_rows,
+    check_tensor_list,
 )
 from .launch import check_launchable, runs_eagerly
 
@@ -151,9 +152,7 @@ def bn_relu(
             The same seed gives the same mask (see fractal_kernels.dropout_mask). The reference
             backend draws its own mask with F.dropout.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    check_tensor_list("x", [x])
+    check_float_tensor("x", x)
     check_bn_input("x", x, training)
     names = ("weight", "bias", "running_mean", "running_var")
     check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var)
@@ -192,9 +191,8 @@ def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, tr
             raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
         if len(values) != len(inputs):
             raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
-    channels, device = x.shape[1], x.device
     for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        check_bn_tensors(channels, device, training, _PER_INPUT_NAMES, *params, index=i)
+        check_bn_tensors(x, training, _PER_INPUT_NAMES, *params, index=i)
     check_bn_options(training, momentum, eps)
     _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds,
                         "seeds")

@@ -1,6 +1,7 @@
 """bn_relu: the Triton kernels (interpreted on CPU) against fp64 torch BatchNorm + ReLU."""
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -401,7 +402,11 @@ BAD_ARGS = [
     ("running pair", lambda x, p: (x, {**p, "running_var": None}), ValueError, "both be tensors or both be None"),
     ("running shape", lambda x, p: (x, {**p, "running_mean": torch.zeros(2)}), ValueError,
      r"running_mean must have shape"),
-    ("x dtype", lambda x, p: (x.long(), p), TypeError, "floating dtype"),
+    ("x dtype", lambda x, p: (x.long(), p), TypeError, r"^x must have a floating dtype"),
+    ("running_var dtype", lambda x, p: (x, {**p, "running_var": torch.ones(3, dtype=torch.float16)}), TypeError,
+     r"running_var has dtype torch.float16, expected torch.float32"),
+    ("mixed half parameters", lambda x, p: (x.half(), {**p, "weight": p["weight"].half()}), TypeError,
+     "must share one dtype"),
     ("x type", lambda x, p: (x.numpy(), p), TypeError, "x must be a tensor"),
     ("dropout rate", lambda x, p: (x, {**p, "dropout": 1.5}), ValueError, r"dropout must be a probability"),
     ("seed dtype", lambda x, p: (x, {**p, "dropout": 0.1, "seed": torch.ones(1)}), TypeError, "seed must be an int64"),
@@ -421,6 +426,59 @@ def test_bad_arguments_raise_before_any_launch(case, backend):
     with fk.use_backend(backend), fk.count_launches() as launches, pytest.raises(error, match=message):
         fk.bn_relu(x, **params, training=True)
     assert launches[0] == 0
+
+
+DTYPES_OF_PARAMS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_parameter_dtypes_follow_torch(backend):
+    """Every dtype of input, parameters and running statistics: the op refuses (a TypeError naming
+    the argument, before any launch) exactly what torch's batch_norm refuses."""
+    refused = []
+    for x_dtype, p_dtype, r_dtype in itertools.product(DTYPES_OF_PARAMS, repeat=3):
+        x = torch.randn(4, 3, 2, 2, dtype=x_dtype)
+
+        def params():
+            return dict(weight=torch.ones(3, dtype=p_dtype), bias=torch.zeros(3, dtype=p_dtype),
+                        running_mean=torch.zeros(3, dtype=r_dtype), running_var=torch.ones(3, dtype=r_dtype))
+
+        try:
+            p = params()
+            F.batch_norm(x, p["running_mean"], p["running_var"], p["weight"], p["bias"], True)
+            torch_refuses = False
+        except RuntimeError:
+            torch_refuses = True
+        with fk.use_backend(backend), fk.count_launches() as launches:
+            try:
+                fk.bn_relu(x, **params(), training=True)
+                refuses = False
+            except TypeError:
+                refuses = True
+                assert launches[0] == 0
+        assert refuses == torch_refuses, (x_dtype, p_dtype, r_dtype)
+        refused.append(refuses)
+    assert any(refused) and not all(refused)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("eps", [1e-5, 0.0, -1e-5])
+def test_eps_rule_follows_the_installed_torch(backend, training, eps):
+    """torch 2.13 takes eps = 0 in eval, 2.11 does not: the ops refuse what the installed torch refuses."""
+    x, params = torch.randn(4, 3, 2, 2), dict(weight=None, bias=None, running_mean=torch.zeros(3),
+                                               running_var=torch.ones(3))
+    try:
+        F.batch_norm(x, params["running_mean"].clone(), params["running_var"].clone(), training=training, eps=eps)
+        torch_refuses = False
+    except ValueError:
+        torch_refuses = True
+    with fk.use_backend(backend):
+        if torch_refuses:
+            with pytest.raises(ValueError, match="eps must be"):
+                fk.bn_relu(x, **params, training=training, eps=eps)
+        else:
+            fk.bn_relu(x, **params, training=training, eps=eps)
 
 
 def test_eval_needs_running_statistics():

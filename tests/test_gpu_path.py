@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from helpers import DEVICE, GPU_PATH, STAT_TOLERANCES, TOLERANCES, requires_gpu_path
 from torch.utils._pytree import tree_flatten, tree_map
+from torch_compat import fake_tensor_updater, written_arguments
 
 import fractal_kernels as fk
 from fractal_kernels import launch
@@ -461,11 +462,8 @@ def test_every_kernel_is_analysed():
 @pytest.mark.parametrize("label,record,kwargs", LAUNCHES,
                          ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(LAUNCHES)])
 def test_mutation_analysis_of_each_launch(label, record, kwargs):
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
-
     name = record.kernel.fn.__name__
-    accesses = identify_accessed_tensors(record.kernel, dict(kwargs), {})
-    written = {dep.name for dep in accesses.read_writes.writes}
+    written = written_arguments(record.kernel, kwargs)
     # Exactly what the kernel writes: a read-only argument reported as written would be cloned
     # and copied back around every launch under torch.compile.
     assert written == written_by_contract(name, kwargs), label
@@ -746,14 +744,13 @@ def test_inductor_reinplacing_leaves_no_copy_around_kernels():
     )
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
     from torch._guards import detect_fake_mode
-    from torch._inductor.fx_utils import FakeTensorUpdater
     from torch._inductor.virtualized import V
 
     graphs = []
 
     def reinplaced(gm, example_inputs):
         with V.set_fake_mode(detect_fake_mode(example_inputs)):
-            reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+            reinplace_inplaceable_ops(fake_tensor_updater(gm), gm.graph)
         gm.recompile()
         graphs.append(gm)
         return make_boxed_func(gm.forward)

@@ -205,6 +205,10 @@ BAD_INPUTS = [
     ("mask dtype", lambda x: ([x, x], torch.ones(2, 4, dtype=torch.int64)), TypeError, "mask must be bool"),
     ("mask device", lambda x: ([x, x], torch.ones(2, 4, dtype=torch.bool, device="meta")), ValueError, "mask is on"),
     ("mask type", lambda x: ([x, x], [[1, 1, 1, 1]] * 2), TypeError, "mask must be a tensor"),
+    ("mask weights", lambda x: ([x, x], torch.full((2, 4), 0.5, device=x.device)), ValueError,
+     "mask must hold only 0 and 1"),
+    ("mask value", lambda x: ([x, x], torch.tensor([[1.0, 0, 1, 2], [1, 1, 0, 1]], device=x.device)), ValueError,
+     "mask must hold only 0 and 1"),
 ]
 
 

@@ -191,6 +191,7 @@ BAD_ARGS = [
     ("running pair", lambda a: {**a, "running_vars": [None] * 3}, ValueError,
      r"running_means\[0\] and running_vars\[0\]"),
     ("mask shape", lambda a: {**a, "mask": torch.ones(2, 6, dtype=torch.bool)}, ValueError, "mask must have shape"),
+    ("mask weights", lambda a: {**a, "mask": torch.full((3, 6), 0.3)}, ValueError, "mask must hold only 0 and 1"),
     ("input shape", lambda a: {**a, "inputs": [a["inputs"][0], a["inputs"][1][:, :2], a["inputs"][2]]}, ValueError,
      r"inputs\[1\] has shape"),
     ("eval without running",

@@ -361,3 +361,37 @@ def test_fuse_pytorchcv_fractalnet(backend):
     assert sorted(report.swapped) == sorted(batchnorms) and not report.skipped
     assert all(isinstance(m, nn.Identity) for n, m in model.named_modules() if n.endswith(".activ"))
     assert_steps_match(model, original, x, backend, seed=5, modes=("eval", "train"))
+
+
+class MixedNormalisations(nn.Module):
+    """A pair inside an nn.Sequential, a pair through F.relu, and normalisation layers of other kinds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.bn = nn.BatchNorm2d(8)
+        self.group = nn.GroupNorm(2, 8)
+        self.head = nn.BatchNorm1d(8)
+        self.volume = nn.BatchNorm3d(8)
+
+    def forward(self, x):
+        return self.head(self.group(F.relu(self.bn(self.stem(x)))).mean((2, 3)))
+
+
+def test_fusion_report_names_what_it_left_and_why():
+    not_fused = [("group", "GroupNorm (only nn.BatchNorm2d is fused)"),
+                 ("head", "BatchNorm1d (only nn.BatchNorm2d is fused)"),
+                 ("volume", "BatchNorm3d (only nn.BatchNorm2d is fused)")]
+    report = fk.fuse_batchnorm_relu(MixedNormalisations())
+    assert report.swapped == ["stem.1"] and not report.traced
+    assert report.skipped == [("bn", "not followed by an nn.ReLU inside an nn.Sequential")]
+    assert report.not_fused == not_fused
+    text = str(report)
+    assert text.startswith("swapped 1 of 2 BatchNorm2d -> ReLU pairs")
+    assert "not fused head: BatchNorm1d" in text and "pass an example input" in text
+    traced = fk.fuse_batchnorm_relu(MixedNormalisations(), torch.randn(2, 3, 4, 4))
+    assert sorted(traced.swapped) == ["bn", "stem.1"] and not traced.skipped and traced.not_fused == not_fused
+    assert "pass an example input" not in str(traced)
+    plain = fk.fuse_batchnorm_relu(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    assert str(plain) == ("swapped 0 of 0 BatchNorm2d -> ReLU pairs\n"
+                          "  not fused 1: BatchNorm1d (only nn.BatchNorm2d is fused)")
