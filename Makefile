@@ -1,18 +1,33 @@
-# make test: the lint and the whole suite; make demo: train FractalNet on the embedded digits data;
-# make bench: kernel and model benchmarks; make audit: compile every kernel for sm_80/sm_90.
-# Each creates .venv on first use; later runs reuse it.
+# make test: the lint and the whole suite; make check: the lint and the fast subset (under 3
+# minutes); make test-compat: the fast subset on the oldest supported torch; make demo: train
+# FractalNet on the embedded digits data; make bench: kernel and model benchmarks; make audit:
+# compile every kernel for sm_80/sm_90.
+#
+# Where $(PYTHON) already has everything the suite imports (a GPU machine's image: torch, triton,
+# pytest, hypothesis, no network), the targets run from the tree with that Python as it is:
+# nothing is created or downloaded. Elsewhere they create .venv on first use and reuse it.
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
+TORCH ?= 2.13.0
+SUITE_IMPORTS := torch, triton, numpy, tqdm, matplotlib, sklearn, PIL, pytest, pytest_benchmark, hypothesis
+USE_PYTHON_AS_IS ?= $(shell $(PYTHON) -c "import $(SUITE_IMPORTS)" 2>/dev/null && echo yes)
+
+ifeq ($(USE_PYTHON_AS_IS),yes)
+PY := $(PYTHON)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+STAMP :=
+else
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+endif
 
-.PHONY: test demo bench audit gpu-check clean
+.PHONY: test check test-compat lint demo bench audit gpu-check clean
 
-$(STAMP): setup.py
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch only when none is importable: the CPU build on disk here, the CUDA build elsewhere.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH)
 	# A CPU torch brings no triton: pin the version the GPU machines run.
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
 		$(PY) -m pip install triton==3.6.0; fi
@@ -20,27 +35,45 @@ $(STAMP): setup.py
 	# pytorchcv: an independent FractalNet for the drop-in tests. Its package requires
 	# torchvision, which its FractalNet does not use (and which fails beside the CPU torch).
 	$(PY) -m pip install --no-deps pytorchcv==0.0.74
-	touch $(STAMP)
+	touch $@
+
+# ruff comes with .venv; a Python used as it is may lack it (the GPU machine's image does).
+lint: $(STAMP)
+	if $(PY) -c "import ruff" 2>/dev/null; then $(PY) -m ruff check .; else echo "ruff not installed: lint skipped"; fi
 
 # Without a GPU, the suite runs twice, side by side (each session keeps about one core busy):
 # every kernel in the Triton interpreter, and the GPU path (triton_op registration,
 # torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. Tests that
 # run no Triton kernel in the session itself (the GPU-check dry run's phases are subprocesses of
 # their own; the experiments train on the CPU reference ops) go with the fake GPU's session,
-# which the interpreter's would otherwise outlast by minutes.
+# which the interpreter's would otherwise outlast by minutes. One thread each: two sessions of
+# torch's default two threads on two cores ran slower side by side than one after the other.
+# make check runs the same sessions without the tests marked slow (pytest.ini).
 FAKE_GPU_TESTS := tests/test_gpu_path.py tests/test_ops.py tests/test_model.py
 EITHER_SESSION_TESTS := tests/test_gpu_check.py tests/test_experiments.py
-test: $(STAMP)
-	$(PY) -m ruff check .
+check: SELECT := -m "not slow"
+test check: lint
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
-		log=$$(mktemp); \
-		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(FAKE_GPU_TESTS) $(EITHER_SESSION_TESTS) \
-			> $$log 2>&1 & fake=$$!; \
-		$(PY) -m pytest -q $(foreach t,$(EITHER_SESSION_TESTS),--ignore=$(t)) tests; status=$$?; \
+		log=$$(mktemp); export OMP_NUM_THREADS=1; \
+		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(SELECT) $(FAKE_GPU_TESTS) \
+			$(EITHER_SESSION_TESTS) > $$log 2>&1 & fake=$$!; \
+		$(PY) -m pytest -q $(SELECT) $(foreach t,$(EITHER_SESSION_TESTS),--ignore=$(t)) tests; status=$$?; \
 		wait $$fake; fake_status=$$?; \
 		echo "--- fake GPU: $(FAKE_GPU_TESTS) $(EITHER_SESSION_TESTS)"; cat $$log; rm -f $$log; \
 		exit $$((status || fake_status)); \
-	else $(PY) -m pytest -q tests; fi
+	else $(PY) -m pytest -q $(SELECT) tests; fi
+
+# make check on the oldest supported torch, in a venv of its own: torch 2.11 from PyPI (its CUDA
+# build, about 4.6 GB once, which runs on the CPU too) on Python 3.12 where one is at hand (on
+# PATH or under pyenv), the GPU machines' stack.
+COMPAT_VENV := .venv-compat
+COMPAT_TORCH := 2.11.0
+COMPAT_PYTHON ?= $(firstword $(shell python3.12 -c "import sys; print(sys.executable)" 2>/dev/null) \
+	$(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
+test-compat:
+	$(MAKE) check VENV=$(COMPAT_VENV) PYTHON=$(COMPAT_PYTHON) TORCH=$(COMPAT_TORCH) USE_PYTHON_AS_IS=no
+	$(COMPAT_VENV)/bin/python -c "import sys, torch; print('make test-compat: torch', torch.__version__, 'on Python', \
+		sys.version.split()[0])"
 
 # The demo: FractalNet (3 blocks of C=3 columns, widths 32, 64, 128) on the embedded digits data;
 # the Triton kernels on a GPU, the reference ops on a CPU. About 1.5 minutes on 2 CPU cores.
@@ -62,4 +95,4 @@ gpu-check:
 	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf .venv $(COMPAT_VENV) *.egg-info .pytest_cache
