@@ -9,11 +9,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .launch import has_no_data
 
 #: Storage dtypes the kernels accept (fp64 is for gradcheck; it accumulates in fp64).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
+
+
+def has_no_data(t: torch.Tensor) -> bool:
+    """Whether t has shapes but no values to read: a meta or fake tensor."""
+    return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
 
 
 def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[torch.Tensor]:

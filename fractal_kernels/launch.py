@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import triton
 
+from .checks import has_no_data
+
 #: Inputs per kernel launch; ops with more inputs launch once per group of this many.
 MAX_INPUTS = 8
 #: Register limits given to ptxas. Streaming kernels (one pass over the activations) keep two
@@ -129,11 +131,6 @@ def count_launches() -> Iterator[list[int]]:
 
 def _is_plain(t: torch.Tensor) -> bool:
     return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
-
-
-def has_no_data(t: torch.Tensor) -> bool:
-    """Whether t has shapes but no values to read: a meta or fake tensor."""
-    return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
 
 
 def runs_eagerly(x: torch.Tensor) -> bool:

@@ -5,63 +5,39 @@ launch), then runs the Triton kernels or the plain-PyTorch reference. The Triton
 the op files' autograd.Functions in eager mode, and through the torch.library ops (library.py)
 while torch traces: torch.compile sees them without graph breaks.
 
-Backends (``FRACTAL_KERNELS_BACKEND`` or :func:`use_backend`):
-  * ``auto`` (default): Triton for CUDA tensors, the reference otherwise;
-  * ``triton``: always Triton; CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set
-    before triton is imported);
-  * ``reference``: always the reference.
+The backends are backends.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from . import join, library, reference
-from .batchnorm import batch_norm_join
+from . import backends, reference
+from .backends import BACKENDS, HAS_TRITON, get_backend, require_triton, use_backend
 from .checks import (
     check_bn_input, check_bn_options, check_bn_params, check_bn_tensors, check_float_tensor, check_mask, check_rows,
     check_tensor_list,
 )
-from .launch import check_launchable, runs_eagerly
 
-BACKENDS = ("auto", "triton", "reference")
+if HAS_TRITON:
+    from . import join, library
+    from .batchnorm import batch_norm_join
+    from .launch import check_launchable, runs_eagerly
 
-
-def _checked_backend(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
-    return name
-
-
-_backend = _checked_backend(os.environ.get("FRACTAL_KERNELS_BACKEND", "auto"), "FRACTAL_KERNELS_BACKEND")
-
-
-def get_backend() -> str:
-    """The current backend: 'auto', 'triton' or 'reference'."""
-    return _backend
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Runs the block with backend ``name`` ('auto', 'triton' or 'reference')."""
-    global _backend
-    previous, _backend = _backend, _checked_backend(name, "backend")
-    try:
-        yield
-    finally:
-        _backend = previous
+__all__ = ["BACKENDS", "bn_relu", "gather_join", "gather_join_bn_relu", "get_backend", "join_bn_relu", "masked_join",
+           "use_backend"]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    if _backend == "reference":
+    backend = backends.get_backend()
+    if backend == "reference":
         return False
-    if _backend == "auto":
-        return x.device.type == "cuda"
+    if backend == "auto":
+        return HAS_TRITON and x.device.type == "cuda"
+    require_triton("the Triton backend (FRACTAL_KERNELS_BACKEND=triton)")
     check_launchable(x)
     return True
 

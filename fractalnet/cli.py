@@ -1,26 +1,61 @@
-"""The ``fractalnet`` console script: ``fractalnet train [options]`` or ``fractalnet experiments ...``.
+"""The ``fractalnet`` command (also ``python -m fractalnet``): ``fractalnet train [options]`` and
+``fractalnet experiments EXPERIMENT [options]``.
 
 Apart from both commands' modules, so that neither imports the other's (experiments builds on
-train; train knows nothing of experiments).
+train; train knows nothing of experiments), and importing them only for their own command.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 
-from . import experiments, train
+import torch
 
-USAGE = ("usage: fractalnet train [options] | fractalnet experiments {depth,drop-path,anytime,all} [options]\n"
-         "       (--help after either for its options)")
+from fractal_kernels import __version__
+
+from .extras import installed_version
+
+#: Each command and the module whose main(argv) runs it.
+COMMANDS = {"train": "fractalnet.train", "experiments": "fractalnet.experiments"}
+
+DESCRIPTION = """FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017) on the fused Triton kernels of
+fractal-kernels: train it, and rerun the paper's experiments."""
+
+EPILOG = """examples:
+  fractalnet train --dataset digits --widths 32,64,128 --dropout 0,0.1,0.2 --image-size 16 --epochs 30
+  fractalnet train --dataset cifar10 --data ~/data --amp bf16 --channels-last
+  fractalnet experiments all --dataset digits --out runs/experiments
+
+'fractalnet COMMAND --help' lists a command's options."""
+
+
+def version() -> str:
+    """This package's version, and the torch and triton it runs on."""
+    triton = installed_version("triton") or "not installed"
+    return f"fractalnet {__version__} (torch {torch.__version__}, triton {triton})"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fractalnet", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=version())
+    commands = p.add_subparsers(title="commands", metavar="COMMAND")
+    commands.add_parser("train", help="train and evaluate a FractalNet (the paper's recipe by default)")
+    commands.add_parser("experiments", help="the paper's experiments: depth, drop-path, anytime, deepest or all")
+    return p
 
 
 def console(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        return train.main(argv[1:])
-    if argv[:1] == ["experiments"]:
-        return experiments.main(argv[1:])
-    print(USAGE, file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    p = parser()
+    if not argv:
+        p.print_help()
+        return 0
+    p.parse_args(argv)  # --help and --version exit here; anything else is an error (exit 2)
     return 2
 
 

@@ -41,12 +41,13 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import data
+from .extras import MissingExtra, installed_version, require_train_extra
 from .model import FractalNet
 from .training import (
     ConfigError, TrainConfig, drop_path_generator, evaluate, fit, load_checkpoint, load_dataset, prepared, reestimated,
+    resolve_device,
 )
 
 EXPERIMENTS = ("depth", "drop-path", "anytime", "deepest")
@@ -99,7 +100,7 @@ class Runner:
                 preset[key] = getattr(options, key)
         # The experiments re-estimate BatchNorm statistics themselves, for each network evaluated.
         config = TrainConfig(dataset=options.dataset, data=options.data, reestimate_bn=False, **preset)
-        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(options.device)
         #: The recipe of every run (augmentation: "plus" for all but digits), seed and folder aside.
         self.dataset, self.config = load_dataset(config)
         # Each block halves the image: keep at least a 1x1 map after the last pooling.
@@ -139,8 +140,15 @@ class Runner:
             return model, json.loads(result_path.read_text())
         checkpoint = load_checkpoint(str(folder / "last.pt")) if (folder / "last.pt").exists() else None
         start = time.perf_counter()
-        monitor = None if curves is None else lambda trained: self.curve_point(trained, curves)
-        result = fit(model, self.dataset, config, self.device, checkpoint=checkpoint, verbose=False, monitor=monitor)
+        with progress(None, f"{name} seed {seed}", total=config.epochs, unit="epoch", leave=False) as bar:
+            bar.update(checkpoint["epoch"] if checkpoint else 0)
+
+            def after_epoch(trained: nn.Module) -> dict:
+                bar.update()
+                return {} if curves is None else self.curve_point(trained, curves)
+
+            result = fit(model, self.dataset, config, self.device, checkpoint=checkpoint, verbose=False,
+                         monitor=after_epoch)
         result["wall_seconds"] = time.perf_counter() - start  # of this process's share, if it resumed
         result_path.write_text(json.dumps(result, indent=1))
         return model, result
@@ -171,6 +179,13 @@ class Runner:
         return point
 
 
+def progress(iterable, desc: str, **options):
+    """A progress bar with the time left, in a terminal only (tqdm's own test: disable=None)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, disable=None, **options)
+
+
 def _mean(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -179,7 +194,7 @@ def _mean(values: list[float]) -> str:
 
 def depth(runner: Runner, columns: int) -> dict:
     rows = []
-    for c in tqdm(range(1, columns + 1), desc="depth"):
+    for c in progress(range(1, columns + 1), "depth"):
         fractal, column, plain, losses = [], [], [], {"fractal": [], "plain": []}
         curves = []
         for seed in runner.seeds:
@@ -221,7 +236,7 @@ DEPTH_NOTES = ("FractalNets trained with the model's default drop-path and evalu
 
 def drop_path(runner: Runner, columns: int) -> dict:
     rows = []
-    for variant in tqdm(DROP_PATH, desc="drop-path"):
+    for variant in progress(DROP_PATH, "drop-path"):
         label, *drop = variant
         whole, loss = {"running": [], "reestimated": []}, []
         alone = {c: {"running": [], "reestimated": []} for c in range(1, columns + 1)}
@@ -252,7 +267,7 @@ DROP_PATH_NOTES = ("Errors as running statistics / re-estimated: with the BatchN
 
 def anytime(runner: Runner, columns: int) -> dict:
     rows = []
-    for seed in runner.seeds:
+    for seed in progress(runner.seeds, "anytime"):
         name, build = runner.fractal(columns)
         model, _ = runner.train(name, seed, build)
         config = runner.config
@@ -285,7 +300,7 @@ def deepest(runner: Runner, columns: int) -> dict:
     c = columns
     curves = {"fractal": {}, "deepest column": {"column": c}}
     rows = []
-    for seed in runner.seeds:
+    for seed in progress(runner.seeds, "deepest"):
         plain, plain_result = runner.train(f"plain-C{c}", seed, lambda: runner.fractal(c)[1]().extract_column(c),
                                            {"plain": {}})
         plain_curve = curves_of(plain_result, "plain")
@@ -436,18 +451,17 @@ def plot_curves(curves: list[dict], depth: int, path: Path) -> None:
 
 
 def environment(device: torch.device) -> dict:
-    import triton
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-    return dict(device=name, torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads())
+    return dict(device=name, torch=torch.__version__, triton=installed_version("triton"),
+                python=platform.python_version(), threads=torch.get_num_threads())
 
 
 def main(argv=None) -> int:
     options = parser().parse_args(argv)
     try:
+        require_train_extra("fractalnet experiments")
         runner = Runner(options)
-    except ConfigError as error:
+    except (ConfigError, MissingExtra) as error:
         print(f"fractalnet experiments: error: {error}", file=sys.stderr)
         return 2
     runner.out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence, Union
 
@@ -421,6 +422,20 @@ class FractalNet(nn.Module):
     fused = _execution_field("fused")
     skip_dropped = _execution_field("skip_dropped")
     process_group = _execution_field("process_group")
+
+    @property
+    def min_image_size(self) -> int:
+        """The least input height and width the network takes: each block's 2x2 max-pool (and
+        the ImageNet stem's two stride-2 layers) must leave at least one pixel."""
+        def output(size: int) -> int:
+            if self.stem is not None:
+                size = (size - 1) // 2 + 1  # the 7x7/2 conv, padding 3
+                size = (size - 1) // 2 + 1  # the 3x3/2 max-pool, padding 1
+            for _ in range(len(self.blocks) if self.pool_last else len(self.blocks) - 1):
+                size //= 2
+            return size
+
+        return next(size for size in itertools.count(1) if output(size) >= 1)
 
     def active_columns(self, columns: Optional[int] = None, column: Optional[int] = None) -> list[int]:
         """The columns a forward pass runs (1-based, ascending)."""

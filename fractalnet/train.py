@@ -1,9 +1,7 @@
 """Train and evaluate a FractalNet: ``fractalnet train ...`` or ``python -m fractalnet.train ...``.
 
 The command line of fractalnet.training (the library: TrainConfig, fit): its options are the
-config's fields. The paper's recipe is the default: SGD with momentum 0.9, lr 0.02, batch 100,
-400 epochs, the learning rate divided by 10 each time the remaining epochs halve. Runs under
-torchrun with DistributedDataParallel (NCCL on GPUs, gloo on CPU). See ``--help``.
+config's fields.
 """
 
 from __future__ import annotations
@@ -11,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import warnings
 from typing import Optional
 
 import torch
@@ -18,8 +18,19 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data
+from .extras import MissingExtra, require_train_extra
 from .model import list_models
-from .training import COMPILE_MODES, ConfigError, TrainConfig, build_model, fit, load_checkpoint, load_dataset
+from .training import (
+    COMPILE_MODES, ConfigError, TrainConfig, build_model, fit, load_checkpoint, load_dataset, resolve_device,
+)
+
+DESCRIPTION = """Train a FractalNet and evaluate it: the whole network, each column alone and each
+truncation (anytime prediction). The paper's recipe is the default: SGD with momentum 0.9, lr 0.02,
+batch 100, 400 epochs, the learning rate divided by 10 each time the remaining epochs halve,
+drop-path local 0.15 and global 0.5 drawn per batch. Without --out a run writes under
+runs/MODEL-DATE-TIME. Runs under torchrun with DistributedDataParallel (NCCL on GPUs, gloo on CPU).
+
+example: fractalnet train --dataset digits --widths 32,64,128 --dropout 0,0.1,0.2 --image-size 16 --epochs 30"""
 
 #: Options that shape the model or the data: a resumed run takes them from its checkpoint.
 ARCHITECTURE = ("dataset", "model", "columns", "widths", "dropout", "image_size", "fused", "seed")
@@ -28,7 +39,7 @@ RUN_ONLY = ("stop_after", "device")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fractalnet train", description=__doc__,
+    p = argparse.ArgumentParser(prog="fractalnet train", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=None)
     p.add_argument("--dataset", choices=data.DATASETS, help="default: digits (embedded, no download)")
     p.add_argument("--data", metavar="DIR", help="folder of cifar10/cifar100/imagefolder data")
@@ -51,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("none", "plus"),
                    help='"plus": the paper\'s translation and flip (default for all but digits)')
     p.add_argument("--seed", type=int, help="default: 0")
-    p.add_argument("--out", metavar="DIR", help="checkpoints, metrics.json and plots")
+    p.add_argument("--out", metavar="DIR", help="checkpoints, metrics.json and plots (default: runs/MODEL-DATE-TIME)")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (DIR/last.pt)")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch (a time-boxed run; continue it with --resume)")
@@ -101,18 +112,16 @@ def resolve(argv) -> tuple[TrainConfig, Optional[dict]]:
         if changed:
             raise ConfigError(f"--resume: the checkpoint was trained with other {', '.join(changed)}")
     options.update(given)
+    if options.get("out") is None:
+        model = options.get("model", TrainConfig.model)
+        options["out"] = os.path.join("runs", f"{model}-{time.strftime('%Y%m%d-%H%M%S')}")
     return TrainConfig.from_dict(options), checkpoint
 
 
 def distributed_setup(config: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if config.device:
-        device = torch.device(config.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -131,16 +140,42 @@ def check_cuda_graphs(config: TrainConfig, device: torch.device, world: int) -> 
             raise ConfigError(f"--cuda-graphs does not combine with {option}")
 
 
+def warn_of_no_effect(config: TrainConfig, device: torch.device, world: int) -> None:
+    """Options torch would run as asked but to no purpose: a warning that says what to do."""
+    if config.sync_bn and world == 1:
+        warnings.warn("--sync-bn in a single process changes nothing: run under torchrun --nproc-per-node N to "
+                      "synchronise BatchNorm across processes", stacklevel=2)
+    if config.amp == "fp16" and device.type == "cpu":
+        warnings.warn("--amp fp16 on a CPU: fp16 autocast is meant for GPUs; on a CPU use --amp bf16 or no --amp",
+                      stacklevel=2)
+
+
+def header(config: TrainConfig, dataset: data.Dataset, model: nn.Module, device: torch.device, world: int) -> str:
+    """What a run is about to do, before it starts: the model, the data, the recipe, where it writes."""
+    parameters = sum(p.numel() for p in model.parameters())
+    processes = f" x {world} processes" if world > 1 else ""
+    return (f"fractalnet train: {config.model}, {parameters:,} parameters, on {device}{processes}\n"
+            f"  data    {config.dataset}: {len(dataset.train):,} training and {len(dataset.test):,} test images, "
+            f"{dataset.image_size}x{dataset.image_size}, {dataset.num_classes} classes\n"
+            f"  recipe  {config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, drop-path local "
+            f"{config.local_drop} and global {config.global_ratio}\n"
+            f"  output  {config.out}/ (last.pt, best.pt, metrics.json, curves.png, anytime.png)")
+
+
 def run(argv=None) -> dict:
     config, checkpoint = resolve(argv)
+    require_train_extra("fractalnet train")
     rank, world, device = distributed_setup(config)
     dataset, config = load_dataset(config, world)
     if config.sync_bn and config.skip_dropped:
         raise ConfigError("--sync-bn and --skip-dropped do not combine: compact segments keep per-rank statistics")
     if config.cuda_graphs:
         check_cuda_graphs(config, device, world)
+    warn_of_no_effect(config, device, world)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, dataset, device)
+    if rank == 0:
+        print(header(config, dataset, model, device, world), flush=True)
     if config.sync_bn and world > 1:
         if config.fused:
             model.process_group = dist.group.WORLD
@@ -156,7 +191,7 @@ def run(argv=None) -> dict:
 def main(argv=None) -> int:
     try:
         run(argv)
-    except ConfigError as error:
+    except (ConfigError, MissingExtra) as error:
         print(f"fractalnet train: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -28,10 +28,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import data
 from .drop_path import copy_to_device
+from .extras import require_train_extra
 from .graphs import GraphedTrainingStep, give_every_parameter_a_gradient
 from .model import FractalNet, create_model
 
@@ -96,6 +96,29 @@ class TrainConfig:
         return cls(**values)
 
 
+def resolve_device(name: Optional[str], local_rank: int = 0) -> torch.device:
+    """The device of ``--device name``: by default the GPU of this process (``local_rank``) if
+    there is one, else the CPU; "cuda" without an index is this process's GPU. A device this
+    machine does not have is a ConfigError."""
+    if name is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                          "use --device cpu")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: there is no GPU {index} (this machine has {torch.cuda.device_count()})")
+    return torch.device("cuda", index)
+
+
 def milestones(epochs: int) -> list[int]:
     """Epochs at which the learning rate drops tenfold: each time the remaining epochs halve."""
     return sorted({epochs - epochs // 2**i for i in range(1, 5) if epochs // 2**i > 0})
@@ -138,6 +161,10 @@ def build_model(config, dataset: data.Dataset, device: torch.device) -> FractalN
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if dataset.image_size < model.min_image_size:
+        raise ConfigError(f"{len(model.blocks)} blocks need images of at least {model.min_image_size}x"
+                          f"{model.min_image_size} (each block pools by 2), got {dataset.image_size}x"
+                          f"{dataset.image_size}: raise --image-size or give fewer --widths")
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
@@ -227,6 +254,8 @@ def train_epoch(epoch, forward, optimizer, scaler, dataset, config, device, gene
     """One epoch over this rank's shard of a permutation shared by all ranks (full batches only);
     ``drop_path()`` gives each step's drop-path arguments (drop_path_arguments); with
     ``graphed``, each step a replay of its CUDA graphs."""
+    from tqdm import tqdm
+
     permutation = torch.randperm(len(dataset.train), generator=generators["data"])
     shard = permutation[rank::world]
     steps = len(permutation) // world // config.batch_size
@@ -369,6 +398,10 @@ def load_dataset(config: TrainConfig, world: int = 1) -> tuple[data.Dataset, Tra
                           f"for {world} process(es)")
     if config.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {config.epochs}")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {config.lr}")
+    if config.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be at least 0, got {config.weight_decay}")
     return dataset, config
 
 
@@ -460,6 +493,7 @@ def fit(model: nn.Module, dataset: data.Dataset, config: TrainConfig, device: to
     BatchNorm statistics re-estimated and its anytime table (finish). ``monitor(model)``, if
     given, runs after each epoch's test and its dict joins that epoch's history (it must leave
     the model and the random streams as it found them). Returns the result."""
+    require_train_extra("fractalnet.training.fit")
     state = training_state(model, config, device, rank, checkpoint)
     # A batch drawn global runs one column, and skip_dropped may leave a segment without
     # samples: those steps reach only some parameters.

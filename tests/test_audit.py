@@ -51,6 +51,7 @@ def package_kernels():
     }
 
 
+@pytest.mark.slow
 def test_nothing_flagged(audit_rows):
     rows, result = audit_rows
     flagged = [(r["kernel"], r["label"], r["arch"], r["register_limit"], r["problems"]) for r in rows if r["problems"]]

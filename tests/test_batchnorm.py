@@ -297,6 +297,7 @@ def test_dropout_equals_the_composition_with_the_same_mask(channels_last, dtype,
     check_running(params, ref_params, dtype)
 
 
+@pytest.mark.slow
 def test_dropout_gradcheck_and_determinism():
     x, params = make_case((4, 2, 2, 2), torch.float64)
     params["running_mean"] = params["running_var"] = None
@@ -486,6 +487,7 @@ def test_eval_needs_running_statistics():
         fk.bn_relu(torch.randn(4, 3), None, None, None, None, training=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["interpreter", "fake_gpu", "compiled"])
 def test_synchronised_statistics_across_two_processes(tmp_path, mode):
     """Two gloo ranks, each with part of the batch, against one process on the whole batch:

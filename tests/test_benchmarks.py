@@ -26,6 +26,7 @@ def report(tmp_path_factory):
     return json.loads(json_path.read_text()), result.stdout, markdown
 
 
+@pytest.mark.slow
 def test_cpu_mode_says_so_and_reports_no_kernel_timings(report):
     data, stdout, markdown = report
     assert "No GPU used" in stdout and "No GPU used" in data["note"]
@@ -44,6 +45,7 @@ def single_pass_on_an_h100(row: dict) -> bool:
         return single_pass(channel_tiling(x, row["k"]), row["k"])
 
 
+@pytest.mark.slow
 def test_per_op_measurements(report):
     data, _, _ = report
     rows = {r["label"]: r for r in data["kernels_cpu"]}
@@ -62,6 +64,7 @@ def test_per_op_measurements(report):
         assert 0 < row["minimal_bytes"]["forward"] < row["minimal_bytes"]["forward+backward"], label
 
 
+@pytest.mark.slow
 def test_training_step_memory_launches_and_host_reads(report):
     data, _, _ = report
     (step,) = data["steps"]
@@ -74,6 +77,7 @@ def test_training_step_memory_launches_and_host_reads(report):
     assert all(m["host_reads"] == [] for m in steps.values())
 
 
+@pytest.mark.slow
 def test_traffic_occupancy_and_host_sections(report):
     data, _, _ = report
     rows = data["traffic"]["rows"]

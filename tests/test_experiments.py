@@ -26,6 +26,7 @@ def finished(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", experiments.EXPERIMENTS)
 def test_each_experiment_writes_table_json_and_plot(finished, name):
     result = json.loads((finished / f"{name}.json").read_text())
@@ -107,6 +108,7 @@ def test_deepest_numbers(finished):
     assert rows[0]["column_error"]["reestimated"] == depth["deepest_column_error"][0]
 
 
+@pytest.mark.slow
 def test_deepest_reuses_depth_runs_without_curves(tmp_path):
     """The depth experiment records learning curves for its first seed only; deepest then reuses
     the later seeds' runs as they are: their curve-read cells say so, every other number is there."""

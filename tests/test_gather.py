@@ -93,6 +93,7 @@ def test_gather_join_bn_relu_with_dropout_equals_the_composition_with_the_same_m
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_fp64(training):
     sizes = (2, 3, 0)

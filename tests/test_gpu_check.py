@@ -30,6 +30,7 @@ def dry_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_phase(dry_run):
     out, result = dry_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -48,6 +49,7 @@ def test_dry_run_runs_every_phase(dry_run):
     assert "| ops | passed |" in result.stdout and "| ops | passed |" in (out / "gpu-check.md").read_text()
 
 
+@pytest.mark.slow
 def test_dry_run_output_fits_a_commit(dry_run):
     out, _ = dry_run
     files = list(out.iterdir())
@@ -59,6 +61,7 @@ def test_dry_run_output_fits_a_commit(dry_run):
     assert all(f"===== {p.name}:" in log for p in PHASES)
 
 
+@pytest.mark.slow
 def test_failing_hanging_and_crashing_phases_leave_the_others(tmp_path):
     out = tmp_path / "out"
     result = gpu_check(out, "--phases", "environment,ops,model,graphs,benchmarks", "--limit", "model=5",

@@ -113,6 +113,7 @@ KS = [1, 2, 3, 4, 9]
 BN_KS = [1, 4, 9]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("masked", [False, True], ids=["mean", "mask"])
@@ -133,6 +134,7 @@ def test_compiled_bn_relu(dtype, channels_last, training):
     check_compiled(fk.bn_relu, args, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
@@ -167,6 +169,7 @@ def gather_sizes(k):
     return [(BATCH - i) % (BATCH + 1) or 2 for i in range(k)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("k", KS)
@@ -176,6 +179,7 @@ def test_compiled_gather_join(k, dtype, channels_last):
     check_compiled(fk.gather_join, args, dtype, scale=1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
@@ -219,6 +223,7 @@ def compiled_and_eager_steps(config: dict, seed: int, prepare=lambda model: None
     return model, reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fused", "recompute"])
 def test_compiled_training_step(variant):
     config = dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="sample")
@@ -227,6 +232,7 @@ def test_compiled_training_step(variant):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])  # a local batch, a global batch of column 3
 def test_compiled_training_step_drawn_per_batch(seed):
     """Drawn per batch, a global batch runs its column alone in eager mode; compiled in one graph,
@@ -235,6 +241,7 @@ def test_compiled_training_step_drawn_per_batch(seed):
     compiled_and_eager_steps(dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="batch"), seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per", ["sample", "batch"])
 def test_compiled_training_step_with_frozen_batchnorm(per):
     """A training model whose BatchNorms are frozen (eval()), compiled: they normalise by their
@@ -278,6 +285,7 @@ def trained_by_the_training_loop(compile: bool, monkeypatch) -> tuple:
     return model, structures
 
 
+@pytest.mark.slow
 def test_compiled_training_loop_trains_what_eager_trains(monkeypatch):
     """fit compiled (fractalnet train --compile) against eager: the loop draws each step's structure on the host
     and passes it in, so a compiled step (one graph per structure) is eager's step: a global
@@ -292,6 +300,7 @@ def test_compiled_training_loop_trains_what_eager_trains(monkeypatch):
     assert compiled_structures == structures and "local" in structures and len(set(structures)) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per", ["batch", "sample"])
 def test_training_steps_compile_once_per_structure(per):
     """Twenty training steps of the default recipe as the loop runs them (its drop-path
@@ -370,6 +379,7 @@ def small_training_step(per: str):
     return model, step
 
 
+@pytest.mark.slow
 def test_per_sample_step_launches_the_same_kernels_and_draws_on_the_device():
     """Drawn per sample, every step is one graph: the same launches with the same non-tensor
     arguments step after step, and every random number (drop-path masks, dropout seeds) from
@@ -384,6 +394,7 @@ def test_per_sample_step_launches_the_same_kernels_and_draws_on_the_device():
     assert random.draws and all(generator is None for _, generator in random.draws)
 
 
+@pytest.mark.slow
 def test_per_batch_steps_of_one_structure_launch_the_same_kernels():
     """Drawn per batch, a step's launches depend only on its structure (local, or the global
     column): one graph per structure serves every step of it."""
@@ -696,6 +707,7 @@ class ClonedFunction(torch.autograd.Function):
         return grad
 
 
+@pytest.mark.slow
 def test_eager_launches_are_direct():
     """In eager mode a launch goes straight to the kernel: no higher-order-op dispatch, and
     nothing added to torch's kernel side table, which would otherwise grow without bound."""
@@ -732,6 +744,7 @@ def test_nan_input_gives_nan_output(op):
         assert torch.isfinite(out[0]).all(), backend
 
 
+@pytest.mark.slow
 def test_inductor_reinplacing_leaves_no_copy_around_kernels():
     """Inductor's reinplace pass, run on the AOT graphs of a training step, removes every clone
     that functionalization put around the kernels: no kernel argument is cloned, and no clone or

@@ -106,6 +106,7 @@ def graphed_against_eager(per: str, capture, tolerance: float):
     return step, structures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per", ["batch", "sample"])
 def test_graphed_steps_are_the_structure_forced_eager_steps(per):
     """Each replay runs the step of its structure on the copied batch, and the warm-up and capture

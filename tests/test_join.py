@@ -174,6 +174,7 @@ def _run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
 
 
+@pytest.mark.slow
 def test_environment_variable_selects_the_backend():
     result = _run_python("import fractal_kernels as fk; print(fk.get_backend())", FRACTAL_KERNELS_BACKEND="reference")
     assert result.stdout.strip() == "reference"

@@ -122,6 +122,7 @@ def test_without_mask_is_the_plain_mean():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_fp64(training):
     xs, mask, weights, biases, running_means, running_vars = make_case(

@@ -204,6 +204,7 @@ def standard_loop(model, call, pass_structure: bool, steps: int = 12) -> list:
     return optimizer, drawn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("pass_structure", [False, True], ids=["drawn-by-the-model", "structure-passed"])
 def test_eager_and_compiled_steps_agree_under_the_standard_loop(backend, pass_structure):
@@ -312,6 +313,7 @@ def test_autocast_bf16(backend):
     assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_recompute_gives_the_same_gradients_and_saves_memory():
     plain, _ = small_pair()
     recomputing, _ = small_pair(recompute=True)
@@ -423,6 +425,7 @@ def test_skipping_with_frozen_bn_equals_the_dense_model():
         torch.testing.assert_close(grads_s.get(name, torch.zeros_like(g)), g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_skipping_with_one_segment_left_at_a_join_spreads_it_over_the_batch():
     """With two samples, a join often has one segment left: its output is still one row a
     sample (zeros where nothing survived), as the dense model's. Many seeds, frozen BatchNorm."""

@@ -62,6 +62,7 @@ def test_opcheck_join_bn_relu(training):
         torch.library.opcheck(ops.join_bn_relu.default, (xs, None, [None, ws[1], None], bs, rms, rvs, True, 0.1, 1e-5))
 
 
+@pytest.mark.slow
 def test_opcheck_primitives():
     """The kernel ops, as torch traces them: schemas, fakes and mutation annotations."""
     xs, ws, bs, mask = block_inputs()
@@ -118,6 +119,7 @@ class Block(torch.nn.Module):
         return fk.masked_join([joined, y], mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compile_fullgraph_forward_and_backward(backend):
     torch.manual_seed(0)

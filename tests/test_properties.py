@@ -144,6 +144,7 @@ def check_buffers(state, expected, dtype):
                 assert_tensors_close(t, e, dtype, stats=True)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(st.data())
 def test_join_bn_relu_is_its_composition(data):
@@ -172,6 +173,7 @@ def test_join_bn_relu_is_its_composition(data):
     check_buffers(state, expected_state, dtype)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(st.data())
 def test_gather_joins_are_their_compositions(data):

@@ -29,6 +29,7 @@ def epoch_setup(*options: str, lr: float = 0.05):
     return config, dataset, device, model, optimizer, generators
 
 
+@pytest.mark.slow
 def test_short_run_writes_checkpoints_metrics_and_plots(tmp_path, capsys):
     assert train.main(TINY + ["--epochs", "2", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -44,6 +45,7 @@ def test_short_run_writes_checkpoints_metrics_and_plots(tmp_path, capsys):
     assert checkpoint["epoch"] == 2 and {"torch", "data", "augment"} <= set(checkpoint["rng"])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = TINY + ["--epochs", "2", "--augment", "plus"]
@@ -61,6 +63,7 @@ def test_resume_continues_exactly(tmp_path):
 
 @pytest.mark.parametrize("sync_bn, per", [(False, "sample"), (False, "batch"), (True, "batch")],
                          ids=["ddp-per-sample", "ddp-per-batch", "ddp-sync-bn-per-batch"])
+@pytest.mark.slow
 def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn, per):
     """Drawn per batch, both ranks draw the same (a global batch runs the same column on each,
     so DDP and synchronised BatchNorm see the same parameters and collectives). The running
@@ -112,6 +115,7 @@ def test_missing_or_malformed_data_folder_shows_the_layout(tmp_path, capsys):
     assert "train" in err and "<class>" in err
 
 
+@pytest.mark.slow
 def test_cifar_pickles_are_read(tmp_path, capsys):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -122,7 +126,7 @@ def test_cifar_pickles_are_read(tmp_path, capsys):
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     argv = ["--dataset", "cifar10", "--data", str(tmp_path), "--widths", "4,8", "--dropout", "0,0", "--columns", "2",
-            "--batch-size", "25", "--epochs", "1", "--device", "cpu"]
+            "--batch-size", "25", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
     assert train.main(argv) == 0
     assert "test acc" in capsys.readouterr().out
 
@@ -144,6 +148,7 @@ def test_batch_size_the_data_cannot_fill(capsys):
     assert "cannot be filled" in run_failing(TINY + ["--batch-size", "5000"], capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per", ["sample", "batch"])
 def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
     """Loss and accuracy stay on the device during an epoch: the host reads them once, at its end,
@@ -165,6 +170,7 @@ def test_an_epoch_reads_its_loss_and_accuracy_once(per, monkeypatch):
     assert counts[100] == counts[25] == ["tolist"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graphs", [False, True])
 def test_batches_reach_the_device_through_pinned_copies(graphs, monkeypatch):
     """Every batch the training and test loops send to the device goes through copy_to_device,
@@ -189,6 +195,7 @@ def test_batches_reach_the_device_through_pinned_copies(graphs, monkeypatch):
 
 @pytest.mark.parametrize("given, mode", [([], None), (["--compile"], None), (["--compile", "reduce-overhead"],
                                                                              "reduce-overhead")])
+@pytest.mark.slow
 def test_compile_takes_torch_compiles_modes(given, mode, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
@@ -224,3 +231,67 @@ def test_a_graphed_epoch_runs_the_graphed_step(per, monkeypatch):
     steps = len(dataset.train) // 50
     assert calls == [50] * steps
     assert stats["train_loss"] > 0 and 0 < stats["train_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_a_run_without_out_says_what_it_runs_and_writes_under_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train.main(TINY + ["--epochs", "1"]) == 0
+    header = capsys.readouterr().out.splitlines()[:4]
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and re.fullmatch(r"fractalnet20_cifar-\d{8}-\d{6}", folders[0].name)
+    assert (folders[0] / "metrics.json").exists() and (folders[0] / "last.pt").exists()
+    assert re.match(r"fractalnet train: fractalnet20_cifar, [\d,]+ parameters, on cpu$", header[0])
+    assert header[1].strip().startswith("data    digits: 1,437 training and 360 test images, 8x8, 10 classes")
+    assert header[2].strip().startswith("recipe  1 epochs, batch 100, lr 0.05")
+    assert header[3].strip().startswith(f"output  {os.path.join('runs', folders[0].name)}/")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+    (["--widths", "4,4,4,4,4", "--dropout", "0,0,0,0,0"],
+     "5 blocks need images of at least 32x32 (each block pools by 2), got 8x8"),
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+    (["--device", "cuda:0"], "--device cuda:0: this machine has no CUDA GPU"),
+    (["--device", "gpu"], "--device: 'gpu' is not a device"),
+    (["--device", "meta"], "only cpu and cuda devices are supported"),
+])
+def test_options_the_run_cannot_take_are_one_line_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = run_failing(TINY + argv, capsys)
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_device_cuda_takes_this_process_gpu(monkeypatch):
+    """--device cuda on a GPU machine (the CUDA branch, on a CPU): the device gets this process's
+    index before torch.cuda.set_device sees it (a bare "cuda" has none and set_device refuses it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name, index in (("cuda", 1), ("cuda:0", 0), (None, 1)):
+        config, _ = train.resolve(TINY[:-2] + ([] if name is None else ["--device", name]))
+        assert train.distributed_setup(config)[2] == torch.device("cuda", index)
+        assert selected.pop() == torch.device("cuda", index)
+    config, _ = train.resolve(TINY[:-2] + ["--device", "cuda:2"])
+    with pytest.raises(training.ConfigError, match="there is no GPU 2 \\(this machine has 2\\)"):
+        train.distributed_setup(config)
+
+
+@pytest.mark.parametrize("argv, device, warning", [
+    (["--sync-bn"], "cpu", "--sync-bn in a single process changes nothing: run under torchrun"),
+    (["--amp", "fp16"], "cpu", "--amp fp16 on a CPU"),
+])
+def test_options_that_would_do_nothing_warn(argv, device, warning):
+    config, _ = train.resolve(TINY + argv)
+    with pytest.warns(UserWarning, match=re.escape(warning)):
+        train.warn_of_no_effect(config, torch.device(device), world=1)
+
+
+def test_options_that_do_something_do_not_warn(recwarn):
+    config, _ = train.resolve(TINY + ["--sync-bn", "--amp", "fp16"])
+    train.warn_of_no_effect(config, torch.device("cuda", 0), world=2)
+    assert not recwarn.list

@@ -1,0 +1,56 @@
+"""The fractalnet command as a first-time user meets it: help, version, python -m, and a missing
+[train] extra named in one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fractal_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fractalnet(*argv: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """``python -m fractalnet ARGV`` from outside the tree (``prelude`` runs first, in-process)."""
+    code = f"{prelude}\nimport runpy; runpy.run_module('fractalnet', run_name='__main__')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd="/", env=env)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], []], ids=["--help", "-h", "bare"])
+def test_help_describes_every_command(argv):
+    result = fractalnet(*argv)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps to the terminal's width
+    assert "FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017)" in text
+    for command in ("train", "experiments", "depth, drop-path, anytime, deepest or all"):
+        assert command in text
+
+
+def test_version_is_the_package_version():
+    result = fractalnet("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"fractalnet {fractal_kernels.__version__} (torch ")
+
+
+def test_an_unknown_command_is_an_error():
+    result = fractalnet("trian")
+    assert result.returncode == 2 and "invalid choice: 'trian'" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "experiments"])
+def test_command_help_is_plain_text(command):
+    result = fractalnet(command, "--help")
+    assert result.returncode == 0 and f"usage: fractalnet {command}" in result.stdout
+    assert "``" not in result.stdout
+
+
+@pytest.mark.parametrize("command", [["train"], ["experiments", "depth", "--out", "unused"]])
+def test_a_missing_train_extra_is_named_in_one_line(command):
+    result = fractalnet(*command, prelude="import sys; sys.modules['tqdm'] = None")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"fractalnet {command[0]}: error: fractalnet {command[0]} needs tqdm, which "
+                                     "the [train] extra installs: pip install 'fractal-kernels[train]'")
