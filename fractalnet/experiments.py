@@ -45,9 +45,10 @@ from torch import nn
 from . import data
 from .extras import MissingExtra, installed_version, require_train_extra
 from .model import FractalNet
+from .plots import error_axis, legend_beside, plain_ticks, pyplot, run_subtitle, save
 from .training import (
     ConfigError, TrainConfig, drop_path_generator, evaluate, fit, load_checkpoint, load_dataset, prepared, reestimated,
-    resolve_device,
+    device_name, resolve_device,
 )
 
 EXPERIMENTS = ("depth", "drop-path", "anytime", "deepest")
@@ -384,75 +385,79 @@ def error_with_batch_statistics(runner: Runner, model: nn.Module, **mode) -> flo
 
 
 def plot(name: str, result: dict, path: Path) -> None:
-    import matplotlib
+    """The experiment's figure (and the depth experiment's learning curves), from its result."""
+    plt = pyplot()
+    test_images = result.get("test_images")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subtitle(seeds, statistic: str = "mean ± sd") -> str:
+        return run_subtitle(result["dataset"], result["recipe"]["epochs"], seeds, result["environment"]["device"],
+                            test_images, statistic)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     rows = result["rows"]
     if name == "depth":
         depths = [r["depth"] for r in rows]
         for key, label in (("fractal_error", "FractalNet"), ("deepest_column_error", "its deepest column"),
                            ("plain_error", "plain net alone")):
-            ax.plot(depths, [statistics.mean(r[key]) for r in rows], marker="o", label=label)
-        ax.set(xscale="log", xticks=depths, xticklabels=[str(d) for d in depths], xlabel="depth (conv layers)",
-               ylabel="test error (%)", title="error by depth")
+            spread = [statistics.stdev(r[key]) if len(r[key]) > 1 else 0.0 for r in rows]
+            ax.errorbar(depths, [statistics.mean(r[key]) for r in rows], yerr=spread, marker="o", capsize=3,
+                        label=label)
+        ax.set(xscale="log", xlabel="depth (conv layers)", ylabel="test error (%)", title="error by depth")
+        plain_ticks(ax, "x")
+        ax.set_xticks(depths, [str(d) for d in depths])
+        error_axis(ax, test_images)
     elif name == "drop-path":
         columns = range(1, result["columns"] + 1)
         for r in rows:
-            ax.plot(list(columns), [statistics.mean(r["column_error"][c]["reestimated"]) for c in columns],
-                    marker="o", label=r["variant"])
+            error = {int(c): e for c, e in r["column_error"].items()}  # str keys once read back from JSON
+            ax.plot(list(columns), [statistics.mean(error[c]["reestimated"]) for c in columns], marker="o",
+                    label=r["variant"])
         ax.set(xticks=list(columns), yscale="log", xlabel="column alone (BatchNorm re-estimated)",
-               ylabel="test error (%)", title="columns by drop-path")
+               ylabel="test error (%, log scale)", title="columns by drop-path")
+        plain_ticks(ax)
     elif name == "deepest":
         for r in (r for r in rows if r["curve"]):
             ax.plot(range(1, len(r["curve"]) + 1), [point["test_error"] for point in r["curve"]],
-                    label=f"column {result['columns']} alone, global column {r['global_columns']} (seed {r['seed']})")
-        ax.set(xlabel="epoch", ylabel="test error (%, BatchNorm re-estimated)", yscale="log",
+                    label=f"column {result['columns']} alone,\nglobal column {r['global_columns']} (seed {r['seed']})")
+        ax.set(xlabel="epoch", ylabel="test error (%, BatchNorm re-estimated)",
                title="the deepest column while the fractal trains")
+        error_axis(ax, test_images)
     else:
         for mode, marker in (("column", "o"), ("columns", "s")):
             points = [r for r in rows if r["mode"] == mode]
             ax.plot([r["ms_per_image"] for r in points], [r["error"] for r in points], marker=marker,
                     label="column k alone" if mode == "column" else "columns 1..k")
         ax.set(xlabel="latency (ms per image)", ylabel="test error (%)", title="anytime prediction")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        error_axis(ax, test_images)
+    legend_beside(ax)
+    save(fig, path, subtitle(result["seeds"]))
     curves = [r["curves"] for r in rows if "curves" in r]
     if curves:
-        plot_curves(curves[0], rows[-1]["depth"], path.with_name(f"{name}-curves.png"))
+        plot_curves(curves[0], rows[-1]["depth"], path.with_name(f"{name}-curves.png"),
+                    subtitle(result["seeds"][:len(curves[0])], "mean"))
 
 
-def plot_curves(curves: list[dict], depth: int, path: Path) -> None:
+def plot_curves(curves: list[dict], depth: int, path: Path, subtitle: str) -> None:
     """The paper's training-apparatus figure: loss over the training set and test error by epoch,
     mean over seeds, of the fractal, its deepest column alone and the plain net of that depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label in curves[0]:
         epochs = range(1, len(curves[0][label]) + 1)
         for ax, key in zip(axes, ("train_loss", "test_error")):
             ax.plot(epochs, [statistics.mean(seed[label][e - 1][key] for seed in curves) for e in epochs],
                     label=f"{label} ({depth} layers)" if label != "fractal" else "fractal")
-    axes[0].set(yscale="log", xlabel="epoch", ylabel="training loss (whole training set)",
+    axes[0].set(yscale="log", xlabel="epoch", ylabel="training loss (whole training set, log scale)",
                 title="training loss, evaluated alone")
-    axes[1].set(yscale="log", xlabel="epoch", ylabel="test error (%)", title="test error")
+    axes[1].set(yscale="log", xlabel="epoch", ylabel="test error (%, log scale)", title="test error")
     for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        plain_ticks(ax)
+    legend_beside(axes[1])
+    save(fig, path, subtitle)
 
 
 def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-    return dict(device=name, torch=torch.__version__, triton=installed_version("triton"),
+    return dict(device=device_name(device), torch=torch.__version__, triton=installed_version("triton"),
                 python=platform.python_version(), threads=torch.get_num_threads())
 
 
@@ -475,6 +480,7 @@ def main(argv=None) -> int:
         experiment = {"depth": depth, "drop-path": drop_path, "anytime": anytime, "deepest": deepest}[name]
         result = experiment(runner, options.columns)
         result.update(experiment=name, dataset=options.dataset, seeds=runner.seeds, blocks=runner.blocks,
+                      test_images=len(runner.dataset.test),
                       recipe={k: getattr(runner.config, k) for k in ("image_size", "widths", "dropout", "batch_size",
                                                                      "epochs", "lr", "augment")},
                       environment=environment(runner.device), wall_seconds=time.perf_counter() - start)

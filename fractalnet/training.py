@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import resource
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .drop_path import copy_to_device
 from .extras import require_train_extra
 from .graphs import GraphedTrainingStep, give_every_parameter_a_gradient
 from .model import FractalNet, create_model
+from .plots import error_axis, legend_beside, pyplot, run_subtitle, save
 
 CHECKPOINT_FORMAT = "fractalnet-checkpoint-1"
 #: torch.compile's modes, as TrainConfig.compile takes them.
@@ -345,12 +347,15 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def write_plots(history: list[dict], anytime: list[dict], out: Path) -> None:
-    import matplotlib
+def device_name(device: torch.device) -> str:
+    """The hardware a run ran on, as its results and figures name it."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def write_plots(history: list[dict], anytime: list[dict], out: Path, subtitle: str, test_images: int) -> None:
+    """curves.png (loss and test error by epoch) and anytime.png (each column alone and each
+    truncation: test error by depth and by latency) of a run; ``subtitle`` says which run."""
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, [h["train_loss"] for h in history], label="train")
@@ -358,23 +363,23 @@ def write_plots(history: list[dict], anytime: list[dict], out: Path) -> None:
     left.set(xlabel="epoch", ylabel="loss", title="loss")
     left.legend()
     right.plot(epochs, [100 * (1 - h["test_accuracy"]) for h in history])
-    right.set(xlabel="epoch", ylabel="test error (%)", title="test error")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    right.set(xlabel="epoch", ylabel="test error (%)", title="test error (running BatchNorm statistics)")
+    error_axis(right, test_images)
+    save(fig, out / "curves.png", subtitle)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, marker in (("column", "o"), ("columns", "s")):
         rows = [r for r in anytime if r["mode"] == mode]
         label = "single column k" if mode == "column" else "truncation columns=k"
-        left.plot([r["depth"] for r in rows], [100 * r["accuracy"] for r in rows], marker=marker, label=label)
-        right.plot([r["ms_per_image"] for r in rows], [100 * r["accuracy"] for r in rows], marker=marker, label=label)
-    left.set(xlabel="depth of column k (conv layers)", ylabel="test accuracy (%)", title="accuracy by depth")
-    right.set(xlabel="latency (ms per image)", ylabel="test accuracy (%)", title="accuracy by latency")
-    left.legend()
-    fig.tight_layout()
-    fig.savefig(out / "anytime.png", dpi=100)
-    plt.close(fig)
+        left.plot([r["depth"] for r in rows], [100 * (1 - r["accuracy"]) for r in rows], marker=marker, label=label)
+        right.plot([r["ms_per_image"] for r in rows], [100 * (1 - r["accuracy"]) for r in rows], marker=marker,
+                   label=label)
+    left.set(xlabel="depth of column k (conv layers)", ylabel="test error (%)", title="error by depth")
+    right.set(xlabel="latency (ms per image)", ylabel="test error (%)", title="error by latency")
+    for ax in (left, right):
+        error_axis(ax, test_images)
+    legend_beside(right)
+    save(fig, out / "anytime.png", subtitle)
 
 
 def digest(tensors) -> str:
@@ -578,6 +583,7 @@ def finish(model: FractalNet, dataset: data.Dataset, config: TrainConfig, device
                   f"{r['ms_per_image']:8.3f}")
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
-        write_plots(history, anytime, out)
+        subtitle = run_subtitle(config.dataset, config.epochs, [config.seed], device_name(device), len(dataset.test))
+        write_plots(history, anytime, out, subtitle, len(dataset.test))
         if report:
             print(f"\nwrote {out}/metrics.json, curves.png, anytime.png, last.pt, best.pt")

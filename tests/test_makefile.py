@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 def planned(*args: str) -> str:
     """The commands ``make -n ARGS`` would run (none is run), as from a shell: not the variables
     of a make that runs this suite (make test-compat's VENV and TORCH, say)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    inherited = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "PYTHON", "VENV", "TORCH", "USE_PYTHON_AS_IS")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     result = subprocess.run(["make", "-n", *args], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
