@@ -16,6 +16,8 @@ import contextlib
 import os
 from typing import Iterator
 
+import torch
+
 try:
     import triton  # noqa: F401  (imported here once: whether the Triton backend exists)
 except ImportError:
@@ -59,3 +61,17 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend = previous
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` runs the Triton kernels under the current backend (checking, for
+    ``triton``, that they can run on x's device). Every op asks, once per call."""
+    if _backend == "reference":
+        return False
+    if _backend == "auto":
+        return HAS_TRITON and x.device.type == "cuda"
+    require_triton("the Triton backend (FRACTAL_KERNELS_BACKEND=triton)")
+    from .launch import check_launchable
+
+    check_launchable(x)
+    return True

@@ -28,7 +28,7 @@ def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[to
     if not tensors:
         raise ValueError(f"{name} must hold at least one tensor, got none")
     first = tensors[0]
-    check_float_tensor(f"{name}[0]", first)
+    check_float_tensor(name, first, index=0)
     shape, dtype, device = first.shape, first.dtype, first.device
     for i, t in enumerate(tensors[1:], 1):
         if not isinstance(t, torch.Tensor):
@@ -43,12 +43,13 @@ def check_tensor_list(name: str, tensors, *, same_batch: bool = True) -> list[to
     return list(tensors)
 
 
-def check_float_tensor(name: str, t) -> None:
-    """Checks that ``t`` is a tensor of a storage dtype the kernels take."""
+def check_float_tensor(name: str, t, index: Optional[int] = None) -> None:
+    """Checks that ``t`` is a tensor of a storage dtype the kernels take; ``index``: its entry in
+    the list ``name`` (the message is built only to raise: this runs for every op)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        raise TypeError(f"{_label(name, index)} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPE_SET:
-        raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
+        raise TypeError(f"{_label(name, index)} must have a floating dtype in {FLOAT_DTYPES}, got {t.dtype}")
 
 
 def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device: torch.device) -> None:
@@ -57,7 +58,8 @@ def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+    is_bool = mask.dtype is torch.bool
+    if not is_bool and not mask.dtype.is_floating_point:
         raise TypeError(f"mask must be bool or a 0/1 floating tensor, got {mask.dtype}")
     if tuple(mask.shape) != (num_inputs, batch):
         raise ValueError(f"mask must have shape [num_inputs, batch] = {[num_inputs, batch]}, got {list(mask.shape)}")
@@ -65,7 +67,7 @@ def check_mask(mask: Optional[torch.Tensor], num_inputs: int, batch: int, device
         raise ValueError(f"mask is on {mask.device}, expected {device} like the inputs")
     # A float mask's values: where they can be read (a GPU mask costs one synchronisation: the
     # model's masks are bool, which need no check); not while torch traces or on fake tensors.
-    if mask.dtype != torch.bool and mask.numel() and not torch.compiler.is_compiling() and not has_no_data(mask):
+    if not is_bool and mask.numel() and not torch.compiler.is_compiling() and not has_no_data(mask):
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must hold only 0 and 1 (a drop-path mask keeps or drops an input, it does not "
                              "weight it); pass a bool mask")

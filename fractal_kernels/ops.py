@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import backends, reference
-from .backends import BACKENDS, HAS_TRITON, get_backend, require_triton, use_backend
+from . import reference
+from .backends import BACKENDS, HAS_TRITON, get_backend, use_backend, use_triton
 from .checks import (
     check_bn_input, check_bn_options, check_bn_params, check_bn_tensors, check_float_tensor, check_mask, check_rows,
     check_tensor_list,
@@ -25,21 +25,10 @@ from .checks import (
 if HAS_TRITON:
     from . import join, library
     from .batchnorm import batch_norm_join
-    from .launch import check_launchable, runs_eagerly
+    from .launch import runs_eagerly
 
 __all__ = ["BACKENDS", "bn_relu", "gather_join", "gather_join_bn_relu", "get_backend", "join_bn_relu", "masked_join",
            "use_backend"]
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    backend = backends.get_backend()
-    if backend == "reference":
-        return False
-    if backend == "auto":
-        return HAS_TRITON and x.device.type == "cuda"
-    require_triton("the Triton backend (FRACTAL_KERNELS_BACKEND=triton)")
-    check_launchable(x)
-    return True
 
 
 def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -60,7 +49,7 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
     if x.dim() < 1:
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
     check_mask(mask, len(inputs), x.shape[0], x.device)
-    if _use_triton(x):
+    if use_triton(x):
         return join.masked_join(inputs, mask)
     return reference.masked_join(inputs, mask)
 
@@ -133,7 +122,7 @@ def bn_relu(
     names = ("weight", "bias", "running_mean", "running_var")
     check_bn_params(x, training, momentum, eps, names, weight, bias, running_mean, running_var)
     _check_unit_options([x], training, [num_batches_tracked], momentum, dropout, seed, "seed")
-    if not _use_triton(x):
+    if not use_triton(x):
         _check_reference(training, process_group)
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                                  num_batches_tracked=num_batches_tracked, dropout=dropout)
@@ -206,7 +195,7 @@ def join_bn_relu(
     _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
                         num_batches_tracked, dropout, seeds)
     num_batches_tracked = list(num_batches_tracked or [None] * len(inputs))
-    if not _use_triton(x):
+    if not use_triton(x):
         _check_reference(training, process_group)
         return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum,
                                       eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
@@ -239,7 +228,7 @@ def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Op
     if inputs[0].dim() < 1:
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
     check_rows(rows, inputs, validate)
-    if _use_triton(inputs[0]):
+    if use_triton(inputs[0]):
         return join.gather_join(inputs, rows)
     return reference.gather_join(inputs, rows)
 
@@ -272,7 +261,7 @@ def gather_join_bn_relu(
     _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
                         num_batches_tracked, dropout, seeds)
     num_batches_tracked = list(num_batches_tracked or [None] * len(inputs))
-    if not _use_triton(inputs[0]):
+    if not use_triton(inputs[0]):
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
                                              momentum, eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
     if runs_eagerly(inputs[0]):
