@@ -83,18 +83,22 @@ def run_phases(out: Path, dry_run: bool, names: list[str], limits: dict[str, int
     log_path.write_text("")
     report = dict(command=" ".join(["python -m benchmarks.gpu_check", *sys.argv[1:]]), dry_run=dry_run, phases={})
     env = _phase_environment(out, dry_run)
-    for phase in PHASES:
-        if phase.name not in names:
-            continue
-        limit = limits.get(phase.name, phase.dry_limit_s if dry_run else phase.limit_s)
-        print(f"[gpu-check] {phase.name}: {phase.what} (limit {limit} s)", flush=True)
+    chosen = [phase for phase in PHASES if phase.name in names]
+    limit_of = {phase.name: limits.get(phase.name, phase.dry_limit_s if dry_run else phase.limit_s)
+                for phase in chosen}
+    for number, phase in enumerate(chosen, 1):
+        limit = limit_of[phase.name]
+        step = f"[gpu-check {number}/{len(chosen)}] {phase.name}"
+        print(f"{step}: {phase.what} (limit {limit} s)", flush=True)
         entry = _run_phase(phase, out, dry_run, limit, env, log_path)
         report["phases"][phase.name] = entry
         if phase.name == "environment" and entry.get("details"):
             report["environment"] = entry["details"]
         _write(report, out)
-        print(f"[gpu-check] {phase.name}: {entry['status']} in {entry['seconds']:.0f} s: {entry['summary']}",
-              flush=True)
+        # What is left is bounded by the limits of the phases to come (each usually ends well before).
+        left = sum(limit_of[later.name] for later in chosen[number:])
+        print(f"{step}: {entry['status']} in {entry['seconds']:.0f} s: {entry['summary']} "
+              f"(at most {left} s left)", flush=True)
     print(summary_markdown(report), flush=True)
     return report
 

@@ -77,6 +77,14 @@ def test_failing_hanging_and_crashing_phases_leave_the_others(tmp_path):
     assert phases["ops"].get("cases", 0) < 112
     summary = (out / "gpu-check.md").read_text()
     assert "| model | timeout |" in summary and "| benchmarks | passed |" in summary
+    # Progress: each phase numbered as it starts, and when it ends the time the rest may take at
+    # most (the sum of their limits).
+    limits = {p.name: p.dry_limit_s for p in PHASES} | {"model": 5, "ops": 10}
+    names = list(phases)
+    for number, name in enumerate(names, 1):
+        left = sum(limits[later] for later in names[number:])
+        assert f"[gpu-check {number}/5] {name}: " in result.stdout
+        assert f"(at most {left} s left)" in result.stdout.split(f"[gpu-check {number}/5] {name}: ")[2]
 
 
 def test_bad_arguments_are_refused(tmp_path):
