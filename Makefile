@@ -76,11 +76,15 @@ test-compat:
 		sys.version.split()[0])"
 
 # The demo: FractalNet (3 blocks of C=3 columns, widths 32, 64, 128) on the embedded digits data;
-# the Triton kernels on a GPU, the reference ops on a CPU. About 1.5 minutes on 2 CPU cores.
+# the Triton kernels on a GPU, the reference ops on a CPU; then each sub-network calibrated, and
+# the held-out test images served within budgets (ms per image). About 2 minutes on 2 CPU cores.
 DEMO_OUT ?= runs/demo
+DEMO_BUDGETS ?= 0.2,0.5,1,3
 demo: $(STAMP)
-	$(PY) -m fractalnet.train --dataset digits --widths 32,64,128 --dropout 0,0.1,0.2 --image-size 16 \
+	$(PY) -m fractalnet train --dataset digits --widths 32,64,128 --dropout 0,0.1,0.2 --image-size 16 \
 		--epochs 30 --batch-size 50 --lr 0.05 --out $(DEMO_OUT)
+	$(PY) -m fractalnet anytime --checkpoint $(DEMO_OUT)/last.pt --calibrate
+	$(PY) -m fractalnet anytime --checkpoint $(DEMO_OUT)/last.pt --budget-ms $(DEMO_BUDGETS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -1,5 +1,5 @@
-"""The ``fractalnet`` command (also ``python -m fractalnet``): ``fractalnet train [options]`` and
-``fractalnet experiments EXPERIMENT [options]``.
+"""The ``fractalnet`` command (also ``python -m fractalnet``): ``fractalnet train [options]``,
+``fractalnet experiments EXPERIMENT [options]`` and ``fractalnet anytime --checkpoint PATH ...``.
 
 Apart from both commands' modules, so that neither imports the other's (experiments builds on
 train; train knows nothing of experiments), and importing them only for their own command.
@@ -18,15 +18,18 @@ from fractal_kernels import __version__
 from .extras import installed_version
 
 #: Each command and the module whose main(argv) runs it.
-COMMANDS = {"train": "fractalnet.train", "experiments": "fractalnet.experiments"}
+COMMANDS = {"train": "fractalnet.train", "experiments": "fractalnet.experiments", "anytime": "fractalnet.anytime"}
 
 DESCRIPTION = """FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017) on the fused Triton kernels of
-fractal-kernels: train it, and rerun the paper's experiments."""
+fractal-kernels: train it, rerun the paper's experiments, and serve its sub-networks within a
+latency budget."""
 
 EPILOG = """examples:
   fractalnet train --dataset digits --widths 32,64,128 --dropout 0,0.1,0.2 --image-size 16 --epochs 30
   fractalnet train --dataset cifar10 --data ~/data --amp bf16 --channels-last
   fractalnet experiments all --dataset digits --out runs/experiments
+  fractalnet anytime --checkpoint runs/demo/last.pt --calibrate
+  fractalnet anytime --checkpoint runs/demo/last.pt --budget-ms 0.5,2
 
 'fractalnet COMMAND --help' lists a command's options."""
 
@@ -44,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(title="commands", metavar="COMMAND")
     commands.add_parser("train", help="train and evaluate a FractalNet (the paper's recipe by default)")
     commands.add_parser("experiments", help="the paper's experiments: depth, drop-path, anytime, deepest or all")
+    commands.add_parser("anytime", help="calibrate each sub-network of a trained model; serve within a latency budget")
     return p
 
 

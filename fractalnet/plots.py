@@ -28,11 +28,11 @@ def plain_ticks(ax, axis: str = "y") -> None:
         target.set_minor_formatter(NullFormatter())
 
 
-def error_axis(ax, test_images: int | None) -> None:
-    """A test-error axis from 0, saying how much one test image is."""
+def error_axis(ax, test_images: int | None, split: str = "test") -> None:
+    """An error axis from 0, saying how much one image of the ``split`` it counts is."""
     ax.set_ylim(bottom=0)
     if test_images:
-        ax.set_ylabel(f"{ax.get_ylabel()}\none test image = {100 / test_images:.2f}%")
+        ax.set_ylabel(f"{ax.get_ylabel()}\none {split} image = {100 / test_images:.2f}%")
 
 
 def legend_beside(ax) -> None:

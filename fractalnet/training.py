@@ -24,7 +24,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,17 +130,31 @@ def lr_at(epoch: int, config) -> float:
     return config.lr * 0.1 ** sum(epoch >= m for m in milestones(config.epochs))
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path, option: str = "--resume") -> dict:
+    """A ``fractalnet train`` checkpoint (last.pt or best.pt); ``option`` names the argument that
+    gave ``path`` in the errors."""
     if not Path(path).is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}")
+        raise ConfigError(f"{option}: no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise ConfigError(f"--resume: cannot read {path}: truncated or not a checkpoint "
-                       f"({type(error).__name__})") from None
+        raise ConfigError(f"{option}: cannot read {path}: truncated or not a checkpoint "
+                          f"({type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"--resume: {path} is not a fractalnet train checkpoint")
+        raise ConfigError(f"{option}: {path} is not a fractalnet train checkpoint")
     return checkpoint
+
+
+def load(path, device="cpu", option: str = "path") -> FractalNet:
+    """The FractalNet that a ``fractalnet train`` checkpoint holds (``DIR/best.pt`` or
+    ``DIR/last.pt``), rebuilt from the run's options, on ``device``, in eval mode."""
+    checkpoint = load_checkpoint(path, option)
+    state = checkpoint["model"]
+    first_conv = state["stem.conv.weight" if "stem.conv.weight" in state else "blocks.0.columns.0.0.conv.weight"]
+    model = model_of(TrainConfig.from_dict(checkpoint["args"]), num_classes=state["head.weight"].shape[0],
+                     in_channels=first_conv.shape[1])
+    model.load_state_dict(state)
+    return model.to(device).eval()
 
 
 def save_atomically(obj, path: Path) -> None:
@@ -150,19 +164,23 @@ def save_atomically(obj, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def build_model(config, dataset: data.Dataset, device: torch.device) -> FractalNet:
+def model_of(config, num_classes: int, in_channels: int) -> FractalNet:
+    """The FractalNet a run's config names (its model, with the run's overrides), on the CPU."""
     overrides = {k: getattr(config, k) for k in ("columns", "widths", "dropout") if getattr(config, k) is not None}
     if config.skip_dropped:
         overrides["skip_dropped"] = True
     if config.drop_path_per is not None:
         overrides["drop_path_per"] = config.drop_path_per
     try:
-        model = create_model(
-            config.model, dataset.num_classes, in_channels=dataset.channels, local_drop=config.local_drop,
-            global_ratio=config.global_ratio, fused=config.fused, recompute=config.recompute, **overrides,
-        )
+        return create_model(config.model, num_classes, in_channels=in_channels, local_drop=config.local_drop,
+                            global_ratio=config.global_ratio, fused=config.fused, recompute=config.recompute,
+                            **overrides)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def build_model(config, dataset: data.Dataset, device: torch.device) -> FractalNet:
+    model = model_of(config, dataset.num_classes, dataset.channels)
     if dataset.image_size < model.min_image_size:
         raise ConfigError(f"{len(model.blocks)} blocks need images of at least {model.min_image_size}x"
                           f"{model.min_image_size} (each block pools by 2), got {dataset.image_size}x"
@@ -217,6 +235,16 @@ def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, config, device
     over the training set, without augmentation, dropout or drop-path. Drop-path trains many
     sub-networks, and the running averages mix their statistics; the network evaluated has its
     own (the BatchNorm re-estimation of Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021)."""
+    inputs = (prepared(images, dataset, config, device) for images, _ in
+              data.batches(dataset.train, config.batch_size, torch.arange(len(dataset.train)), dataset.image_size))
+    with autocast(config, device):
+        reestimate_batchnorm_over(model, inputs, **mode)
+
+
+def reestimate_batchnorm_over(model: nn.Module, inputs: Iterable[torch.Tensor], **mode) -> None:
+    """reestimate_batchnorm over the batches ``inputs`` (ready for the model): every BatchNorm's
+    running statistics become the average of the batch statistics it sees; a BatchNorm the
+    network run as ``mode`` does not reach is left reset (num_batches_tracked 0)."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in batchnorms]
     model.eval()
@@ -224,10 +252,9 @@ def reestimate_batchnorm(model: nn.Module, dataset: data.Dataset, config, device
         bn.reset_running_stats()
         bn.momentum = None  # the cumulative average
         bn.train()
-    with torch.no_grad(), autocast(config, device):
-        for images, _ in data.batches(dataset.train, config.batch_size, torch.arange(len(dataset.train)),
-                                      dataset.image_size):
-            model(prepared(images, dataset, config, device), **mode)
+    with torch.no_grad():
+        for x in inputs:
+            model(x, **mode)
     for bn, momentum in zip(batchnorms, momenta):
         bn.momentum = momentum
     model.eval()
@@ -385,7 +412,7 @@ def write_plots(history: list[dict], anytime: list[dict], out: Path, subtitle: s
 def digest(tensors) -> str:
     sha = hashlib.sha256()
     for tensor in tensors:
-        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()[:16]
 
 

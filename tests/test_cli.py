@@ -26,7 +26,7 @@ def test_help_describes_every_command(argv):
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())  # argparse wraps to the terminal's width
     assert "FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017)" in text
-    for command in ("train", "experiments", "depth, drop-path, anytime, deepest or all"):
+    for command in ("train", "experiments", "depth, drop-path, anytime, deepest or all", "anytime"):
         assert command in text
 
 
@@ -41,14 +41,15 @@ def test_an_unknown_command_is_an_error():
     assert result.returncode == 2 and "invalid choice: 'trian'" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "experiments"])
+@pytest.mark.parametrize("command", ["train", "experiments", "anytime"])
 def test_command_help_is_plain_text(command):
     result = fractalnet(command, "--help")
     assert result.returncode == 0 and f"usage: fractalnet {command}" in result.stdout
     assert "``" not in result.stdout
 
 
-@pytest.mark.parametrize("command", [["train"], ["experiments", "depth", "--out", "unused"]])
+@pytest.mark.parametrize("command", [["train"], ["experiments", "depth", "--out", "unused"],
+                                     ["anytime", "--checkpoint", "unused.pt", "--calibrate"]])
 def test_a_missing_train_extra_is_named_in_one_line(command):
     result = fractalnet(*command, prelude="import sys; sys.modules['tqdm'] = None")
     assert result.returncode == 2

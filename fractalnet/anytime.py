@@ -1,0 +1,651 @@
+"""Anytime prediction as a product: the most accurate answer within a latency budget.
+
+A FractalNet holds many sub-networks: each column alone (``model(x, column=k)``) and each
+truncation to its k shallowest columns (``model(x, columns=k)``). Shallow ones answer sooner,
+deep ones better. Each needs BatchNorm statistics of its own: the running statistics that
+drop-path training leaves mix all of them (on the digits demo, column 3 alone errs on 36.67% of
+the test images with them, and on about 1% with its own). So:
+
+    calibration = calibrate(model, calibration_inputs, validation_batches, batch_size=1)
+    calibration.save("runs/demo/best.anytime.pt")
+    predictor = AnytimePredictor(model, calibration)
+    answer = predictor.predict(x, budget_ms=0.3)      # answer.logits, answer.subnetwork
+    cascade = predictor.cascade(x, threshold=0.9)     # the fastest first, the unsure samples on
+
+:func:`calibrate` re-estimates each sub-network's statistics over a calibration split (as
+training's ``reestimate_batchnorm`` does), measures its error on a validation split and its
+latency on the model's device (CUDA events on a GPU, a monotonic clock on a CPU; the median of
+repeated timings, with the 20th and 80th percentiles). **Latency is per image**: the time of one
+batch of the calibration's ``batch_size`` divided by that size; a budget holds for batches of
+that size on that device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fractal_kernels import __version__
+
+from .extras import installed_version
+from .model import FractalNet
+from .training import device_name, digest, reestimate_batchnorm_over
+
+CALIBRATION_FORMAT = "fractalnet-anytime-1"
+#: The BatchNorm buffers that make a sub-network's statistics.
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class SubNetwork:
+    """One servable sub-network: ``mode`` "column" (column k alone) or "columns" (the truncation
+    to columns 1..k; columns 1 is column 1 alone, so k >= 2), and its measurements."""
+
+    mode: str
+    k: int
+    depth: int  #: conv layers on its longest path
+    error: float  #: on the validation split, with its own statistics
+    latency_ms: float  #: per image: the median time of a batch / batch size
+    latency_low_ms: float  #: the 20th percentile, per image
+    latency_high_ms: float  #: the 80th percentile, per image
+
+    @property
+    def name(self) -> str:
+        return f"column {self.k}" if self.mode == "column" else f"columns 1-{self.k}"
+
+    @property
+    def forward_arguments(self) -> dict:
+        """What ``model(x, **...)`` takes to run it."""
+        return {self.mode: self.k}
+
+
+@dataclass
+class Calibration:
+    """Every sub-network of one trained FractalNet: its own BatchNorm statistics, its validation
+    error and its latency, with what they were measured on. ``save`` and ``load`` keep it beside
+    the model's checkpoint (``DIR/best.pt`` -> ``DIR/best.anytime.pt``, :func:`calibration_path`)."""
+
+    subnetworks: list[SubNetwork]
+    #: statistics[name]: the state_dict entries (STATISTICS) of the BatchNorms it runs.
+    statistics: dict[str, dict[str, torch.Tensor]]
+    model_digest: str  #: of the model's parameters: a calibration serves only that model
+    num_columns: int
+    device: str  #: "cpu" or "cuda": where the latencies hold
+    hardware: str
+    dtype: str
+    batch_size: int
+    calibration_images: int
+    validation_images: int
+    versions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.subnetworks = [s if isinstance(s, SubNetwork) else SubNetwork(**s) for s in self.subnetworks]
+
+    def __getitem__(self, name: str) -> SubNetwork:
+        for subnetwork in self.subnetworks:
+            if subnetwork.name == name:
+                return subnetwork
+        raise KeyError(f"no sub-network {name!r}; this calibration has {', '.join(self.names())}")
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.subnetworks]
+
+    def fastest(self) -> SubNetwork:
+        return min(self.subnetworks, key=lambda s: s.latency_ms)
+
+    def whole(self) -> SubNetwork:
+        """The whole network: every column (column 1 where there is one)."""
+        return self[f"columns 1-{self.num_columns}" if self.num_columns > 1 else "column 1"]
+
+    def pareto(self) -> list[SubNetwork]:
+        """The sub-networks no other beats on both error and latency, fastest first."""
+        front = []
+        for subnetwork in sorted(self.subnetworks, key=lambda s: (s.latency_ms, s.error)):
+            if not front or subnetwork.error < front[-1].error:
+                front.append(subnetwork)
+        return front
+
+    def choose(self, budget_ms: float) -> SubNetwork:
+        """The most accurate sub-network whose latency per image is within ``budget_ms`` (the
+        faster of equals)."""
+        if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not 0 < budget_ms < math.inf:
+            raise ValueError(f"budget_ms must be a positive number of milliseconds per image, got {budget_ms!r}")
+        fitting = [s for s in self.pareto() if s.latency_ms <= budget_ms]
+        if not fitting:
+            fastest = self.pareto()[0]
+            raise ValueError(f"budget_ms={budget_ms:g}: no sub-network fits; the fastest, {fastest.name}, takes "
+                             f"{fastest.latency_ms:.4g} ms per image (batch {self.batch_size}, {self.hardware})")
+        return fitting[-1]
+
+    def table(self) -> str:
+        """The sub-networks as a Markdown table, Pareto-optimal ones marked."""
+        front = {s.name for s in self.pareto()}
+        lines = [f"batch {self.batch_size}, {self.dtype}, {self.hardware}; error on {self.validation_images} "
+                 f"validation images, statistics from {self.calibration_images} calibration images", "",
+                 "| sub-network | depth | error (%) | ms per image (20th-80th pct) | Pareto |", "|---|---|---|---|---|"]
+        for s in sorted(self.subnetworks, key=lambda s: s.latency_ms):
+            lines.append(f"| {s.name} | {s.depth} | {100 * s.error:.2f} | {s.latency_ms:.4g} "
+                         f"({s.latency_low_ms:.4g}-{s.latency_high_ms:.4g}) | {'yes' if s.name in front else ''} |")
+        return "\n".join(lines)
+
+    def save(self, path) -> None:
+        fields = {**asdict(self), "subnetworks": [asdict(s) for s in self.subnetworks]}
+        torch.save(dict(format=CALIBRATION_FORMAT, **fields), path)
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no calibration at {path} (fractalnet anytime --calibrate writes it)")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or saved.pop("format", None) != CALIBRATION_FORMAT:
+            raise ValueError(f"{path} is not a fractalnet anytime calibration")
+        return cls(**saved)
+
+
+def calibration_path(checkpoint) -> Path:
+    """Where the calibration of a checkpoint lives: beside it, ``best.pt`` -> ``best.anytime.pt``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".anytime.pt")
+
+
+def subnetworks_of(model: FractalNet) -> list[tuple[str, int]]:
+    """(mode, k) of every sub-network: each column alone, then each truncation of 2 or more columns."""
+    return [("column", k) for k in range(1, model.num_columns + 1)] + [
+        ("columns", k) for k in range(2, model.num_columns + 1)]
+
+
+def _depth(model: FractalNet, k: int) -> int:
+    """Conv layers on the longest path of column k alone or of the truncation to k columns."""
+    return sum(len(block.columns[k - 1]) for block in model.blocks) + (1 if model.stem is not None else 0)
+
+
+def _reusable(name: str, batches):
+    if iter(batches) is batches:
+        raise TypeError(f"{name} must be iterable more than once (a list or a DataLoader), not an iterator: "
+                        "every sub-network runs over it")
+    return batches
+
+
+def calibrate(model: FractalNet, calibration: Iterable[torch.Tensor],
+              validation: Iterable[tuple[torch.Tensor, torch.Tensor]], *, batch_size: int = 1,
+              repeats: int = 20) -> Calibration:
+    """Calibrates every sub-network of a trained ``model`` on its device: statistics re-estimated
+    over the ``calibration`` input batches (the training split, unaugmented), the error over the
+    ``validation`` (inputs, labels) batches, the latency of a batch of ``batch_size`` validation
+    images, timed ``repeats`` times after a warm-up. ``model`` itself is left unchanged."""
+    if not isinstance(model, FractalNet):
+        raise TypeError(f"model must be a FractalNet, got {type(model).__name__}")
+    for name, value, least in (("batch_size", batch_size, 1), ("repeats", repeats, 3)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    calibration, validation = _reusable("calibration", calibration), _reusable("validation", validation)
+    parameter = next(model.parameters())
+    device = parameter.device
+    example = _example_batch(validation, batch_size, device)
+    working = copy.deepcopy(model).eval()
+    batchnorms = _batchnorms(working)
+    results, statistics_of = [], {}
+    for mode, k in subnetworks_of(working):
+        reestimate_batchnorm_over(working, (_inputs(batch).to(device) for batch in calibration), **{mode: k})
+        error, validation_images = _error(working, validation, device, {mode: k})
+        median, low, high = _latency_ms(lambda: working(example, **{mode: k}), device, repeats)
+        subnetwork = SubNetwork(mode, k, _depth(working, k), error, median / batch_size, low / batch_size,
+                                high / batch_size)
+        results.append(subnetwork)
+        statistics_of[subnetwork.name] = {f"{name}.{buffer}": getattr(bn, buffer).detach().cpu().clone()
+                                          for name, bn in batchnorms.items() if bn.num_batches_tracked > 0
+                                          for buffer in STATISTICS}
+    calibration_images = sum(len(_inputs(batch)) for batch in calibration)
+    return Calibration(
+        results, statistics_of, digest(model.parameters()), model.num_columns, device.type, device_name(device),
+        str(parameter.dtype).removeprefix("torch."), batch_size, calibration_images, validation_images,
+        versions=dict(fractal_kernels=__version__, torch=str(torch.__version__), triton=installed_version("triton")))
+
+
+def _inputs(batch) -> torch.Tensor:
+    """A calibration batch's inputs: the batch itself, or the first of an (inputs, labels) pair."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def _example_batch(validation, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``batch_size`` validation images (repeated if the first batch has fewer) on ``device``."""
+    x, _ = next(iter(validation))
+    return x[torch.arange(batch_size) % len(x)].to(device)
+
+
+def _error(model: nn.Module, validation, device, forward_arguments: dict) -> tuple[float, int]:
+    wrong = total = 0
+    with torch.no_grad():
+        for x, labels in validation:
+            out = model(x.to(device), **forward_arguments)
+            wrong += (out.argmax(1).cpu() != labels.cpu()).sum().item()
+            total += len(labels)
+    if not total:
+        raise ValueError("validation holds no images")
+    return wrong / total, total
+
+
+def _latency_ms(fn, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of ``fn`` under no_grad, after three warm-up
+    calls: CUDA events on a GPU, time.perf_counter on a CPU."""
+    times = []
+    with torch.no_grad(), torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for _ in range(3):
+            fn()
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                start_s = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - start_s))
+    low, median, high = (statistics.quantiles(times, n=10)[i] for i in (1, 4, 7))
+    return median, low, high
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor
+    subnetwork: SubNetwork  #: the sub-network that answered
+
+
+@dataclass
+class CascadePrediction:
+    logits: torch.Tensor
+    #: stage[b]: the index in ``stages`` of the sub-network that answered sample b.
+    stage: torch.Tensor
+    stages: list[SubNetwork]
+
+
+class AnytimePredictor:
+    """Serves a calibrated FractalNet: each sub-network runs with its own statistics. Holds an
+    eval-mode copy of ``model`` (the model passed in is left as it is) and loads a sub-network's
+    statistics into the copy's BatchNorms when it changes."""
+
+    def __init__(self, model: FractalNet, calibration: Calibration):
+        if not isinstance(model, FractalNet):
+            raise TypeError(f"model must be a FractalNet, got {type(model).__name__}")
+        if not isinstance(calibration, Calibration):
+            raise TypeError(f"calibration must be a Calibration, got {type(calibration).__name__}")
+        if calibration.num_columns != model.num_columns or calibration.model_digest != digest(model.parameters()):
+            raise ValueError("calibration: made for another model (its parameters differ from this model's); "
+                             "calibrate this one")
+        device = next(model.parameters()).device
+        if calibration.device != device.type:
+            raise ValueError(f"calibration: its latencies were measured on {calibration.device}, the model is on "
+                             f"{device.type}; calibrate on the device that serves")
+        self.model = copy.deepcopy(model).eval()
+        self.calibration = calibration
+        self._batchnorms = _batchnorms(self.model)
+        self._loaded: Optional[str] = None
+
+    def run(self, x: torch.Tensor, subnetwork) -> torch.Tensor:
+        """The logits of ``subnetwork`` (a SubNetwork or its name) on ``x``, with its statistics."""
+        subnetwork = self.calibration[subnetwork] if isinstance(subnetwork, str) else subnetwork
+        if self._loaded != subnetwork.name:
+            load_statistics(self.model, self.calibration.statistics[subnetwork.name], self._batchnorms)
+            self._loaded = subnetwork.name
+        with torch.no_grad():
+            return self.model(x, **subnetwork.forward_arguments)
+
+    def predict(self, x: torch.Tensor, budget_ms: float) -> Prediction:
+        """The answer of the most accurate sub-network whose latency per image fits ``budget_ms``
+        (Calibration.choose), and which one answered."""
+        subnetwork = self.calibration.choose(budget_ms)
+        return Prediction(self.run(x, subnetwork), subnetwork)
+
+    def cascade(self, x: torch.Tensor, threshold: float, stages: Optional[Sequence] = None) -> CascadePrediction:
+        """Each sample answered by the first of ``stages`` (default: the fastest sub-network, then
+        the whole network) whose confidence, its largest softmax probability, is above
+        ``threshold``; the last stage answers the rest. Threshold 0: every sample stops at the
+        first stage; 1: every sample goes on to the last."""
+        stages = self._stages(stages)
+        _check_threshold(threshold)
+        logits = stage = None
+        pending = torch.arange(len(x), device=x.device)
+        for index, subnetwork in enumerate(stages):
+            out = self.run(x[pending], subnetwork)
+            if logits is None:
+                logits = out.new_empty((len(x),) + out.shape[1:])
+                stage = torch.empty(len(x), dtype=torch.int64, device=x.device)
+            last = index == len(stages) - 1
+            done = torch.ones_like(pending, dtype=torch.bool) if last else confidence(out) > threshold
+            logits[pending[done]], stage[pending[done]] = out[done], index
+            pending = pending[~done]
+            if not len(pending):
+                break
+        return CascadePrediction(logits, stage, stages)
+
+    def _stages(self, stages) -> list[SubNetwork]:
+        if stages is None:
+            fastest, whole = self.calibration.fastest(), self.calibration.whole()
+            return [fastest, whole] if whole != fastest else [fastest]
+        chosen = [self.calibration[s] if isinstance(s, str) else s for s in stages]
+        if not chosen:
+            raise ValueError("stages must name at least one sub-network")
+        return chosen
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Each sample's largest softmax probability."""
+    return F.softmax(logits.float(), dim=1).amax(1)
+
+
+def _check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a confidence in [0, 1], got {threshold!r}")
+
+
+def load_statistics(model: nn.Module, statistics: dict[str, torch.Tensor], batchnorms=None) -> None:
+    """Copies a sub-network's statistics (Calibration.statistics[name]) into ``model``'s BatchNorms."""
+    batchnorms = _batchnorms(model) if batchnorms is None else batchnorms
+    for key, value in statistics.items():
+        name, buffer = key.rsplit(".", 1)
+        getattr(batchnorms[name], buffer).copy_(value)
+
+
+def cascade_tradeoff(predictor: AnytimePredictor, validation: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     thresholds: Sequence[float], stages: Optional[Sequence] = None) -> list[dict]:
+    """The cascade over ``validation`` at each threshold: accuracy, and the mean latency per
+    image that the calibrated latencies give (each stage's per-image latency times the share of
+    samples that reach it). Each stage runs once over every sample; the thresholds only choose."""
+    stages = predictor._stages(stages)
+    for threshold in thresholds:
+        _check_threshold(threshold)
+    outputs = [[] for _ in stages]
+    labels = []
+    for x, y in _reusable("validation", validation):
+        for index, subnetwork in enumerate(stages):
+            outputs[index].append(predictor.run(x.to(next(predictor.model.parameters()).device), subnetwork).cpu())
+        labels.append(y.cpu())
+    labels = torch.cat(labels)
+    outputs = [torch.cat(out) for out in outputs]
+    sure = [confidence(out) for out in outputs]
+    correct = [out.argmax(1) == labels for out in outputs]
+    rows = []
+    for threshold in thresholds:
+        pending = torch.ones(len(labels), dtype=torch.bool)
+        right = torch.zeros(len(labels), dtype=torch.bool)
+        latency = 0.0
+        for index, subnetwork in enumerate(stages):
+            latency += subnetwork.latency_ms * pending.float().mean().item()
+            done = pending & ((sure[index] > threshold) if index < len(stages) - 1 else True)
+            right |= done & correct[index]
+            pending &= ~done
+        rows.append(dict(threshold=threshold, accuracy=right.float().mean().item(), mean_latency_ms=latency))
+    return rows
+
+
+def choose_threshold(tradeoff: list[dict], mean_budget_ms: float) -> dict:
+    """The most accurate cascade_tradeoff row whose mean latency is within ``mean_budget_ms``."""
+    fitting = [row for row in tradeoff if row["mean_latency_ms"] <= mean_budget_ms]
+    if not fitting:
+        fastest = min(row["mean_latency_ms"] for row in tradeoff)
+        raise ValueError(f"mean_budget_ms={mean_budget_ms:g}: no threshold fits; the fastest cascade takes "
+                         f"{fastest:.4g} ms per image")
+    return max(fitting, key=lambda row: (row["accuracy"], -row["mean_latency_ms"]))
+
+
+def extract(model: FractalNet, calibration: Calibration, subnetwork) -> nn.Module:
+    """The sub-network for deployment, with its own statistics folded in, in eval mode: a column
+    alone as a plain nn.Sequential (FractalNet.extract_column), a truncation to k columns as a
+    FractalNet of k columns. Copies: ``model`` is left as it is."""
+    predictor = AnytimePredictor(model, calibration)
+    subnetwork = calibration[subnetwork] if isinstance(subnetwork, str) else subnetwork
+    load_statistics(predictor.model, calibration.statistics[subnetwork.name], predictor._batchnorms)
+    if subnetwork.mode == "column":
+        return predictor.model.extract_column(subnetwork.k).eval()
+    truncated = predictor.model
+    for block in truncated.blocks:
+        block.columns = block.columns[:subnetwork.k]
+        block.num_columns = subnetwork.k
+    truncated.num_columns = subnetwork.k
+    return truncated.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: fractalnet anytime --checkpoint DIR/best.pt (--calibrate | --budget-ms X,Y)
+# ----------------------------------------------------------------------------------------------
+
+DESCRIPTION = """Anytime prediction from a fractalnet train checkpoint. --calibrate gives every
+sub-network (each column alone, each truncation) its own BatchNorm statistics over the training
+split, measures its error on a validation half of the test split and its latency per image on
+this device, and writes DIR/NAME.anytime.pt (beside the checkpoint), anytime-serving.json and
+anytime-pareto.png; it also measures a confidence cascade (the fastest sub-network first, the
+unsure samples on to the whole network) against each single sub-network on the other half of
+the test split, its threshold chosen on the validation half. --budget-ms serves that other half
+within each budget (ms per image).
+
+examples:
+  fractalnet anytime --checkpoint runs/demo/last.pt --calibrate
+  fractalnet anytime --checkpoint runs/demo/last.pt --budget-ms 0.5,2"""
+
+#: The cascade's thresholds: what the command sweeps.
+THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+
+
+class Batches:
+    """Images of a split, by ``indices``, as (normalised inputs on ``device``, labels) batches:
+    iterable more than once, preparing each batch as it goes (as training's evaluation does)."""
+
+    def __init__(self, dataset, split, indices: torch.Tensor, config, device: torch.device):
+        self.dataset, self.split, self.indices, self.config, self.device = dataset, split, indices, config, device
+
+    def __iter__(self):
+        from . import data
+        from .training import prepared
+
+        for images, labels in data.batches(self.split, self.config.batch_size, self.indices, self.dataset.image_size):
+            yield prepared(images, self.dataset, self.config, self.device), labels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def serving_splits(dataset, config, device: torch.device) -> tuple[Batches, Batches, Batches]:
+    """(calibration, validation, test): the training split for the statistics, and the test split
+    halved by a permutation of the run's seed: validation chooses (errors, thresholds), test
+    reports."""
+    order = torch.randperm(len(dataset.test), generator=torch.Generator().manual_seed(config.seed))
+    half = len(order) // 2
+    return (Batches(dataset, dataset.train, torch.arange(len(dataset.train)), config, device),
+            Batches(dataset, dataset.test, order[:half], config, device),
+            Batches(dataset, dataset.test, order[half:], config, device))
+
+
+def accuracy(predictor: AnytimePredictor, batches: Iterable, subnetwork) -> float:
+    """The share of ``batches`` that ``subnetwork``, served with its statistics, gets right."""
+    right = total = 0
+    for x, labels in batches:
+        right += (predictor.run(x, subnetwork).argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    return right / total
+
+
+def cascade_against_single(predictor: AnytimePredictor, validation, test) -> tuple[list[dict], list[dict], list[dict]]:
+    """For each sub-network slower than the fastest: the cascade (predictor.cascade's default
+    stages) whose threshold validation chooses for that sub-network's latency as mean budget,
+    against that sub-network, on ``test``; and the cascade's trade-off on validation and on test."""
+    on_validation = cascade_tradeoff(predictor, validation, THRESHOLDS)
+    test_rows = cascade_tradeoff(predictor, test, THRESHOLDS)
+    on_test = {row["threshold"]: row for row in test_rows}
+    rows = []
+    fastest = predictor.calibration.fastest()
+    for single in sorted(predictor.calibration.subnetworks, key=lambda s: s.latency_ms):
+        if single == fastest:
+            continue
+        threshold = choose_threshold(on_validation, single.latency_ms)["threshold"]
+        cascade = on_test[threshold]
+        rows.append(dict(single=single.name, single_latency_ms=single.latency_ms,
+                         single_accuracy=accuracy(predictor, test, single), threshold=threshold,
+                         cascade_latency_ms=cascade["mean_latency_ms"], cascade_accuracy=cascade["accuracy"]))
+    return rows, on_validation, test_rows
+
+
+def write_pareto_plot(calibration: Calibration, tradeoff: list[dict], path: Path, subtitle: str) -> None:
+    """Error against latency per image: every sub-network, the Pareto front, and the cascade."""
+    from .plots import error_axis, legend_beside, plain_ticks, pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, marker in (("column", "o"), ("columns", "s")):
+        chosen = [s for s in calibration.subnetworks if s.mode == mode]
+        ax.errorbar([s.latency_ms for s in chosen], [100 * s.error for s in chosen],
+                    xerr=[[s.latency_ms - s.latency_low_ms for s in chosen],
+                          [s.latency_high_ms - s.latency_ms for s in chosen]],
+                    fmt=marker, capsize=3, label="single column k" if mode == "column" else "truncation columns=k")
+        for s in chosen:
+            ax.annotate(s.name, (s.latency_ms, 100 * s.error), textcoords="offset points", xytext=(4, 4),
+                        fontsize="x-small")
+    front = calibration.pareto()
+    ax.plot([s.latency_ms for s in front], [100 * s.error for s in front], "k--", lw=1, label="Pareto front")
+    ax.plot([r["mean_latency_ms"] for r in tradeoff], [100 * (1 - r["accuracy"]) for r in tradeoff], "^-",
+            ms=4, label="cascade (mean latency)")
+    ax.set_xscale("log")
+    plain_ticks(ax, "x")
+    ax.set(xlabel=f"latency (ms per image, batch {calibration.batch_size}, median and 20th-80th pct)",
+           ylabel="validation error (%)", title="anytime prediction: error against latency")
+    error_axis(ax, calibration.validation_images, "validation")
+    legend_beside(ax)
+    save(fig, path, subtitle)
+
+
+def parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fractalnet anytime", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a fractalnet train checkpoint (DIR/best.pt)")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--calibrate", action="store_true", help="calibrate every sub-network and write the results")
+    action.add_argument("--budget-ms", metavar="X[,Y...]", type=_budgets,
+                        help="serve within each budget (ms per image) with the saved calibration")
+    p.add_argument("--batch-size", type=int, default=1, help="the batch size latencies hold for (default: 1)")
+    p.add_argument("--repeats", type=int, default=20, help="timings of each sub-network (default: 20)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: this process's GPU if there is one)")
+    p.add_argument("--threads", type=int, help="torch's CPU threads while timing (default: torch's; small batches "
+                   "time steadier with 1 where other processes share the cores)")
+    return p
+
+
+def _budgets(text: str) -> list[float]:
+    import argparse
+
+    try:
+        budgets = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds such as 0.5 or 0.5,2, got {text!r}") from None
+    if not all(0 < b < math.inf for b in budgets):
+        raise argparse.ArgumentTypeError(f"budgets must be positive milliseconds, got {text!r}")
+    return budgets
+
+
+def run(argv=None) -> dict:
+    """The command; returns what it printed, as data."""
+    from .extras import require_train_extra
+    from .plots import run_subtitle
+    from .training import TrainConfig, load, load_checkpoint, load_dataset, resolve_device
+
+    args = parser().parse_args(argv)
+    require_train_extra("fractalnet anytime")
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < (1 if name == "batch_size" else 3):
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {1 if name == 'batch_size' else 3}, "
+                             f"got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    checkpoint = Path(args.checkpoint)
+    model = load(checkpoint, device, option="--checkpoint")
+    config = TrainConfig.from_dict(load_checkpoint(checkpoint, "--checkpoint")["args"]).replace(device=None)
+    dataset, config = load_dataset(config)
+    calibration_, validation, test = serving_splits(dataset, config, device)
+    saved = calibration_path(checkpoint)
+    if args.calibrate:
+        calibration = calibrate(model, calibration_, validation, batch_size=args.batch_size, repeats=args.repeats)
+        calibration.save(saved)
+        predictor = AnytimePredictor(model, calibration)
+        against, tradeoff, tradeoff_test = cascade_against_single(predictor, validation, test)
+        print(f"fractalnet anytime: {checkpoint}, calibrated on {device}\n\n{calibration.table()}\n")
+        print(f"cascade (threshold chosen on the validation half for each mean budget) against the single "
+              f"sub-network of that latency, on the other {len(test)} test images:\n")
+        print("| budget: latency of | single error (%) | cascade threshold | cascade mean ms | cascade error (%) |")
+        print("|---|---|---|---|---|")
+        for row in against:
+            print(f"| {row['single']} ({row['single_latency_ms']:.4g} ms) | {100 * (1 - row['single_accuracy']):.2f} "
+                  f"| {row['threshold']:g} | {row['cascade_latency_ms']:.4g} | "
+                  f"{100 * (1 - row['cascade_accuracy']):.2f} |")
+        out = checkpoint.parent
+        result = dict(checkpoint=str(checkpoint), calibration=str(saved), table=calibration.table(),
+                      subnetworks=[dict(name=s.name, **asdict(s)) for s in calibration.subnetworks],
+                      pareto=[s.name for s in calibration.pareto()], cascade_validation=tradeoff,
+                      cascade_test=tradeoff_test, cascade_against_single=against, test_images=len(test),
+                      versions=calibration.versions)
+        import json
+
+        (out / "anytime-serving.json").write_text(json.dumps(result, indent=1))
+        subtitle = run_subtitle(config.dataset, config.epochs, [config.seed], calibration.hardware, None)
+        write_pareto_plot(calibration, tradeoff, out / "anytime-pareto.png", subtitle)
+        print(f"\nwrote {saved}, {out}/anytime-serving.json, {out}/anytime-pareto.png")
+        return result
+    calibration = Calibration.load(saved)
+    predictor = AnytimePredictor(model, calibration)
+    rows = []
+    print(f"fractalnet anytime: {checkpoint} on {device} (calibrated at batch {calibration.batch_size} on "
+          f"{calibration.hardware}); served on the {len(test)} held-out test images\n")
+    print("| budget (ms per image) | sub-network | its latency (ms) | validation error (%) | served test error (%) |")
+    print("|---|---|---|---|---|")
+    for budget in args.budget_ms:
+        fastest = calibration.pareto()[0]
+        if budget < fastest.latency_ms:
+            print(f"| {budget:g} | none fits (the fastest, {fastest.name}, takes {fastest.latency_ms:.4g}) | | | |")
+            continue
+        chosen = calibration.choose(budget)
+        served = accuracy(predictor, test, chosen)
+        rows.append(dict(budget_ms=budget, subnetwork=chosen.name, latency_ms=chosen.latency_ms,
+                         validation_error=chosen.error, test_error=1 - served))
+        print(f"| {budget:g} | {chosen.name} | {chosen.latency_ms:.4g} | {100 * chosen.error:.2f} | "
+              f"{100 * (1 - served):.2f} |")
+    if not rows:
+        raise ValueError(f"--budget-ms: no budget fits; the fastest sub-network takes "
+                         f"{calibration.pareto()[0].latency_ms:.4g} ms per image")
+    return dict(served=rows)
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from .extras import MissingExtra
+    from .training import ConfigError
+
+    try:
+        run(argv)
+    except (ConfigError, MissingExtra, ValueError, FileNotFoundError) as error:
+        print(f"fractalnet anytime: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
