@@ -18,7 +18,7 @@ from fractal_kernels import __version__
 from .extras import installed_version
 
 #: Each command and the module whose main(argv) runs it.
-COMMANDS = {"train": "fractalnet.train", "experiments": "fractalnet.experiments", "anytime": "fractalnet.anytime"}
+COMMANDS = {"train": "fractalnet.train", "experiments": "fractalnet.experiments", "anytime": "fractalnet.anytime_cli"}
 
 DESCRIPTION = """FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017) on the fused Triton kernels of
 fractal-kernels: train it, rerun the paper's experiments, and serve its sub-networks within a

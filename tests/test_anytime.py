@@ -17,8 +17,9 @@ import torch
 from fractalnet import create_model, data
 from fractalnet.anytime import (
     AnytimePredictor, Calibration, SubNetwork, _latency_ms, calibrate, calibration_path, cascade_tradeoff,
-    choose_threshold, extract, main, serving_splits,
+    choose_threshold, extract,
 )
+from fractalnet.anytime_cli import main, serving_splits
 from fractalnet.training import TrainConfig, reestimated
 
 ROOT = Path(__file__).resolve().parent.parent
