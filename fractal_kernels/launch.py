@@ -184,8 +184,8 @@ class DirectLaunches:
     generated for it, which tests the argument tuple for exactly the facts it was compiled for
     (the facts of _facts_function: at least as fine as Triton's specialisation, the kernel's own
     ``do_not_specialize`` honoured), and call its launcher as run does, every argument in
-    parameter order (as Inductor launches user kernels). A guard is a chain of comparisons (a
-    run of None slots is one tuple comparison): no tuple of facts is built or hashed. Variants
+    parameter order (as Inductor launches user kernels). A guard is a chain of comparisons (an
+    empty slot tested by identity): no tuple of facts is built or hashed. Variants
     are grouped by device (a compiled kernel's function handle belongs to one device), argument
     count and keyword arguments, whose values complete the launcher's arguments.
     """
@@ -278,19 +278,14 @@ def _facts_function(specialised: list[bool], align: list[bool]) -> Callable:
 
 def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], bool]:
     """``guard(args)``: whether every argument has the facts ``facts`` (those of the arguments
-    a variant was compiled for), tested one comparison after another; a run of None arguments
-    (the empty slots of a per-input list) is one tuple comparison."""
+    a variant was compiled for), tested one comparison after another. An empty slot is tested by
+    identity: ``==`` against None (a tuple comparison too) makes a tensor in that slot raise and
+    catch a C++ exception inside torch, about 10 us."""
     terms, constants = [], {}
-    i = 0
-    while i < len(facts):
-        fact, spec, a = facts[i], specialised[i], f"a[{i}]"
+    for i, (fact, spec) in enumerate(zip(facts, specialised)):
+        a = f"a[{i}]"
         if fact is None:
-            end = i
-            while end < len(facts) and facts[end] is None:
-                end += 1
-            constants[f"n{i}"] = (None,) * (end - i)
-            terms.append(f"a[{i}:{end}] == n{i}")
-            i = end
+            terms.append(f"{a} is None")
             continue
         small = f"type({a}) is int and -2147483648 <= {a} < 2147483648"
         if isinstance(fact, torch.dtype) or (isinstance(fact, tuple) and isinstance(fact[0], torch.dtype)):
@@ -309,7 +304,6 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
         else:  # a wide int's facts
             constants[f"f{i}"] = fact
             terms.append(f"type({a}) is int and not -2147483648 <= {a} < 2147483648 and scalar({a}, {spec}) == f{i}")
-        i += 1
     source = f"def guard(a):\n    return {' and '.join(f'({t})' for t in terms) or 'True'}\n"
     return _compiled_source("guard", source, constants)
 

@@ -3,6 +3,7 @@ the second half of `make test`): ops registered with triton_op, torch.compile(fu
 forward and backward against the reference, torch's own kernel-mutation analysis on every launch
 the package makes, the kernels torch.library finds for each op, and direct eager launches."""
 
+import contextlib
 import itertools
 import re
 
@@ -723,6 +724,34 @@ def test_eager_launches_are_direct():
             out.sum().backward()
     assert launches[0] == 2  # single-pass forward and backward
     assert side_table_size() == before
+
+
+def test_direct_launches_compare_no_tensor_with_none(monkeypatch):
+    """The guards of the direct launches test empty slots by identity: ``tensor == None`` (in a
+    tuple comparison too) raises and catches a C++ exception inside torch, about 10 us a launch.
+    A global batch first (no running statistics: None slots), then a local one (tensors there):
+    each launch of the local step passes by the global step's guards first."""
+    torch.manual_seed(0)
+    model = FractalNet(10, widths=(4, 8), dropout=(0.0, 0.1), columns=4).to(DEVICE)
+    x = torch.randn(6, 3, 8, 8, device=DEVICE)
+
+    def steps():
+        for structure in (2, "local"):
+            model(x, structure=structure).sum().backward()
+
+    with fk.use_backend("triton"), fake_gpu.stubbed_launches() if fake_gpu.installed() else contextlib.nullcontext():
+        steps()  # compiles each variant: the guards exist from here on
+        compared = []
+        equal = torch.Tensor.__eq__
+
+        def recording_eq(self, other):
+            compared.append(other is None)
+            return equal(self, other)
+
+        monkeypatch.setattr(torch.Tensor, "__eq__", recording_eq)
+        with launch.count_launches() as launches:
+            steps()
+    assert launches[0] > 0 and not any(compared), f"{sum(compared)} comparisons of a tensor with None"
 
 
 @pytest.mark.parametrize("op", ["bn_relu", "join_bn_relu"])
