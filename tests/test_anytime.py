@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fractalnet
 from fractalnet import create_model, data
 from fractalnet.anytime import (
     AnytimePredictor, Calibration, SubNetwork, _latency_ms, calibrate, calibration_path, cascade_tradeoff,
@@ -345,3 +346,15 @@ def test_the_command_refuses_bad_arguments_in_one_line(argv, message, capsys):
     stderr = capsys.readouterr().err
     # One line of error (argparse's own come after its usage).
     assert status == 2 and message in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_load_rebuilds_the_model_a_checkpoint_holds(checkpoint, tmp_path):
+    model = fractalnet.load(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["model"]
+    assert isinstance(model, fractalnet.FractalNet) and not model.training
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    (tmp_path / "not.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="path: cannot read .*not.pt: truncated or not a checkpoint"):
+        fractalnet.load(tmp_path / "not.pt")
