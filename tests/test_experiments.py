@@ -175,3 +175,25 @@ def test_bad_options_fail_in_one_line(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "fractalnet experiments: error:" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_every_long_loop_shows_a_bar_with_the_time_left(tmp_path, monkeypatch):
+    """An experiment's bar over its runs, one per run over its epochs, one per epoch over its
+    steps: each a tqdm bar (which shows the time left), in a terminal only."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append((kwargs.get("desc"), kwargs.get("total"), kwargs.get("disable")))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    assert experiments.main(["depth", *TINY, "--columns", "1", "--epochs", "2", "--out", str(tmp_path)]) == 0
+    descriptions = [desc for desc, _, _ in bars]
+    assert descriptions[0] == "depth"
+    run = next((desc, total) for desc, total, _ in bars if desc.endswith("seed 0"))
+    assert run[1] == 2  # the run's bar counts its epochs
+    assert "epoch 1/2" in descriptions and "epoch 2/2" in descriptions
+    assert all(disable is None for desc, _, disable in bars if not desc.startswith("epoch"))
