@@ -235,13 +235,6 @@ def _poison_free_memory(device) -> None:
 
 
 #: (atol, rtol) against the fp64 reference, per storage dtype (the test suite's).
-def _tolerances():
-    import torch
-
-    return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 5e-3),
-            torch.bfloat16: (2e-2, 2e-2)}
-
-
 def op_cases(small: bool = False) -> list[dict]:
     """The ops phase's cases: (op, dtype, layout, join kind, training), the training dtypes first
     (``small``: fp32 NCHW only, for the sanitizer)."""
@@ -271,6 +264,7 @@ def check_op(case: dict, shape: tuple, device, seed: int) -> dict:
 
     import fractal_kernels as fk
     from fractal_kernels import reference
+    from fractal_kernels.testing import TOLERANCES
 
     dtype, op, k = case["dtype"], case["op"], 1 if case["op"] == "bn_relu" else 3
     gen = torch.Generator().manual_seed(seed)
@@ -326,7 +320,7 @@ def check_op(case: dict, shape: tuple, device, seed: int) -> dict:
     expected = call(reference, xs64, theirs)
     expected_grads = torch.autograd.grad(expected, xs64 + (theirs["weights"] + theirs["biases"] if bn else []),
                                          cotangent, allow_unused=True)
-    atol, rtol = _tolerances()[dtype]
+    atol, rtol = TOLERANCES[dtype]
     errors = {}
     pairs = [("forward", out, expected)] + [(f"grad {i}", g, e) for i, (g, e) in enumerate(zip(grads, expected_grads))]
     if bn and training:

@@ -3,19 +3,12 @@
 import pytest
 import torch
 
-from fractal_kernels.testing import fake_gpu
+from fractal_kernels.testing import TOLERANCES, fake_gpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Whether the ops take the GPU's registration path (triton_op): on a GPU or the fake GPU.
 GPU_PATH = torch.cuda.is_available() or fake_gpu.installed()
 
-#: Absolute and relative tolerances against an fp64 reference, per storage dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 5e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
 #: Tolerances of per-channel statistics (running mean and variance): fp32 for every storage
 #: dtype but fp64 (fp64 statistics, fp64 momentum).
 STAT_TOLERANCES = {

@@ -15,6 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..launch import count_launches
 
+#: (atol, rtol) of an op's output against the fp64 reference, by storage dtype: what the tests
+#: and the GPU check compare with.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
 #: ATen ops that allocate, reshape or alias: no kernel launch.
 _NO_KERNEL = {
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
