@@ -1,6 +1,6 @@
 """Host time: the CPU time per op and per training step, fused beside eager in the same run.
 
-    python -m benchmarks.host [--quick] --json PATH        (TRITON_INTERPRET unset)
+    python -m benchmarks.host [--quick] [--instructions] --json PATH        (TRITON_INTERPRET unset)
 
 On the fake GPU (fractal_kernels.testing.fake_gpu) the package takes its GPU path (triton_op
 registration, autograd.Functions, tiling, argument lists) and every launch goes through Triton's
@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -35,6 +38,7 @@ from fractal_kernels.testing import fake_gpu
 #: machine's speed drifts over seconds: many short repeats, alternated, let both sides meet its
 #: quiet spells.
 REPEATS, QUICK_REPEATS, CALLS = 21, 7, 50
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def alternated_us(fns: dict[str, Callable[[], object]], calls: int = CALLS,
@@ -130,6 +134,27 @@ STEP_IMPLEMENTATIONS = {"eager": dict(fused=False), "fused": {}, "fused+recomput
                         "fused+skip": dict(skip_dropped=True)}
 
 
+def training_step(network: str, per: str, implementation: str, generator: torch.Generator) -> Callable[[], None]:
+    """One training step (forward, backward, SGD step) of ``network``'s structure, one channel
+    wide, batch 2, drop-path drawn per ``per`` from ``generator``, as ``implementation`` runs it."""
+    from fractalnet import create_model, model_config
+
+    size, classes = (32, 10) if "cifar" in network else (64, 1000)
+    torch.manual_seed(0)
+    widths = (1,) * len(model_config(network)["widths"])
+    model = create_model(network, classes, in_channels=1, widths=widths, drop_path_per=per,
+                         **STEP_IMPLEMENTATIONS[implementation])
+    x, labels = torch.randn(2, 1, size, size), torch.randint(classes, (2,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        F.cross_entropy(model(x, generator=generator), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", "batch"),
               repeats: int = REPEATS) -> list[dict]:
     """One training step (forward, backward, SGD step) of each network's structure, one channel
@@ -139,27 +164,12 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
     of one column runs its units alone), so each repeat draws other structures: 5 steps a
     repeat, the sides' times the medians over the repeats, and fused / eager the median of the
     repeats' own ratios (each of two sides timed moments apart, on the same structures)."""
-    from fractalnet import create_model, model_config
-
     rows = []
     for network in networks:
-        size, classes = (32, 10) if "cifar" in network else (64, 1000)
         for per in drop_path_pers:
             generator = torch.Generator()
-            steps = {}
-            for implementation, options in STEP_IMPLEMENTATIONS.items():
-                torch.manual_seed(0)
-                widths = (1,) * len(model_config(network)["widths"])
-                model = create_model(network, classes, in_channels=1, widths=widths, drop_path_per=per, **options)
-                x, labels = torch.randn(2, 1, size, size), torch.randint(classes, (2,))
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-                def step(model=model, x=x, labels=labels, optimizer=optimizer):
-                    F.cross_entropy(model(x, generator=generator), labels).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-                steps[implementation] = step
+            steps = {implementation: training_step(network, per, implementation, generator)
+                     for implementation in STEP_IMPLEMENTATIONS}
             times = alternated_us(steps, calls=5, reset=generator.manual_seed, repeats=repeats)
             ratio = statistics.median(f / e for f, e in zip(times["fused"], times["eager"]))
             rows.append(dict(network=network, batch=2, drop_path_per=per,
@@ -168,11 +178,90 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
     return rows
 
 
+#: What a process that counts instructions sets up first: the fake GPU, as main() has it.
+_CALLGRIND_SETUP = """
+import contextlib, torch
+from fractal_kernels.testing import fake_gpu
+fake_gpu.install()
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+from benchmarks import host
+"""
+
+
+def instructions(setup: str, stmt: str, calls: int) -> float:
+    """Instructions per call of ``stmt`` (which makes ``calls`` calls) after ``setup``, counted
+    by valgrind's callgrind (torch.utils.benchmark's collect_callgrind, denoised) in a process of
+    its own: repeatable to well under 1%, where thread time on a shared machine moves 10-15%."""
+    from torch.utils.benchmark import Timer
+
+    # collect_callgrind's process runs `python` from PATH: make it this one, with this tree.
+    saved = {name: os.environ.get(name) for name in ("PATH", "PYTHONPATH")}
+    os.environ["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), saved["PATH"]]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
+    try:
+        stats = Timer(stmt, setup=_CALLGRIND_SETUP + setup).collect_callgrind(number=1, collect_baseline=False)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return stats.counts(denoise=True) / calls
+
+
+def op_instructions(name: str, side: str, calls: int = 20) -> float:
+    """Instructions per forward + backward of op case ``name`` (_op_cases), fused or eager."""
+    namespace = "fractal_kernels" if side == "fused" else "fractal_kernels.reference"
+    setup = (f"import importlib\nfn = host._op_cases(importlib.import_module({namespace!r}))[{name!r}]\n"
+             f"(host.fused() if {side == 'fused'} else contextlib.nullcontext()).__enter__()\n"
+             "for _ in range(3): fn()\n")
+    return instructions(setup, f"for _ in range({calls}): fn()", calls)
+
+
+def step_instructions(network: str, per: str, implementation: str, seeds: int = 8) -> float:
+    """Instructions per training step (training_step) over the drop-path draws of ``seeds``
+    seeds, after the same steps as a warm-up."""
+    loop = f"for seed in range({seeds}):\n    generator.manual_seed(seed)\n    step()\n"
+    setup = (f"generator = torch.Generator()\n"
+             f"step = host.training_step({network!r}, {per!r}, {implementation!r}, generator)\n"
+             f"(host.fused() if {implementation != 'eager'} else contextlib.nullcontext()).__enter__()\n{loop}")
+    return instructions(setup, loop, seeds)
+
+
+def instruction_rows(networks: list[str], drop_path_pers: tuple[str, ...]) -> dict:
+    """Fused and eager instructions per op and per training step, and their ratios."""
+    import fractal_kernels as fk
+
+    ops = []
+    for name in _op_cases(fk):
+        fused_count, eager_count = op_instructions(name, "fused"), op_instructions(name, "eager")
+        ops.append(dict(op=name, fused=fused_count, eager=eager_count, fused_over_eager=fused_count / eager_count))
+    steps = []
+    for network in networks:
+        for per in drop_path_pers:
+            fused_count = step_instructions(network, per, "fused")
+            eager_count = step_instructions(network, per, "eager")
+            steps.append(dict(network=network, batch=2, drop_path_per=per, fused=fused_count, eager=eager_count,
+                              fused_over_eager=fused_count / eager_count))
+    return dict(ops=ops, steps=steps)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="FractalNet-20 only, drop-path per batch only")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions with valgrind's callgrind instead of timing (needs valgrind)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            parser.error("--instructions needs valgrind (Debian: apt install valgrind)")
+        networks, pers = ((["fractalnet20_cifar"], ("batch",)) if args.quick else
+                          (["fractalnet20_cifar", "fractalnet40_cifar"], ("sample", "batch")))
+        with open(args.json, "w") as f:
+            json.dump(dict(instructions=instruction_rows(networks, pers)), f, indent=1)
+        return 0
     fake_gpu.install()
     torch.set_num_threads(1)
     # Stubbed launches leave the fused ops' outputs uninitialised; denormal garbage there would

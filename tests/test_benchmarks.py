@@ -2,6 +2,7 @@
 reports holds what the fused design promises."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,42 @@ def test_host_repeats_alternate_the_sides_on_the_same_draws():
     warm_up, timed = seen[:6], seen[6:]
     assert warm_up == [(name, repeat) for name in ("eager", "other") for repeat in range(3)]
     assert timed == [(name, repeat) for repeat in range(3) for name in ("eager", "other") for _ in range(2)]
+
+
+def test_instruction_mode_counts_each_side_in_a_process_of_its_own(monkeypatch, tmp_path):
+    """--instructions: every op and step counted fused and eager (collect_callgrind stands in:
+    a real count takes about 1.5 minutes a process under valgrind), the ratios from the counts,
+    and the environment put back."""
+    from benchmarks import host
+
+    counted = []
+
+    def instructions(setup, stmt, calls):
+        counted.append(setup)
+        return 200.0 if "host.fused() if True" in setup else 100.0
+
+    monkeypatch.setattr(host, "instructions", instructions)
+    monkeypatch.setattr(host.shutil, "which", lambda name: "/usr/bin/valgrind")
+    path = os.environ.get("PATH")
+    assert host.main(["--quick", "--instructions", "--json", str(tmp_path / "counts.json")]) == 0
+    result = json.loads((tmp_path / "counts.json").read_text())["instructions"]
+    assert {row["op"] for row in result["ops"]} == {"masked_join k=3", "bn_relu", "join_bn_relu k=3"}
+    assert [(row["network"], row["drop_path_per"]) for row in result["steps"]] == [("fractalnet20_cifar", "batch")]
+    assert all(row["fused"] == 200 and row["eager"] == 100 and row["fused_over_eager"] == 2
+               for row in result["ops"] + result["steps"])
+    assert len(counted) == 2 * 3 + 2 and os.environ.get("PATH") == path
+    # Each setup builds what it counts: compiled as Python, it names the case.
+    for setup in counted:
+        compile(host._CALLGRIND_SETUP + setup, "<setup>", "exec")
+
+
+def test_instruction_mode_without_valgrind_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    from benchmarks import host
+
+    monkeypatch.setattr(host.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit):
+        host.main(["--instructions", "--json", str(tmp_path / "counts.json")])
+    assert "--instructions needs valgrind" in capsys.readouterr().err
 
 
 def test_minimal_bytes_of_the_bn_relu_two_pass_design():
