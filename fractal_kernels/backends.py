@@ -71,7 +71,9 @@ def use_triton(x: torch.Tensor) -> bool:
     if _backend == "auto":
         return HAS_TRITON and x.device.type == "cuda"
     require_triton("the Triton backend (FRACTAL_KERNELS_BACKEND=triton)")
-    from .launch import check_launchable
-
     check_launchable(x)
     return True
+
+
+if HAS_TRITON:  # imported once, not on every call of use_triton (launch needs triton)
+    from .launch import check_launchable

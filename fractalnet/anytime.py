@@ -194,9 +194,18 @@ def calibrate(model: FractalNet, calibration: Iterable[torch.Tensor],
     example = _example_batch(validation, batch_size, device)
     working = copy.deepcopy(model).eval()
     batchnorms = _batchnorms(working)
-    results, statistics_of = [], {}
+    results, statistics_of, calibration_images = [], {}, 0
+
+    def calibration_inputs():
+        nonlocal calibration_images
+        for batch in calibration:
+            x = _inputs(batch)
+            calibration_images += len(x)
+            yield x.to(device)
+
     for mode, k in subnetworks_of(working):
-        reestimate_batchnorm_over(working, (_inputs(batch).to(device) for batch in calibration), **{mode: k})
+        calibration_images = 0  # counted as each pass reads it
+        reestimate_batchnorm_over(working, calibration_inputs(), **{mode: k})
         error, validation_images = _error(working, validation, device, {mode: k})
         median, low, high = _latency_ms(lambda: working(example, **{mode: k}), device, repeats)
         subnetwork = SubNetwork(mode, k, _depth(working, k), error, median / batch_size, low / batch_size,
@@ -205,7 +214,6 @@ def calibrate(model: FractalNet, calibration: Iterable[torch.Tensor],
         statistics_of[subnetwork.name] = {f"{name}.{buffer}": getattr(bn, buffer).detach().cpu().clone()
                                           for name, bn in batchnorms.items() if bn.num_batches_tracked > 0
                                           for buffer in STATISTICS}
-    calibration_images = sum(len(_inputs(batch)) for batch in calibration)
     return Calibration(
         results, statistics_of, digest(model.parameters()), model.num_columns, device.type, device_name(device),
         str(parameter.dtype).removeprefix("torch."), batch_size, calibration_images, validation_images,
@@ -373,9 +381,11 @@ def cascade_tradeoff(predictor: AnytimePredictor, validation: Iterable[tuple[tor
         _check_threshold(threshold)
     outputs = [[] for _ in stages]
     labels = []
+    device = next(predictor.model.parameters()).device
     for x, y in _reusable("validation", validation):
+        x = x.to(device)
         for index, subnetwork in enumerate(stages):
-            outputs[index].append(predictor.run(x.to(next(predictor.model.parameters()).device), subnetwork).cpu())
+            outputs[index].append(predictor.run(x, subnetwork).cpu())
         labels.append(y.cpu())
     labels = torch.cat(labels)
     outputs = [torch.cat(out) for out in outputs]

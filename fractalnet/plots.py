@@ -28,11 +28,11 @@ def plain_ticks(ax, axis: str = "y") -> None:
         target.set_minor_formatter(NullFormatter())
 
 
-def error_axis(ax, test_images: int | None, split: str = "test") -> None:
-    """An error axis from 0, saying how much one image of the ``split`` it counts is."""
+def error_axis(ax, images: int | None, split: str = "test") -> None:
+    """An error axis from 0, saying how much one of the ``images`` of the ``split`` it counts is."""
     ax.set_ylim(bottom=0)
-    if test_images:
-        ax.set_ylabel(f"{ax.get_ylabel()}\none {split} image = {100 / test_images:.2f}%")
+    if images:
+        ax.set_ylabel(f"{ax.get_ylabel()}\none {split} image = {100 / images:.2f}%")
 
 
 def legend_beside(ax) -> None:

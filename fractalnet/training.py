@@ -148,7 +148,11 @@ def load_checkpoint(path, option: str = "--resume") -> dict:
 def load(path, device="cpu", option: str = "path") -> FractalNet:
     """The FractalNet that a ``fractalnet train`` checkpoint holds (``DIR/best.pt`` or
     ``DIR/last.pt``), rebuilt from the run's options, on ``device``, in eval mode."""
-    checkpoint = load_checkpoint(path, option)
+    return model_from_checkpoint(load_checkpoint(path, option), device)
+
+
+def model_from_checkpoint(checkpoint: dict, device="cpu") -> FractalNet:
+    """load's model, from a checkpoint already read (load_checkpoint)."""
     state = checkpoint["model"]
     first_conv = state["stem.conv.weight" if "stem.conv.weight" in state else "blocks.0.columns.0.0.conv.weight"]
     model = model_of(TrainConfig.from_dict(checkpoint["args"]), num_classes=state["head.weight"].shape[0],
