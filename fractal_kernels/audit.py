@@ -52,7 +52,7 @@ SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}
 
 #: Kernels that stream activations through once: they need two resident 256-thread blocks per
 #: SM (16 warps) to hide memory latency; the others reduce, and need one (8 warps).
-STREAMING_KERNELS = {"masked_join_fwd_kernel", "masked_join_bwd_kernel", "bn_apply_kernel", "bn_backward_dx_kernel"}
+STREAMING_KERNELS = {"join_forward_kernel", "join_backward_kernel", "bn_apply_kernel", "bn_backward_dx_kernel"}
 
 
 #: Kernels that apply the ReLU to values (the backward kernels only test its sign).

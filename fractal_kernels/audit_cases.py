@@ -10,6 +10,7 @@ import torch
 
 from .batchnorm import batch_norm_join
 from .join import join_backward, join_forward
+from .join_modes import Join
 from .tensors import acc_dtype
 
 
@@ -26,10 +27,10 @@ def join_cases(shape: tuple, dtype: torch.dtype, channels_last: bool, quick: boo
         xs = _meta_inputs([shape] * k, dtype, channels_last)
         mask = torch.ones(k, shape[0], dtype=torch.bool, device="meta")
         rows = torch.zeros(k, shape[0], dtype=torch.int64, device="meta")
-        for name, join in (("mean", {}), ("mask", dict(mask=mask)), ("gather", dict(rows=rows))):
+        for name, join in (("mean", Join.of(xs)), ("mask", Join.of(xs, mask)), ("gather", Join.of(xs, rows=rows))):
             yield f"join k={k} {name}", lambda xs=xs, join=join: (
-                join_forward(xs, **join),
-                join_backward(xs[0], [x.shape[0] for x in xs], **join),
+                join_forward.eager(xs, join),
+                join_backward.eager(xs[0], join),
             )
 
 
@@ -42,8 +43,8 @@ def _batch_norm_forward_backward(xs, mask, affine: bool, training: bool, relu: b
               for _ in range(k)]
     statistic = acc_dtype(xs[0].dtype)
     running_means, running_vars = ([xs[0].new_empty(C, dtype=statistic) for _ in range(k)] for _ in range(2))
-    out = batch_norm_join(xs, mask, params, params, running_means, running_vars, training=training, momentum=0.1,
-                          eps=1e-5, relu=relu, rows=rows)
+    out = batch_norm_join(xs, Join.of(xs, mask, rows), params, params, running_means, running_vars, training=training,
+                          momentum=0.1, eps=1e-5, relu=relu)
     out.backward(torch.empty_like(out))
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS, PreparedLaunch, cdiv, next_power_of_2
+from .launch import MAX_INPUTS, REDUCTION_REGISTERS, STREAMING_REGISTERS, cdiv, next_power_of_2
 from .tensors import is_channels_last
 
 #: Elements per tile (8 warps: 8 values a thread).
@@ -70,9 +70,11 @@ class ChannelTiling:
     tiles_per_chunk: int
     num_chunks: int
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self._grid
+    #: The launch grid: (channel blocks, chunks).
+    grid: tuple[int, int]
+    #: Constexprs and launch options of a streaming kernel and of a reduction on this tiling.
+    streaming_meta: dict = field(compare=False)
+    reduction_meta: dict = field(compare=False)
 
     @property
     def count(self) -> int:
@@ -85,25 +87,7 @@ class ChannelTiling:
 
     def meta(self, streaming: bool) -> dict:
         """The tiling's constexprs and launch options, for a streaming kernel or a reduction."""
-        return self._streaming_meta if streaming else self._reduction_meta
-
-    def launcher(self, kernel, streaming: bool, **constexprs) -> PreparedLaunch:
-        """The PreparedLaunch of ``kernel`` on this tiling: its grid, meta and ``constexprs``
-        (one per kernel and constexprs, kept with the tiling, which is cached by shape)."""
-        key = (id(kernel), streaming, *constexprs.items())
-        prepared = self._launchers.get(key)
-        if prepared is None:
-            prepared = PreparedLaunch(kernel, self.grid, dict(self.meta(streaming), **constexprs))
-            self._launchers[key] = prepared
-        return prepared
-
-    def __post_init__(self):
-        object.__setattr__(self, "_launchers", {})
-        object.__setattr__(self, "_grid", (cdiv(self.C, self.BLOCK_C), self.num_chunks))
-        common = dict(CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64, FIXED_HW=self.fixed_hw,
-                      BLOCK_N=self.BLOCK_N, BLOCK_C=self.BLOCK_C, BLOCK_HW=self.BLOCK_HW, num_warps=self.num_warps)
-        object.__setattr__(self, "_streaming_meta", dict(common, maxnreg=STREAMING_REGISTERS))
-        object.__setattr__(self, "_reduction_meta", dict(common, maxnreg=REDUCTION_REGISTERS))
+        return self.streaming_meta if streaming else self.reduction_meta
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -173,9 +157,12 @@ def _tiling_of(shape: tuple, channels_last: bool, element_size: int, num_inputs:
     # compile-time constant: 14x14 planes then take 128-bit fp32 loads, 2x2 and 1x1 planes
     # stack channels into wide loads. (7x7 planes are odd-sized: NCHW allows no vectors there.)
     fixed_hw = HW if not channels_last and HW % 16 and HW <= _MAX_FIXED_HW else 0
+    common = dict(CHANNELS_LAST=channels_last, INDEX_64=index_64, FIXED_HW=fixed_hw, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C,
+                  BLOCK_HW=BLOCK_HW, num_warps=num_warps)
     return ChannelTiling(
         N, C, HW, channels_last, index_64, fixed_hw, BLOCK_N, BLOCK_C, BLOCK_HW, num_warps, hw_blocks,
-        tiles_per_chunk, num_chunks,
+        tiles_per_chunk, num_chunks, (c_blocks, num_chunks), dict(common, maxnreg=STREAMING_REGISTERS),
+        dict(common, maxnreg=REDUCTION_REGISTERS),
     )
 
 

@@ -12,26 +12,27 @@ Its gradients are compact too, written row by row from the inverse table (no zer
 
 Both layouts need no copy: a contiguous or channels-last tensor keeps each sample's elements in
 one dense run, so the kernels see [batch, sample_numel] whatever the layout.
+
+Both are one pair of passes over a Join (join_modes.py): ``join_forward`` and ``join_backward``,
+each a launcher and its torch.library op (kernel_op.KernelOp), with their kernels
+``join_forward_kernel`` and ``join_backward_kernel``; JoinFunction is their autograd.
 """
 
 from __future__ import annotations
-
-from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .join_modes import JOIN_GATHER, join_args, join_row, join_scale, row_samples
-from .launch import (
-    STREAMING_REGISTERS, cdiv, define_op, eager_apply, input_groups, launch, next_power_of_2, runs_eagerly, slots,
-    wrap_triton,
-)
+from .join_modes import JOIN_GATHER, Join, join_row, join_scale
+from .kernel_op import eager_apply, kernel_op, runs_eagerly
+from .launch import STREAMING_REGISTERS, Kernel, cdiv, input_groups, next_power_of_2, slots, wrap_triton
 from .tensors import accumulation_type, dense, dense_inputs, like_rows
 
 
+@Kernel
 @triton.jit
-def masked_join_fwd_kernel(
+def join_forward_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
     join_ptr, join_stride_k, join_stride_n,
@@ -65,8 +66,9 @@ def masked_join_fwd_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_sample)
 
 
+@Kernel
 @triton.jit
-def masked_join_bwd_kernel(
+def join_backward_kernel(
     grad_ptr,
     dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7,
     join_ptr, join_stride_k, join_stride_n, sample_ptr,
@@ -77,7 +79,7 @@ def masked_join_bwd_kernel(
 
     Pointers: ``grad_ptr`` (the output gradient, [batch] rows) and ``dx0``..``dx7`` (input
     gradients, the first K given, the others None) share one layout; the join is as in
-    masked_join_fwd_kernel. With a mask (or none), program p covers block p % blocks_per_sample
+    join_forward_kernel. With a mask (or none), program p covers block p % blocks_per_sample
     of sample p // blocks_per_sample for every input, and dropped inputs and samples without a
     survivor get exact zeros, whatever the output gradient holds. With a gather table, a launch
     writes one compact input (K = 1) over its own rows: ``sample_ptr`` maps each row to the
@@ -115,124 +117,67 @@ def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int]:
     return sample_numel, block, cdiv(sample_numel, block)
 
 
-def join_forward(inputs: list[torch.Tensor], mask=None, rows=None) -> torch.Tensor:
+@kernel_op("fractal_kernels::join_forward")
+def join_forward(inputs: list[torch.Tensor], join: Join) -> torch.Tensor:
     """The join's output: one launch per group of eight inputs, accumulating after the first.
-    With a gather table ``rows`` the output has one row per column of it."""
+    With a gather table the output has one row per sample of it."""
     xs = dense_inputs(inputs)
-    out = torch.empty_like(xs[0]) if rows is None else like_rows(xs[0], rows.shape[1])
+    out = join.output(xs[0])
     if out.numel() == 0:
         return out
     sample_numel, block, blocks = _launch_geometry(out)
-    join, mode = join_args(mask, rows)
     for g, group in enumerate(input_groups(len(xs))):
-        launch(
-            wrap_triton(masked_join_fwd_kernel), (out.shape[0] * blocks,),
-            out, *slots(xs, group), *join, group.start, len(xs), sample_numel, blocks,
-            K=len(group), JOIN=mode, ACCUMULATE=g > 0, BLOCK=block, num_warps=4, maxnreg=STREAMING_REGISTERS,
+        wrap_triton(join_forward_kernel)[(out.shape[0] * blocks,)](
+            out, *slots(xs, group), *join.args(), group.start, len(xs), sample_numel, blocks,
+            K=len(group), JOIN=join.mode, ACCUMULATE=g > 0, BLOCK=block, num_warps=4, maxnreg=STREAMING_REGISTERS,
         )
     return out
 
 
-def join_backward(grad: torch.Tensor, sizes: list[int], mask=None, rows=None) -> list[torch.Tensor]:
+@kernel_op("fractal_kernels::join_backward")
+def join_backward(grad: torch.Tensor, join: Join) -> list[torch.Tensor]:
     """Every input gradient, in the gradient's layout: from one read of ``grad`` per group of
-    eight inputs; with a gather table compact, ``sizes[i]`` rows each (a row that holds no
+    eight inputs; with a gather table compact, as many rows as the input (a row that holds no
     sample gets 0), one launch per input over its own rows."""
     grad = dense(grad)
-    grads = [torch.empty_like(grad) if rows is None else like_rows(grad, size) for size in sizes]
+    grads = [like_rows(grad, size) if join.gathered else torch.empty_like(grad) for size in join.sizes]
     if grad.numel() == 0:
         return grads
     sample_numel, block, blocks = _launch_geometry(grad)
-    join, mode = join_args(mask, rows)
-    if rows is None:
-        launches = [(group, grad.shape[0], None) for group in input_groups(len(grads))]
+    if join.gathered:
+        samples = join.row_samples()
+        launches = [(range(i, i + 1), size, samples[i]) for i, size in enumerate(join.sizes) if size]
     else:
-        samples = row_samples(rows, sizes)
-        launches = [(range(i, i + 1), size, samples[i]) for i, size in enumerate(sizes) if size]
+        launches = [(group, grad.shape[0], None) for group in input_groups(len(grads))]
     for group, rows_covered, samples in launches:
-        launch(
-            wrap_triton(masked_join_bwd_kernel), (rows_covered * blocks,),
-            grad, *slots(grads, group), *join, samples, group.start, len(grads), sample_numel, blocks,
-            K=len(group), JOIN=mode, BLOCK=block, num_warps=4, maxnreg=STREAMING_REGISTERS,
+        wrap_triton(join_backward_kernel)[(rows_covered * blocks,)](
+            grad, *slots(grads, group), *join.args(), samples, group.start, len(grads), sample_numel, blocks,
+            K=len(group), JOIN=join.mode, BLOCK=block, num_warps=4, maxnreg=STREAMING_REGISTERS,
         )
     return grads
 
 
-@define_op("fractal_kernels::masked_join")
-def masked_join_op(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The masked join as a torch.library op: one launch for up to 8 inputs (more: one per group of 8)."""
-    return join_forward(inputs, mask=mask)
-
-
-@define_op("fractal_kernels::masked_join_backward")
-def masked_join_backward_op(grad: torch.Tensor, mask: Optional[torch.Tensor], num_inputs: int) -> list[torch.Tensor]:
-    """The masked join's backward as a torch.library op."""
-    return join_backward(grad, [grad.shape[0]] * num_inputs, mask=mask)
-
-
-@define_op("fractal_kernels::gather_join")
-def gather_join_op(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """The gather join as a torch.library op: the output has one row per column of ``rows``."""
-    return join_forward(inputs, rows=rows)
-
-
-@define_op("fractal_kernels::gather_join_backward")
-def gather_join_backward_op(grad: torch.Tensor, rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """The gather join's backward as a torch.library op: compact gradients of ``sizes`` rows each."""
-    return join_backward(grad, sizes, rows=rows)
-
-
-class JoinPath(NamedTuple):
-    """How JoinFunction runs its launchers: directly (eager) or through the torch.library ops
-    (while torch traces); each takes join_forward's or join_backward's arguments."""
-
-    forward: Callable
-    backward: Callable
-
-
-def _library_forward(inputs: list[torch.Tensor], mask=None, rows=None) -> torch.Tensor:
-    return masked_join_op(inputs, mask) if rows is None else gather_join_op(inputs, rows)
-
-
-def _library_backward(grad: torch.Tensor, sizes: list[int], mask=None, rows=None) -> list[torch.Tensor]:
-    if rows is None:
-        return masked_join_backward_op(grad, mask, len(sizes))
-    return gather_join_backward_op(grad, rows, sizes)
-
-
-#: The launchers themselves (eager mode on plain tensors), and the torch.library ops.
-DIRECT = JoinPath(join_forward, join_backward)
-LIBRARY = JoinPath(_library_forward, _library_backward)
-
-
 class JoinFunction(torch.autograd.Function):
-    """The autograd of both joins (``mask`` or gather table ``rows``), eager or traced (``path``)."""
+    """The autograd of the joins (by mean, mask or gather table), eager or ``traced``."""
 
     @staticmethod
-    def forward(ctx, path: JoinPath, mask, rows, *inputs):
-        ctx.path, ctx.sizes = path, [x.shape[0] for x in inputs]
-        ctx.save_for_backward(mask, rows)
-        return path.forward(list(inputs), mask, rows)
+    def forward(ctx, traced: bool, join: Join, *inputs):
+        ctx.traced = traced
+        ctx.join = join._replace(table=None)  # the table is saved
+        ctx.save_for_backward(join.table)
+        return join_forward.on(traced)(list(inputs), join)
 
     @staticmethod
     def backward(ctx, grad):
-        mask, rows = ctx.saved_tensors
-        return (None, None, None, *ctx.path.backward(grad, ctx.sizes, mask, rows))
+        table, = ctx.saved_tensors
+        return (None, None, *join_backward.on(ctx.traced)(grad, ctx.join._replace(table=table)))
 
 
 _eager_join = eager_apply(JoinFunction)
 
 
-def _join(inputs: list[torch.Tensor], mask, rows) -> torch.Tensor:
+def joined(inputs: list[torch.Tensor], join: Join) -> torch.Tensor:
+    """The ``join`` of the inputs, launched directly in eager mode, through its torch.library ops while torch traces."""
     if runs_eagerly(inputs[0]):
-        return _eager_join(DIRECT, mask, rows, *inputs)
-    return JoinFunction.apply(LIBRARY, mask, rows, *inputs)
-
-
-def masked_join(inputs: list[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The masked join, launched directly in eager mode, through its torch.library op while torch traces."""
-    return _join(inputs, mask, None)
-
-
-def gather_join(inputs: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """The gather join, launched directly in eager mode, through its torch.library op while torch traces."""
-    return _join(inputs, None, rows)
+        return _eager_join(False, join, *inputs)
+    return JoinFunction.apply(True, join, *inputs)

@@ -9,11 +9,13 @@ A kernel's JOIN constexpr is one of:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from .tensors import like_rows
 
 JOIN_MEAN = tl.constexpr(0)
 JOIN_MASK = tl.constexpr(1)
@@ -25,30 +27,51 @@ def bool_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask if mask is None or mask.dtype == torch.bool else mask != 0
 
 
-#: The join arguments of a plain mean.
-_NO_JOIN = ((None, 0, 0), JOIN_MEAN.value)
+class Join(NamedTuple):
+    """How an op joins its k inputs per sample, as one value: ``mode`` (JOIN_MEAN, JOIN_MASK or
+    JOIN_GATHER), ``table`` (None, the bool [k, B] mask or the [k, B] gather table) and ``sizes``
+    (each input's rows). The public op builds it once (``Join.of``) after checking its
+    arguments; launchers read the kernel arguments, output rows and row samples from it."""
 
+    mode: int
+    table: Optional[torch.Tensor]
+    sizes: list[int]
 
-def join_args(mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> tuple[tuple, int]:
-    """The kernel arguments of a join given by a mask, by a gather table or by neither
-    (pointer or None, stride over inputs, stride over samples), and its JOIN mode."""
-    if mask is None and rows is None:
-        return _NO_JOIN
-    if rows is not None:
-        return (rows, rows.stride(0), rows.stride(1)), JOIN_GATHER.value
-    mask = bool_mask(mask)
-    return (mask, mask.stride(0), mask.stride(1)), JOIN_MASK.value
+    @classmethod
+    def of(cls, inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
+           rows: Optional[torch.Tensor] = None) -> Join:
+        """The join of ``inputs`` by gather table ``rows``, by drop-path ``mask``, or by neither (a mean)."""
+        sizes = [x.shape[0] for x in inputs]
+        if rows is not None:
+            return cls(JOIN_GATHER.value, rows, sizes)
+        if mask is not None:
+            return cls(JOIN_MASK.value, bool_mask(mask), sizes)
+        return cls(JOIN_MEAN.value, None, sizes)
 
+    @property
+    def gathered(self) -> bool:
+        """Whether the inputs are compact (a gather table): the output has other rows than they."""
+        return self.mode == JOIN_GATHER.value
 
-def row_samples(rows: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """The inverse of a gather table: for each compact input, the sample each of its ``sizes[i]``
-    rows holds (-1 for none). A few small ops on the [k, B] table, on its device."""
-    k, batch = rows.shape
-    spare = max(sizes)  # a spare column takes the -1 entries
-    table = rows.new_full((k, spare + 1), -1)
-    samples = torch.arange(batch, device=rows.device, dtype=rows.dtype).expand(k, batch)
-    table.scatter_(1, torch.where(rows >= 0, rows, spare), samples)
-    return [table[i, :size] for i, size in enumerate(sizes)]
+    def args(self) -> tuple:
+        """The kernels' join arguments: the table (or None) and its strides over inputs and samples."""
+        table = self.table
+        return (None, 0, 0) if table is None else (table, table.stride(0), table.stride(1))
+
+    def output(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised output like dense input ``like``: its rows, or the table's samples."""
+        return like_rows(like, self.table.shape[1]) if self.gathered else torch.empty_like(like)
+
+    def row_samples(self) -> list[torch.Tensor]:
+        """The inverse of a gather table: for each compact input, the sample each of its rows
+        holds (-1 for none). A few small ops on the [k, B] table, on its device."""
+        rows = self.table
+        k, batch = rows.shape
+        spare = max(self.sizes)  # a spare column takes the -1 entries
+        table = rows.new_full((k, spare + 1), -1)
+        samples = torch.arange(batch, device=rows.device, dtype=rows.dtype).expand(k, batch)
+        table.scatter_(1, torch.where(rows >= 0, rows, spare), samples)
+        return [table[i, :size] for i, size in enumerate(self.sizes)]
 
 
 @triton.jit

@@ -1,10 +1,13 @@
-"""Op registration and the one place every kernel of the package is launched.
+"""The one place every kernel of the package is launched: ``Kernel``, a wrapper of a
+``@triton.jit`` kernel (as FlagGems' LibEntry) whose launch sites read
+``wrap_triton(kernel)[grid](*args, **meta)``.
 
-Under TRITON_INTERPRET=1 the ops are opaque ``custom_op``s (an interpreted kernel cannot be traced
-into a graph); otherwise they are ``triton_op``s, whose launches torch.compile traces as graph nodes
-(``wrap_triton``) and analyses for the tensors each kernel writes. For that analysis to be exact,
-every tensor a kernel writes is passed whole (an offset argument says where an input's rows
-start, never a slice), no tensor fills two written slots, and unused slots are None.
+A launch goes through one gate: recorded (the compile audit) or counted; while torch traces (fake
+or functional tensors) through torch.library.wrap_triton, which records it as a graph node; on
+meta tensors nowhere. Otherwise it is direct: once a variant is compiled, no JITFunction.run (see
+Kernel). For torch's analysis of the tensors each kernel writes to be exact, every tensor a
+kernel writes is passed whole (an offset argument says where an input's rows start, never a
+slice), no tensor fills two written slots, and unused slots are None.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import triton
@@ -36,29 +39,13 @@ def _probe_kernel():
 
 #: True when TRITON_INTERPRET=1 was set before triton was imported: kernels run on CPU tensors.
 INTERPRETING = not isinstance(_probe_kernel, triton.runtime.jit.JITFunction)
-#: Compiled kernels use triton_op where torch has it (torch >= 2.6), so that torch.compile sees
-#: and schedules the Triton kernels themselves.
-USE_TRITON_OP = hasattr(torch.library, "triton_op") and not INTERPRETING
-#: Whether kernels run on CPU tensors: under the interpreter, or a fake GPU (fractal_kernels.testing).
-_runs_on_cpu = INTERPRETING
+_kernels_run_on_cpu = [INTERPRETING]
 
 
-def define_op(name: str, mutates_args: Sequence[str] = ()) -> Callable:
-    """Registers ``fn`` as the torch.library op ``name``; ``fn`` also serves as its fake kernel.
-
-    The launchers only allocate and launch, so on fake tensors they compute output metadata.
-    Launchers name each kernel in ``wrap_triton(kernel)`` where they launch it: torch.library
-    finds the kernels of a triton_op that way, and torch.compile's cache key includes their source.
-    """
-
-    def register(fn):
-        if USE_TRITON_OP:
-            return torch.library.triton_op(name, fn, mutates_args=tuple(mutates_args))
-        op = torch.library.custom_op(name, fn, mutates_args=tuple(mutates_args))
-        op.register_fake(fn)
-        return op
-
-    return register
+def run_kernels_on_cpu() -> None:
+    """Lets the Triton backend take CPU tensors: under the interpreter (set at import), or a
+    fake GPU (fractal_kernels.testing.fake_gpu), whose launches run interpreted."""
+    _kernels_run_on_cpu[0] = True
 
 
 def cdiv(a: int, b: int) -> int:
@@ -86,14 +73,9 @@ def slots(items: Sequence, group: range) -> tuple:
     return (*items[group.start:group.stop], *NONES[MAX_INPUTS - len(group)])
 
 
-def optional(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """None for an absent tensor: None, or the empty placeholder the ops take for it."""
-    return None if t is None or t.numel() == 0 else t
-
-
 @dataclass
 class LaunchRecord:
-    """One kernel launch as the audit sees it: the kernel, its grid and arguments."""
+    """One kernel launch as the audit sees it: the kernel (a JITFunction), its grid and arguments."""
 
     kernel: object
     grid: tuple
@@ -129,32 +111,15 @@ def count_launches() -> Iterator[list[int]]:
         _counters.pop()
 
 
-def _is_plain(t: torch.Tensor) -> bool:
+def is_plain(t: torch.Tensor) -> bool:
+    """Whether t is a plain tensor (or parameter) with data: no subclass, no meta tensor."""
     return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
-
-
-def runs_eagerly(x: torch.Tensor) -> bool:
-    """Whether an op on x may launch through a plain autograd.Function instead of its
-    torch.library op: plain tensors, and nothing tracing or intercepting ops (torch.compile, a
-    dispatch mode such as fake tensors or functionalization, a functorch transform)."""
-    return (_is_plain(x) and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._are_functorch_transforms_active())
-
-
-def eager_apply(function: type) -> Callable:
-    """The C-level apply of autograd.Function ``function``, for eager calls only (runs_eagerly):
-    Function.apply's Python prologue (binding setup_context's arguments, functorch's checks and
-    dead-wrapper unwrapping) costs microseconds a call and has nothing to do there, since no
-    functorch transform is active and the Function defines no setup_context."""
-    if function.setup_context is not torch.autograd.Function.setup_context:
-        raise TypeError(f"{function.__name__} defines setup_context: its apply needs Function.apply's prologue")
-    return super(torch.autograd.Function, function).apply
 
 
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
-    if x.is_cuda or (_runs_on_cpu and x.device.type == "cpu") or _recorders or torch.compiler.is_compiling() \
-            or not _is_plain(x):
+    if x.is_cuda or (_kernels_run_on_cpu[0] and x.device.type == "cpu") or _recorders \
+            or torch.compiler.is_compiling() or not is_plain(x):
         return
     if x.device.type == "cpu":
         raise RuntimeError(
@@ -164,80 +129,131 @@ def check_launchable(x: torch.Tensor) -> None:
     raise RuntimeError(f"the Triton backend needs CUDA tensors, got a tensor on {x.device}")
 
 
-def wrap_triton(kernel):
-    """The kernel, as launch() takes it. Launchers name each kernel they launch in a call of
-    this name, ``launch(wrap_triton(kernel), ...)``: torch.library finds a triton_op's kernels
-    by such calls (and torch.compile's cache key includes their source). The wrapping itself,
-    torch.library.wrap_triton, costs microseconds a call, so launch() applies it only while
-    torch traces."""
+def wrap_triton(kernel: Kernel) -> Kernel:
+    """The kernel itself. Launch sites read ``wrap_triton(kernel)[grid](...)``, the idiom of
+    torch.library: torch finds a triton_op's kernels by such calls (and torch.compile's cache
+    key includes their source). torch.library.wrap_triton itself costs microseconds a call, so
+    a Kernel applies it only while torch traces."""
     return kernel
 
 
-class DirectLaunches:
-    """The compiled variants of one kernel, launched without JITFunction.run.
+class Kernel:
+    """A ``@triton.jit`` kernel (``fn``) as the package launches it: ``kernel[grid](*args, **meta)``.
 
-    JITFunction.run binds every argument, specialises each (dtype and 16-byte alignment of
-    pointers; integers equal to 1, divisible by 16, and their width), builds a cache key of the
-    lot and of the options, and checks the kernel's globals: tens of microseconds a launch, most
-    of a small op's host time. Here the first launch of each variant goes through run, which
+    Every launch passes one gate (Kernel.launch): recording, counting, torch tracing, meta and
+    fake tensors, the tensors' device. Past it, the compiled variants launch without
+    JITFunction.run, which binds every argument, specialises each (dtype and 16-byte alignment
+    of pointers; integers equal to 1, divisible by 16, and their width), builds a cache key of
+    the lot and of the options, and checks the kernel's globals: tens of microseconds a launch,
+    most of a small op's host time. The first launch of each variant goes through run, which
     compiles it and returns the CompiledKernel; later launches find that variant by a guard,
     generated for it, which tests the argument tuple for exactly the facts it was compiled for
-    (the facts of _facts_function: at least as fine as Triton's specialisation, the kernel's own
+    (_facts_function: at least as fine as Triton's specialisation, the kernel's own
     ``do_not_specialize`` honoured), and call its launcher as run does, every argument in
     parameter order (as Inductor launches user kernels). A guard is a chain of comparisons (an
-    empty slot tested by identity): no tuple of facts is built or hashed. Variants
-    are grouped by device (a compiled kernel's function handle belongs to one device), argument
-    count and keyword arguments, whose values complete the launcher's arguments.
+    empty slot tested by identity): no tuple of facts is built or hashed. Variants are kept per
+    device (a compiled kernel's function handle belongs to one device), argument count and
+    keyword arguments, whose values complete the launcher's arguments. Where this Triton's run
+    launches otherwise (``DIRECT``), a launch hook is set, or an argument is of a kind the guards
+    do not know, the launch goes through run.
     """
 
-    def __init__(self, kernel):
-        self.kernel = kernel
-        params = kernel.params
-        self.names = [p.name for p in params]
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        params = getattr(fn, "params", ())
+        self._names = [p.name for p in params]
         #: Per parameter: specialised on alignment and value (Triton's native_specialize_impl).
-        self.specialised = [not p.do_not_specialize for p in params]
-        self.align = [not p.do_not_specialize_on_alignment for p in params]
-        #: (device, argument count, keyword arguments) -> (the keyword arguments' values in
+        self._specialised = [not p.do_not_specialize for p in params]
+        self._align = [not p.do_not_specialize_on_alignment for p in params]
+        #: (device, argument count, *keyword arguments) -> (the keyword arguments' values in
         #: parameter order, [(guard, compiled variant)]).
         self.variants: dict = {}
         self._facts: dict = {}  # argument count -> facts function (the first launch of a variant)
 
+    def __getitem__(self, grid: tuple) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def __call__(self, *args, **kwargs):
+        """As the kernel's own call (which Triton allows inside a kernel only): callable with a
+        ``fn``, a Kernel is what torch.library takes for a wrapped JITFunction."""
+        return self.fn(*args, **kwargs)
+
     def compiled_variants(self) -> list:
         return [compiled for _, variants in self.variants.values() for _, compiled in variants]
 
-    def entry(self, device: int, num_args: int, kwargs: dict) -> Optional[tuple]:
-        """The variants compiled for launches of ``num_args`` arguments and keyword arguments
-        ``kwargs`` on ``device``: (the keyword arguments' values in parameter order, [(guard,
-        compiled variant)]), or None before the first. The list grows as variants compile."""
-        return self.variants.get((device, num_args, *kwargs.items()))
-
-    @staticmethod
-    def run_compiled(entry: tuple, grid: tuple, device: int, args: tuple) -> bool:
-        """Launches the first variant of ``entry`` whose guard ``args`` pass, on the 3-D
-        ``grid``; False where none does (a launch that needs another variant)."""
-        tail, variants = entry
-        for guard, compiled in variants:
-            if guard(args):
-                # No hook is set (_direct_launches): no launch metadata for one to read.
-                compiled.run(grid[0], grid[1], grid[2], triton.runtime.driver.active.get_current_stream(device),
-                             compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
-                return True
-        return False
-
-    def launch(self, grid: tuple, device: int, args: tuple, kwargs: dict) -> None:
-        entry = self.entry(device, len(args), kwargs)
-        if entry is not None and self.run_compiled(entry, (*grid, 1, 1)[:3], device, args):
+    def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """Launches the kernel on ``grid`` with ``args`` (``args[0]`` a tensor) and ``kwargs``,
+        through the gate described in the class docstring."""
+        if _recorders:
+            records, run = _recorders[-1]
+            records.append(LaunchRecord(self.fn, grid, args, kwargs))
+            if not run:
+                return
+        for counter in _counters:
+            counter[0] += 1
+        first = args[0]
+        if type(first) is not torch.Tensor and type(first) is not torch.nn.Parameter or first.is_meta:
+            self._launch_traced(grid, args, kwargs)
             return
+        if DIRECT and not _hooks_set():
+            device = triton.runtime.driver.active.get_current_device()
+            if not first.is_cuda or first.get_device() == device:
+                self.launch_direct(device, grid, args, kwargs)
+                return
+        if first.is_cuda and first.get_device() != torch.cuda.current_device():
+            # Triton launches on the current device: make it the tensors' one.
+            with torch.cuda.device(first.device):
+                self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+            return
+        self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def launch_direct(self, device: int, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """Launches the compiled variant whose guard ``args`` pass; through run where none does."""
+        key = (device, len(args), *kwargs.items())
+        entry = self.variants.get(key)
+        if entry is not None:
+            tail, variants = entry
+            for guard, compiled in variants:
+                if guard(args):
+                    # No hook is set: no launch metadata for one to read.
+                    grid_xyz = (*grid, 1, 1)
+                    compiled.run(grid_xyz[0], grid_xyz[1], grid_xyz[2],
+                                 triton.runtime.driver.active.get_current_stream(device), compiled.function,
+                                 compiled.packed_metadata, None, None, None, *args, *tail)
+                    return
+        self._compile_variant(key, grid, args, kwargs)
+
+    def _launch_traced(self, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """A launch on fake, functional or meta tensors: a graph node while torch traces,
+        nothing otherwise (shapes only)."""
+        if args[0].is_meta:
+            return
+        # Interpreted kernels run as custom ops, opaque to tracing (torch 2.11's wrap_triton
+        # refuses them; 2.13's returns them as they are).
+        traceable = self.fn if INTERPRETING else torch.library.wrap_triton(self.fn)
+        if traceable is not self.fn:
+            # Inductor launches user kernels with num_warps but no register limit.
+            kwargs = {name: value for name, value in kwargs.items() if name != "maxnreg"}
+            traceable[grid](*args, **kwargs)
+        elif not has_no_data(args[0]):
+            self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def _compile_variant(self, key: tuple, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """Launches through run, which compiles (or finds) the variant, and keeps it with its guard."""
         n = len(args)
-        if n not in self._facts:
-            self._facts[n] = _facts_function(self.specialised[:n], self.align[:n])
-        facts = self._facts[n](*args)  # _NotDirect before any launch
-        compiled = self.kernel.run(*args, grid=grid, warmup=False, **kwargs)
-        if compiled is not None and not hasattr(compiled, "result"):  # not an async compile
+        try:
+            if n not in self._facts:
+                self._facts[n] = _facts_function(self._specialised[:n], self._align[:n])
+            facts = self._facts[n](*args)
+        except _NotDirect:
+            facts = None
+        compiled = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
+        if facts is not None and compiled is not None and not hasattr(compiled, "result"):  # not an async compile
+            entry = self.variants.get(key)
             if entry is None:
-                entry = self.variants[(device, n, *kwargs.items())] = (
-                    tuple([kwargs[name] for name in self.names[n:]]), [])
-            entry[1].append((_guard_function(facts, self.specialised[:n]), compiled))
+                entry = self.variants[key] = (tuple([kwargs[name] for name in self._names[n:]]), [])
+            entry[1].append((_guard_function(facts, self._specialised[:n]), compiled))
 
 
 def _scalar_fact(value, specialised: bool):
@@ -315,23 +331,6 @@ def _compiled_source(name: str, source: str, constants: dict) -> Callable:
     return namespace[name]
 
 
-_direct: dict = {}
-
-
-def _direct_launches(kernel) -> Optional[DirectLaunches]:
-    """The kernel's DirectLaunches, None where the direct path cannot follow this Triton (its
-    JITFunction lacks what the path reads) or a launch hook is set (hooks see run's launches, with
-    their metadata)."""
-    # By id: a JITFunction hashes its cache key, which costs more than the lookup. An entry holds
-    # its kernel, so the kernel stays alive and its id its own.
-    direct = _direct.get(id(kernel))
-    if direct is None:
-        if not (_DIRECT_PATH and hasattr(kernel, "params")):
-            return None
-        direct = _direct[id(kernel)] = DirectLaunches(kernel)
-    return None if _hooks_set() else direct
-
-
 def _hooks_set() -> bool:
     """Whether a launch hook is set."""
     return _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook)
@@ -343,7 +342,7 @@ def _hooked(hook) -> bool:
 
 
 def _direct_path_supported() -> bool:
-    """Whether this Triton's JITFunction.run launches as DirectLaunches does (its launcher call,
+    """Whether this Triton's JITFunction.run launches as Kernel does (its launcher call,
     read from its source): otherwise every launch goes through run, with a warning."""
     import inspect
     import warnings
@@ -362,86 +361,5 @@ def _direct_path_supported() -> bool:
 
 
 #: Whether launches skip JITFunction.run once a variant is compiled (FRACTAL_KERNELS_DIRECT_LAUNCH=0: never).
-_DIRECT_PATH = (not INTERPRETING and os.environ.get("FRACTAL_KERNELS_DIRECT_LAUNCH", "1") != "0"
-                and _direct_path_supported())
-
-
-def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """Launches ``kernel[grid](*args, **kwargs)`` on the device of its tensors; ``args[0]`` is a
-    tensor.
-
-    While torch traces (fake or functional tensors) the launch goes through
-    torch.library.wrap_triton, which records it as a graph node; otherwise it is direct: no
-    higher-order-op dispatch, nothing added to torch's kernel side table, and, once a variant is
-    compiled, no JITFunction.run (DirectLaunches).
-    """
-    if _recorders:
-        records, run = _recorders[-1]
-        records.append(LaunchRecord(kernel, grid, args, kwargs))
-        if not run:
-            return
-    for counter in _counters:
-        counter[0] += 1
-    first = args[0]
-    if first.is_meta:
-        return  # shapes only: nothing to run, nothing traced
-    if not _is_plain(first):
-        # Interpreted kernels run as custom ops, opaque to tracing (torch 2.11's wrap_triton
-        # refuses them; 2.13's returns them as they are).
-        traceable = kernel if INTERPRETING else torch.library.wrap_triton(kernel)
-        if traceable is not kernel:
-            # Inductor launches user kernels with num_warps but no register limit.
-            kwargs.pop("maxnreg", None)
-            traceable[grid](*args, **kwargs)
-            return
-        if has_no_data(first):
-            return  # a custom op's fake kernel: only the output metadata matters
-    if first.is_cuda and first.device.index != torch.cuda.current_device():
-        # Triton launches on the current device: make it the tensors' one.
-        with torch.cuda.device(first.device):
-            kernel.run(*args, grid=grid, warmup=False, **kwargs)
-        return
-    direct = _direct_launches(kernel)
-    if direct is not None:
-        device = first.device.index if first.is_cuda else triton.runtime.driver.active.get_current_device()
-        try:
-            direct.launch(grid, device, args, kwargs)
-            return
-        except _NotDirect:
-            pass
-    kernel.run(*args, grid=grid, warmup=False, **kwargs)
-
-
-class PreparedLaunch:
-    """``launch(kernel, grid, *args, **kwargs)`` with one kernel, grid and set of keyword
-    arguments, prepared for a call site that launches them again and again (the single-pass
-    BatchNorm kernels on small, host-bound problems): where launch() would launch a compiled
-    variant directly, this finds the keyword arguments' variants once per device rather than per
-    call, and launches as DirectLaunches does; anything else (recording, torch tracing, fake or
-    meta tensors, a tensor on another device than the current one, a launch hook, a variant not
-    compiled yet) goes through launch() itself."""
-
-    def __init__(self, kernel, grid: tuple, kwargs: dict):
-        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
-        self._grid_xyz = (*grid, 1, 1)[:3]
-        #: (device, argument count) -> DirectLaunches.entry of these keyword arguments.
-        self._entries: dict = {}
-
-    def __call__(self, *args) -> None:
-        first = args[0]
-        if _DIRECT_PATH and not _recorders and _is_plain(first) and not _hooks_set():
-            device = triton.runtime.driver.active.get_current_device()
-            if not first.is_cuda or first.get_device() == device:
-                key = (device, len(args))
-                entry = self._entries.get(key)
-                if entry is not None and DirectLaunches.run_compiled(entry, self._grid_xyz, device, args):
-                    for counter in _counters:
-                        counter[0] += 1
-                    return
-                launch(self.kernel, self.grid, *args, **self.kwargs)
-                direct = _direct.get(id(self.kernel))
-                entry = direct and direct.entry(device, len(args), self.kwargs)
-                if entry is not None:
-                    self._entries[key] = entry
-                return
-        launch(self.kernel, self.grid, *args, **self.kwargs)
+DIRECT = (not INTERPRETING and os.environ.get("FRACTAL_KERNELS_DIRECT_LAUNCH", "1") != "0"
+          and _direct_path_supported())

@@ -1,9 +1,9 @@
 """The composite torch.library ops of the public BatchNorm ops, their schemas in one place.
 
 ``bn_relu``, ``join_bn_relu`` and ``gather_join_bn_relu`` are CompositeImplicitAutograd ops:
-batchnorm.batch_norm_join through the kernel ops (``LIBRARY``), whose autograd Function torch
+batchnorm.batch_norm_join through the kernel ops (``traced=True``), whose autograd Function torch
 traces (torch.library allows no autograd formula on an op that mutates its inputs, as these do
-the running statistics). The kernel ops themselves are registered next to their launchers
+the running statistics). The kernel ops themselves are registered from their launchers
 (join.py, batchnorm.py). In eager mode the public ops skip these and launch directly.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .batchnorm import LIBRARY, batch_norm_join
+from .batchnorm import batch_norm_join
+from .join_modes import Join
 
 _library = torch.library.Library("fractal_kernels", "FRAGMENT")
 _library.define(
@@ -34,23 +35,23 @@ _library.define(
 
 def _bn_relu(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, relu=True,
              num_batches_tracked=None, dropout=0.0, seeds=None, group_name=None):
-    return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], [num_batches_tracked],
+    return batch_norm_join([x], Join.of([x]), [weight], [bias], [running_mean], [running_var], [num_batches_tracked],
                            training=training, momentum=momentum, eps=eps, relu=relu, dropout=dropout, seeds=seeds,
-                           group_name=group_name, path=LIBRARY)
+                           group_name=group_name, traced=True)
 
 
 def _join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum=0.1, eps=1e-5,
                   num_batches_tracked=None, dropout=0.0, seeds=None, group_name=None):
-    return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, num_batches_tracked,
-                           training=training, momentum=momentum, eps=eps, relu=True, dropout=dropout, seeds=seeds,
-                           group_name=group_name, path=LIBRARY)
+    return batch_norm_join(inputs, Join.of(inputs, mask), weights, biases, running_means, running_vars,
+                           num_batches_tracked, training=training, momentum=momentum, eps=eps, relu=True,
+                           dropout=dropout, seeds=seeds, group_name=group_name, traced=True)
 
 
 def _gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training, momentum=0.1,
                          eps=1e-5, num_batches_tracked=None, dropout=0.0, seeds=None):
-    return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, num_batches_tracked,
-                           training=training, momentum=momentum, eps=eps, relu=True, rows=rows, dropout=dropout,
-                           seeds=seeds, path=LIBRARY)
+    return batch_norm_join(inputs, Join.of(inputs, rows=rows), weights, biases, running_means, running_vars,
+                           num_batches_tracked, training=training, momentum=momentum, eps=eps, relu=True,
+                           dropout=dropout, seeds=seeds, traced=True)
 
 
 _library.impl("bn_relu", _bn_relu, "CompositeImplicitAutograd")

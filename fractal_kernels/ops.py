@@ -23,9 +23,11 @@ from .checks import (
 )
 
 if HAS_TRITON:
-    from . import join, library
+    from . import library
     from .batchnorm import batch_norm_join
-    from .launch import runs_eagerly
+    from .join import joined
+    from .join_modes import Join
+    from .kernel_op import runs_eagerly
 
 __all__ = ["BACKENDS", "bn_relu", "gather_join", "gather_join_bn_relu", "get_backend", "join_bn_relu", "masked_join",
            "use_backend"]
@@ -50,7 +52,7 @@ def masked_join(inputs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = N
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
     check_mask(mask, len(inputs), x.shape[0], x.device)
     if use_triton(x):
-        return join.masked_join(inputs, mask)
+        return joined(inputs, Join.of(inputs, mask))
     return reference.masked_join(inputs, mask)
 
 
@@ -129,9 +131,9 @@ def bn_relu(
     seeds = None if seed is None else seed.reshape(1)
     group = _synchronised_group(training, process_group)
     if runs_eagerly(x):
-        return batch_norm_join([x], None, [weight], [bias], [running_mean], [running_var], [num_batches_tracked],
-                               training=training, momentum=momentum, eps=eps, relu=relu, dropout=dropout, seeds=seeds,
-                               group_name=group)
+        return batch_norm_join([x], Join.of([x]), [weight], [bias], [running_mean], [running_var],
+                               [num_batches_tracked], training=training, momentum=momentum, eps=eps, relu=relu,
+                               dropout=dropout, seeds=seeds, group_name=group)
     return library.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                            num_batches_tracked, dropout, seeds, group)
 
@@ -201,9 +203,9 @@ def join_bn_relu(
                                       eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
     group = _synchronised_group(training, process_group)
     if runs_eagerly(x):
-        return batch_norm_join(inputs, mask, weights, biases, running_means, running_vars, num_batches_tracked,
-                               training=training, momentum=momentum, eps=eps, relu=True, dropout=dropout, seeds=seeds,
-                               group_name=group)
+        return batch_norm_join(inputs, Join.of(inputs, mask), weights, biases, running_means, running_vars,
+                               num_batches_tracked, training=training, momentum=momentum, eps=eps, relu=True,
+                               dropout=dropout, seeds=seeds, group_name=group)
     return library.join_bn_relu(list(inputs), mask, list(weights), list(biases), list(running_means),
                                 list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds,
                                 group)
@@ -229,7 +231,7 @@ def gather_join(inputs: Sequence[torch.Tensor], rows: torch.Tensor, validate: Op
         raise ValueError("inputs must have a batch dimension (rank >= 1), got 0-dimensional tensors")
     check_rows(rows, inputs, validate)
     if use_triton(inputs[0]):
-        return join.gather_join(inputs, rows)
+        return joined(inputs, Join.of(inputs, rows=rows))
     return reference.gather_join(inputs, rows)
 
 
@@ -265,8 +267,8 @@ def gather_join_bn_relu(
         return reference.gather_join_bn_relu(inputs, rows, weights, biases, running_means, running_vars, training,
                                              momentum, eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
     if runs_eagerly(inputs[0]):
-        return batch_norm_join(inputs, None, weights, biases, running_means, running_vars, num_batches_tracked,
-                               training=training, momentum=momentum, eps=eps, relu=True, rows=rows, dropout=dropout,
-                               seeds=seeds)
+        return batch_norm_join(inputs, Join.of(inputs, rows=rows), weights, biases, running_means, running_vars,
+                               num_batches_tracked, training=training, momentum=momentum, eps=eps, relu=True,
+                               dropout=dropout, seeds=seeds)
     return library.gather_join_bn_relu(list(inputs), rows, list(weights), list(biases), list(running_means),
                                        list(running_vars), training, momentum, eps, num_batches_tracked, dropout, seeds)

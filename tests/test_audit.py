@@ -8,23 +8,23 @@ import subprocess
 import sys
 
 import pytest
-import triton
 
 from fractal_kernels import batchnorm_kernels, join
 from fractal_kernels.audit import ODD_SHAPE, SM_COUNT, STREAMING_KERNELS, AuditRow, occupancy_goal
+from fractal_kernels.launch import Kernel
 
 KERNEL_MODULES = [join, batchnorm_kernels]
 #: Kernels that read activations (the combine kernel touches only statistics), and of those the
 #: ones that also write activations (the others write per-channel partials).
 READING_KERNELS = {
-    "masked_join_fwd_kernel",
-    "masked_join_bwd_kernel",
+    "join_forward_kernel",
+    "join_backward_kernel",
     "bn_stats_kernel",
     "bn_apply_kernel",
-    "bn_backward_reduce_kernel",
+    "bn_backward_sums_kernel",
     "bn_backward_dx_kernel",
 }
-WRITING_KERNELS = READING_KERNELS - {"bn_stats_kernel", "bn_backward_reduce_kernel"}
+WRITING_KERNELS = READING_KERNELS - {"bn_stats_kernel", "bn_backward_sums_kernel"}
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -47,7 +47,7 @@ def package_kernels():
         name
         for module in KERNEL_MODULES
         for name, obj in vars(module).items()
-        if name.endswith("_kernel") and isinstance(obj, triton.runtime.KernelInterface)
+        if name.endswith("_kernel") and isinstance(obj, Kernel)
     }
 
 

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch_compat import fake_tensor_updater, written_arguments
 
 import fractal_kernels as fk
-from fractal_kernels import launch
+from fractal_kernels import kernel_op, launch
 from fractal_kernels.testing import fake_gpu
 from fractal_kernels.audit import QUICK_SHAPES, SM_COUNT
 from fractal_kernels.channel_tiling import tile_for_gpu
@@ -417,12 +417,12 @@ def test_per_batch_steps_of_one_structure_launch_the_same_kernels():
 
 #: The parameters each kernel writes (a name, or a slot prefix followed by the slot's digit).
 WRITTEN = {
-    "masked_join_fwd_kernel": ("out_ptr",),
-    "masked_join_bwd_kernel": ("dx",),
+    "join_forward_kernel": ("out_ptr",),
+    "join_backward_kernel": ("dx",),
     "bn_stats_kernel": ("partials_ptr",),
     "bn_combine_kernel": ("stats_ptr", "running_mean", "running_var", "num_batches_tracked"),
     "bn_apply_kernel": ("out_ptr",),
-    "bn_backward_reduce_kernel": ("sums_ptr",),
+    "bn_backward_sums_kernel": ("sums_ptr",),
     "bn_backward_dx_kernel": ("dx", "param_grads_ptr"),
     "bn_forward_kernel": ("out_ptr", "running_mean", "running_var", "num_batches_tracked", "stats_ptr"),
     "bn_backward_kernel": ("dx", "param_grads_ptr"),
@@ -511,14 +511,15 @@ def materialised(value, misaligned: bool):
 
 def launcher_calls(kernel, grid, args, kwargs, monkeypatch, direct=None) -> list:
     """(compiled variant, launcher arguments) of a direct launch after its variant is compiled,
-    and of JITFunction.run's own launch of the same arguments. ``direct``: the DirectLaunches to
+    and of JITFunction.run's own launch of the same arguments. ``direct``: the Kernel to
     launch through (a new one when None), which may hold the variants of other arguments."""
     calls = []
     monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
-    direct = direct or launch.DirectLaunches(kernel)
+    direct = direct or launch.Kernel(kernel)
     before = len(direct.compiled_variants())
-    direct.launch(grid, 0, args, dict(kwargs))  # compiles (or finds) the variant through run
-    direct.launch(grid, 0, args, dict(kwargs))
+    # Past the gate (whose tests are below), on device 0: the sweep's first argument may be None.
+    direct.launch_direct(0, grid, args, dict(kwargs))  # compiles (or finds) the variant through run
+    direct.launch_direct(0, grid, args, dict(kwargs))
     # At most one variant more, and the second launch found a variant: it was direct.
     assert len(direct.compiled_variants()) - before in (0, 1)
     kernel.run(*args, grid=grid, warmup=False, **kwargs)
@@ -560,9 +561,9 @@ def test_direct_launch_keys_are_at_least_as_fine_as_triton_specialisation(monkey
     pointers = [base[:8], base[1:9], base.to(torch.float16)[:8], base.to(torch.float16)[1:9], None]
     ints = [1, 0, 16, 17, -3, 2**31, 2**33 + 16, 2**63]
     seen = set()
-    # One DirectLaunches over the whole sweep: each launch must pass by the guards of every
-    # variant compiled before it and find its own.
-    shared = launch.DirectLaunches(specialised_kernel)
+    # One Kernel over the whole sweep: each launch must pass by the guards of every variant
+    # compiled before it and find its own.
+    shared = launch.Kernel(specialised_kernel)
     for x, q, n, m, flag in itertools.product(pointers, pointers[:2] + [None], ints, ints[:3] + [2**40], [True, False]):
         args = (x, q, n, m, 0.5, flag)
         (direct, direct_call), (run, run_call) = launcher_calls(specialised_kernel, (1,), args, {"BLOCK": 16},
@@ -575,75 +576,79 @@ def test_direct_launch_keys_are_at_least_as_fine_as_triton_specialisation(monkey
     assert len(seen) == 5 * 2 * 5 * 2
 
 
-#: The launches the single-pass launchers make through a PreparedLaunch.
-PREPARED = [entry for entry in LAUNCHES if entry[1].kernel.fn.__name__ in ("bn_forward_kernel", "bn_backward_kernel")]
+def counted_runs(kernel, monkeypatch) -> list:
+    """The launches a Kernel hands to JITFunction.run (appended to the list returned)."""
+    runs = []
+    run = kernel.run
 
+    def counted(*args, **kwargs):
+        runs.append(args)
+        return run(*args, **kwargs)
 
-def counted_fallbacks(monkeypatch) -> list:
-    """The calls a PreparedLaunch hands to launch() (appended to the list returned)."""
-    fallbacks = []
-    general = launch.launch
-
-    def counted(kernel, grid, *args, **kwargs):
-        fallbacks.append(kernel)
-        general(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(launch, "launch", counted)
-    return fallbacks
+    monkeypatch.setattr(kernel, "run", counted)
+    return runs
 
 
 @requires_fake_gpu
-@pytest.mark.parametrize("misaligned", [False, True])
-@pytest.mark.parametrize("label,record,kwargs", PREPARED,
-                         ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(PREPARED)])
-def test_prepared_launch_is_what_jit_run_launches(label, record, kwargs, misaligned, monkeypatch):
-    """A PreparedLaunch hands its first launch to launch() (which compiles or finds the variant)
-    and launches the later ones itself: the variant JITFunction.run picks for the same
-    arguments, with the same grid, stream and arguments; each launch counted once."""
-    args = tuple(materialised(a, misaligned) for a in record.args)
-    calls = []
-    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
-    fallbacks = counted_fallbacks(monkeypatch)
-    prepared = launch.PreparedLaunch(record.kernel, record.grid, dict(record.kwargs))
-    with launch.count_launches() as launches:
-        prepared(*args)
-        prepared(*args)
-    assert launches[0] == 2 and len(fallbacks) == 1, label
-    record.kernel.run(*args, grid=record.grid, warmup=False, **record.kwargs)
-    (prepared_variant, prepared_call), (run, run_call) = calls[1:]
-    assert prepared_variant is run, label
-    assert same_arguments(prepared_call[:4], run_call[:4]) and same_arguments(prepared_call[9:], run_call[9:]), label
-
-
-@requires_fake_gpu
-def test_prepared_launch_hands_over_what_it_does_not_launch_itself(monkeypatch):
-    """Recording, a launch hook, another current device and arguments of a variant not yet
-    compiled all go through launch()."""
-    _, record, _ = PREPARED[0]
+def test_kernel_hands_to_run_what_it_does_not_launch_itself(monkeypatch):
+    """A variant's first launch, recording, a launch hook, another current device and an fp16
+    output (another variant) all go through JITFunction.run; launches of a compiled variant do
+    not, and each launch is counted once."""
+    _, record, _ = LAUNCHES[0]
     args = tuple(materialised(a, False) for a in record.args)
     monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: None)
-    fallbacks = counted_fallbacks(monkeypatch)
-    prepared = launch.PreparedLaunch(record.kernel, record.grid, dict(record.kwargs))
-    prepared(*args)
-    prepared(*args)
-    assert len(fallbacks) == 1
+    runs = counted_runs(record.kernel, monkeypatch)
+    kernel = launch.Kernel(record.kernel)
+    with launch.count_launches() as launches:
+        kernel[record.grid](*args, **record.kwargs)
+        kernel[record.grid](*args, **record.kwargs)
+    assert launches[0] == 2 and len(runs) == 1
     with launch.record_launches() as records:
-        prepared(*args)
-    assert len(records) == 1 and len(fallbacks) == 2
-    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
-    prepared(*args)
-    assert len(fallbacks) == 3
-    monkeypatch.undo()
-    fallbacks = counted_fallbacks(monkeypatch)
-    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: None)
+        kernel[record.grid](*args, **record.kwargs)
+    assert len(records) == 1 and len(runs) == 1  # recorded, not run
+    with launch.record_launches(run=True) as records:
+        kernel[record.grid](*args, **record.kwargs)
+    assert len(records) == 1 and len(runs) == 1  # recorded and launched directly
+    with monkeypatch.context() as hooked:
+        hooked.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+        kernel[record.grid](*args, **record.kwargs)
+    assert len(runs) == 2
     # Variants belong to a device: another current device finds none of this one's.
-    monkeypatch.setattr(triton.runtime.driver.active, "get_current_device", lambda: 1)
-    prepared(*args)
-    prepared(*args)
-    assert len(fallbacks) == 1
-    # An fp16 output is another variant than the fp32 one compiled: launch() compiles it.
-    prepared(args[0].half(), *args[1:])
-    assert len(fallbacks) == 2
+    with monkeypatch.context() as other_device:
+        other_device.setattr(triton.runtime.driver.active, "get_current_device", lambda: 1)
+        kernel[record.grid](*args, **record.kwargs)
+        kernel[record.grid](*args, **record.kwargs)
+    assert len(runs) == 3
+    kernel[record.grid](args[0].half(), *args[1:], **record.kwargs)
+    assert len(runs) == 4
+
+
+@requires_fake_gpu
+def test_a_triton_that_launches_otherwise_takes_its_own_launch_path(monkeypatch):
+    """Where JITFunction.run no longer calls its launcher as the direct launches do (another
+    Triton), the package warns and launches every kernel through run: the same compiled variant
+    with the same arguments as the direct launch, run after run."""
+    import inspect
+
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def run(self, *args, **kwargs): launch_somehow(args)")
+    with pytest.warns(UserWarning, match="launches kernels differently"):
+        assert not launch._direct_path_supported()
+    _, record, _ = LAUNCHES[0]
+    args = tuple(materialised(a, False) for a in record.args)
+    calls = []
+    monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
+    direct = launch.Kernel(record.kernel)
+    direct.launch(record.grid, args, dict(record.kwargs))
+    direct.launch(record.grid, args, dict(record.kwargs))  # direct
+    monkeypatch.setattr(launch, "DIRECT", False)
+    runs = counted_runs(record.kernel, monkeypatch)
+    fallback = launch.Kernel(record.kernel)
+    fallback.launch(record.grid, args, dict(record.kwargs))
+    fallback.launch(record.grid, args, dict(record.kwargs))
+    assert len(runs) == 2 and not fallback.compiled_variants()
+    (direct_variant, direct_call), (run_variant, run_call) = calls[1], calls[3]
+    assert direct_variant is run_variant
+    assert same_arguments(direct_call[:4], run_call[:4]) and same_arguments(direct_call[9:], run_call[9:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,13 +656,11 @@ def test_prepared_launch_hands_over_what_it_does_not_launch_itself(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 OP_KERNELS = {
-    "fractal_kernels::masked_join": {"masked_join_fwd_kernel"},
-    "fractal_kernels::masked_join_backward": {"masked_join_bwd_kernel"},
-    "fractal_kernels::gather_join": {"masked_join_fwd_kernel"},
-    "fractal_kernels::gather_join_backward": {"masked_join_bwd_kernel"},
+    "fractal_kernels::join_forward": {"join_forward_kernel"},
+    "fractal_kernels::join_backward": {"join_backward_kernel"},
     "fractal_kernels::bn_stats": {"bn_stats_kernel", "bn_combine_kernel"},
     "fractal_kernels::bn_apply": {"bn_apply_kernel"},
-    "fractal_kernels::bn_backward_sums": {"bn_backward_reduce_kernel"},
+    "fractal_kernels::bn_backward_sums": {"bn_backward_sums_kernel"},
     "fractal_kernels::bn_backward_dx": {"bn_backward_dx_kernel"},
     "fractal_kernels::bn_forward": {"bn_forward_kernel"},
     "fractal_kernels::bn_backward": {"bn_backward_kernel"},
@@ -693,9 +696,9 @@ def test_eager_apply_refuses_a_function_with_setup_context():
             pass
 
     with pytest.raises(TypeError, match="setup_context"):
-        launch.eager_apply(WithSetupContext)
+        kernel_op.eager_apply(WithSetupContext)
     x = torch.randn(3, requires_grad=True)
-    assert launch.eager_apply(ClonedFunction)(x).grad_fn is not None
+    assert kernel_op.eager_apply(ClonedFunction)(x).grad_fn is not None
 
 
 class ClonedFunction(torch.autograd.Function):

@@ -7,6 +7,7 @@ from helpers import DEVICE
 
 import fractal_kernels as fk
 from fractal_kernels import batchnorm, join, reference
+from fractal_kernels.join_modes import Join
 from fractal_kernels.testing import fake_gpu
 
 ops = torch.ops.fractal_kernels
@@ -34,13 +35,11 @@ def test_opcheck_joins():
     """The kernel ops, as torch traces them (their autograd is JoinFunction's)."""
     xs, _, _, mask = block_inputs()
     xs = [x.detach() for x in xs]
-    torch.library.opcheck(join.masked_join_op, (xs, mask))
-    torch.library.opcheck(join.masked_join_op, (xs, None))
-    torch.library.opcheck(join.masked_join_backward_op, (xs[0], mask, 3))
     rows = torch.tensor([[0, -1, 1, 2], [2, 0, -1, 1], [-1, -1, 0, 1]], device=DEVICE)
     compact = [x[:4 - i] for i, x in enumerate(xs)]
-    torch.library.opcheck(join.gather_join_op, (compact, rows))
-    torch.library.opcheck(join.gather_join_backward_op, (xs[0], rows, [4, 3, 2]))
+    for inputs, joined in ((xs, Join.of(xs, mask)), (xs, Join.of(xs)), (compact, Join.of(compact, rows=rows))):
+        torch.library.opcheck(join.join_forward.op, join.join_forward.op_args(inputs, joined))
+        torch.library.opcheck(join.join_backward.op, join.join_backward.op_args(xs[0], joined))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -71,33 +70,37 @@ def test_opcheck_primitives():
     counters = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in range(3)]
     seeds = torch.tensor([1, 2, 3], device=DEVICE)
     for drop_seeds, momentum, dropout in ((None, 0.1, 0.0), (seeds, None, 0.2)):
-        torch.library.opcheck(batchnorm.bn_stats_op, (detached, rms, rvs, counters, drop_seeds),
-                              dict(momentum=momentum, dropout=dropout))
-    stats = batchnorm.bn_stats_op(detached, rms, rvs, counters, None, momentum=0.1, dropout=0.0)
+        stats_args = batchnorm.bn_stats.op_args(detached, rms, rvs, counters, drop_seeds)
+        torch.library.opcheck(batchnorm.bn_stats.op, stats_args, dict(momentum=momentum, dropout=dropout))
+    stats = batchnorm.bn_stats.traced(detached, rms, rvs, counters, None, momentum=0.1, dropout=0.0)
     means, variances = list(stats[0]), list(stats[1])
     params = [[t.detach() for t in ts] for ts in (ws, bs)]
     grad = xs[0].detach()
+    joined = Join.of(detached, mask)
     for drop_seeds, dropout in ((None, 0.0), (seeds, 0.2)):
         options = dict(eps=1e-5, relu=True, batch_stats=True, dropout=dropout)
-        tensors = (detached, mask, None, *params, means, variances, drop_seeds)
-        torch.library.opcheck(batchnorm.bn_apply_op, tensors, options)
-        torch.library.opcheck(batchnorm.bn_backward_sums_op, (grad, *tensors), options)
-        sums = batchnorm.bn_backward_sums_op(grad, *tensors, **options)
+        tensors = (detached, joined, *params, means, variances, drop_seeds)
+        torch.library.opcheck(batchnorm.bn_apply.op, batchnorm.bn_apply.op_args(*tensors), options)
+        torch.library.opcheck(batchnorm.bn_backward_sums.op, batchnorm.bn_backward_sums.op_args(grad, *tensors),
+                              options)
+        sums = batchnorm.bn_backward_sums.traced(grad, *tensors, **options)
         for count, param_grads in ((None, True), (1, False)):
-            torch.library.opcheck(batchnorm.bn_backward_dx_op, (grad, *tensors, sums),
+            torch.library.opcheck(batchnorm.bn_backward_dx.op, batchnorm.bn_backward_dx.op_args(grad, *tensors, sums),
                                   dict(options, count=count, param_grads=param_grads))
         # The single-pass ops: the training forward, and the backward from its [2k, C] statistics
         # or from per-input ones (eval).
         forward_stats = detached[0].new_empty(2 * len(detached), detached[0].shape[1])
-        torch.library.opcheck(batchnorm.bn_forward_op, (detached, mask, *params, rms, rvs, counters, forward_stats,
-                                                        drop_seeds), dict(momentum=0.1, eps=1e-5, relu=True,
-                                                                          dropout=dropout))
+        torch.library.opcheck(batchnorm.bn_forward.op,
+                              batchnorm.bn_forward.op_args(detached, joined, *params, rms, rvs, counters, forward_stats,
+                                                           drop_seeds),
+                              dict(momentum=0.1, eps=1e-5, relu=True, dropout=dropout))
         # The backward reads its statistics: the [2k, C] of these means and variances, not an
         # uninitialised buffer (whose NaNs would differ from run to run).
-        torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances,
-                                                         torch.stack([*means, *variances]), drop_seeds), options)
-        torch.library.opcheck(batchnorm.bn_backward_op, (grad, detached, mask, *params, means, variances, None,
-                                                         drop_seeds), dict(options, batch_stats=False))
+        backward = batchnorm.bn_backward
+        torch.library.opcheck(backward.op, backward.op_args(grad, detached, joined, *params, means, variances,
+                                                            torch.stack([*means, *variances]), drop_seeds), options)
+        torch.library.opcheck(backward.op, backward.op_args(grad, detached, joined, *params, means, variances, None,
+                                                            drop_seeds), dict(options, batch_stats=False))
 
 
 class Block(torch.nn.Module):

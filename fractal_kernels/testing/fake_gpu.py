@@ -131,7 +131,7 @@ def install() -> None:
     triton.runtime.driver.set_active(FakeDriver())
     JITFunction._do_compile = _compile
     JITFunction.__call__ = _device_call
-    launch._runs_on_cpu = True
+    launch.run_kernels_on_cpu()
     _installed[0] = True
 
 
