@@ -43,25 +43,24 @@ lint: $(STAMP)
 
 # Without a GPU, the suite runs twice, side by side (each session keeps about one core busy):
 # every kernel in the Triton interpreter, and the GPU path (triton_op registration,
-# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. Tests that
-# run no Triton kernel in the session itself (the GPU-check dry run's phases are subprocesses of
-# their own; the experiments train on the CPU reference ops) go with the fake GPU's session,
-# which the interpreter's would otherwise outlast by minutes. One thread each: two sessions of
-# torch's default two threads on two cores ran slower side by side than one after the other.
-# make check runs the same sessions without the tests marked slow (pytest.ini).
-FAKE_GPU_TESTS := tests/test_gpu_path.py tests/test_ops.py tests/test_model.py
-EITHER_SESSION_TESTS := tests/test_gpu_check.py tests/test_experiments.py
-check: SELECT := -m "not slow"
+# torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. The
+# markers of pytest.ini place each test (tests/conftest.py): fake_gpu tests run on the fake GPU
+# only, both_sessions tests in each, and either_session tests (they run no Triton kernel in the
+# session itself: the GPU-check dry run's phases are subprocesses of their own, the experiments
+# train on the CPU reference ops) beside the fake GPU's, which the interpreter's would otherwise
+# outlast by minutes. One thread each: two sessions of torch's default two threads on two cores
+# ran slower side by side than one after the other. make check leaves out the tests marked slow.
+check: SLOW := not slow and
 test check: lint
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
 		log=$$(mktemp); export OMP_NUM_THREADS=1; \
-		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider $(SELECT) $(FAKE_GPU_TESTS) \
-			$(EITHER_SESSION_TESTS) > $$log 2>&1 & fake=$$!; \
-		$(PY) -m pytest -q $(SELECT) $(foreach t,$(EITHER_SESSION_TESTS),--ignore=$(t)) tests; status=$$?; \
+		FRACTAL_KERNELS_FAKE_GPU=1 $(PY) -m pytest -q -p no:cacheprovider \
+			-m "$(SLOW) (fake_gpu or both_sessions or either_session)" tests > $$log 2>&1 & fake=$$!; \
+		$(PY) -m pytest -q -m "$(SLOW) not (fake_gpu or either_session)" tests; status=$$?; \
 		wait $$fake; fake_status=$$?; \
-		echo "--- fake GPU: $(FAKE_GPU_TESTS) $(EITHER_SESSION_TESTS)"; cat $$log; rm -f $$log; \
+		echo "--- fake GPU: the tests marked fake_gpu, both_sessions or either_session"; cat $$log; rm -f $$log; \
 		exit $$((status || fake_status)); \
-	else $(PY) -m pytest -q $(SELECT) tests; fi
+	else $(PY) -m pytest -q $(if $(SLOW),-m "not slow") tests; fi
 
 # make check on the oldest supported torch, in a venv of its own: torch 2.11 from PyPI (its CUDA
 # build, about 4.6 GB once, which runs on the CPU too) on Python 3.12 where one is at hand (on

@@ -1,5 +1,5 @@
-"""Benchmark cases: the real join and unit shapes of the paper's networks, and one record per op
-(how to call it, how many inputs, its goals), so that adding an op touches one place."""
+"""Benchmark cases: the real join and unit shapes of the paper's networks, and the goals and
+input counts of each op (fractal_kernels.testing.OPS says how to call it)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import fractal_kernels as fk
 from fractal_kernels import reference
+from fractal_kernels.testing.ops import OPS as SPECS
+from fractal_kernels.testing.ops import OpInputs, OpSpec
 from fractal_kernels.testing.traffic import minimal_bytes
 from fractalnet import DropPath
 
@@ -27,42 +29,44 @@ DIRECTIONS = ("forward", "backward", "forward+backward")
 
 
 @dataclass(frozen=True)
-class OpSpec:
-    """One op as the benchmarks see it.
-
-    ``call(fn, inputs)`` runs ``fn`` (the op of one implementation: fractal_kernels', the
-    reference's, or torch.compile of the reference) on an OpInputs, in training mode; ``ks``
-    are the input counts benchmarked; ``masked``: it takes a drop-path mask (benchmarked with
-    and without); ``gathered``: its inputs are compact column segments, the samples a drop-path
-    draw keeps, with their gather table. The goals are the least speedups over eager and over
+class Benchmarked:
+    """One op as the benchmarks see it: its record (fractal_kernels.testing.OPS), the input
+    counts ``ks`` benchmarked, and its goals: the least speedups over eager and over
     torch.compile and the least fraction of copy bandwidth, forward+backward (None: no goal).
-    """
+    A masked op is benchmarked with and without its mask; a gathered op's inputs are compact
+    column segments, the samples a drop-path draw keeps, with their gather table."""
 
-    name: str
+    spec: OpSpec
     ks: tuple[int, ...]
-    batch_norm: bool
-    masked: bool
-    call: Callable
     eager_goal: Optional[float] = None
     compile_goal: Optional[float] = None
     copy_goal: Optional[float] = None
-    gathered: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def batch_norm(self) -> bool:
+        return self.spec.batch_norm
+
+    @property
+    def masked(self) -> bool:
+        return self.spec.join == "mask"
+
+    @property
+    def gathered(self) -> bool:
+        return self.spec.join == "rows"
 
 
 OPS = {
-    spec.name: spec
-    for spec in (
-        OpSpec("masked_join", (2, 3, 4), False, True, lambda fn, a: fn(a.xs, a.mask), 4.0, None, 0.90),
-        OpSpec("bn_relu", (1,), True, False,
-               lambda fn, a: fn(a.xs[0], a.weights[0], a.biases[0], a.running_means[0], a.running_vars[0], True),
-               1.5),
-        OpSpec("join_bn_relu", (2, 3, 4), True, True,
-               lambda fn, a: fn(a.xs, a.mask, a.weights, a.biases, a.running_means, a.running_vars, True),
-               3.0, 1.3, 0.80),
-        OpSpec("gather_join", (3,), False, False, lambda fn, a: fn(a.xs, a.rows), gathered=True),
-        OpSpec("gather_join_bn_relu", (3,), True, False,
-               lambda fn, a: fn(a.xs, a.rows, a.weights, a.biases, a.running_means, a.running_vars, True),
-               gathered=True),
+    bench.name: bench
+    for bench in (
+        Benchmarked(SPECS["masked_join"], (2, 3, 4), 4.0, None, 0.90),
+        Benchmarked(SPECS["bn_relu"], (1,), 1.5),
+        Benchmarked(SPECS["join_bn_relu"], (2, 3, 4), 3.0, 1.3, 0.80),
+        Benchmarked(SPECS["gather_join"], (3,)),
+        Benchmarked(SPECS["gather_join_bn_relu"], (3,)),
     )
 }
 
@@ -77,24 +81,6 @@ def shapes(quick: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
     ]
 
 
-@dataclass
-class OpInputs:
-    """One case's tensors: inputs, drop-path mask, BN parameters and statistics, output gradient."""
-
-    xs: list[torch.Tensor]
-    mask: Optional[torch.Tensor]
-    weights: list[torch.Tensor]
-    biases: list[torch.Tensor]
-    running_means: list[torch.Tensor]
-    running_vars: list[torch.Tensor]
-    grad: torch.Tensor
-    rows: Optional[torch.Tensor] = None
-
-    @property
-    def leaves(self) -> list[torch.Tensor]:
-        return self.xs + self.weights + self.biases
-
-
 @dataclass(frozen=True)
 class OpCase:
     op: str
@@ -105,20 +91,20 @@ class OpCase:
     channels_last: bool
 
     @property
-    def spec(self) -> OpSpec:
+    def benchmarked(self) -> Benchmarked:
         return OPS[self.op]
 
     @property
     def label(self) -> str:
         layout = "nhwc" if self.channels_last else "nchw"
-        name = self.op if self.spec.ks == (1,) else f"{self.op} k={self.k}"
+        name = self.op if self.benchmarked.ks == (1,) else f"{self.op} k={self.k}"
         return f"{name} {'x'.join(map(str, self.shape))} {str(self.dtype)[6:]} {layout}"
 
     def drop_path_mask(self, seed: int = 0) -> Optional[torch.Tensor]:
         """A real drop-path draw for a join of the deepest k of four columns (local rate 0.15, half
         the samples global), on the CPU; None for an op without a mask (a gathered op's inputs
         are the rows this draw keeps: gather_table)."""
-        if not (self.spec.masked or self.spec.gathered):
+        if not (self.benchmarked.masked or self.benchmarked.gathered):
             return None
         drop_path = DropPath(self.shape[0], [1, 2, 3, 4], 4, 1, 0.15, 0.5, torch.device("cpu"),
                              torch.Generator().manual_seed(seed))
@@ -146,27 +132,27 @@ class OpCase:
 
         rows = None
         sizes = [self.shape[0]] * self.k
-        if self.spec.gathered:
+        if self.benchmarked.gathered:
             table, sizes = self.gather_table()
             rows, mask = torch.tensor(table.tolist(), device=device), None
         xs = [tensor(size, *self.shape[1:]).to(memory_format=layout).requires_grad_() for size in sizes]
-        bn = self.spec.batch_norm
+        bn = self.benchmarked.batch_norm
         weights = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
         biases = [tensor(channels, grad=True, dtype=torch.float32) for _ in range(self.k)] if bn else []
         running_means = [torch.zeros(channels, device=device) for _ in range(self.k)] if bn else []
         running_vars = [torch.ones(channels, device=device) for _ in range(self.k)] if bn else []
         grad = tensor(*self.shape).to(memory_format=layout)
-        return OpInputs(xs, mask, weights, biases, running_means, running_vars, grad, rows)
+        return OpInputs(xs, mask, rows, weights, biases, running_means, running_vars, grad)
 
     def function(self, implementation: str, inputs: OpInputs) -> Callable[[], torch.Tensor]:
         """The op's forward (training mode for BatchNorm) with one implementation."""
         fn = {"eager": getattr(reference, self.op), "compile": _compiled(self.op),
               "fused": _fused(self.op)}[implementation]
-        return lambda: self.spec.call(fn, inputs)
+        return lambda: self.benchmarked.spec.call(fn, inputs)
 
     def minimal_bytes(self, direction: str, mask: Optional[torch.Tensor]) -> int:
         """Bytes the fused design must move (fractal_kernels.testing.traffic.minimal_bytes)."""
-        if self.spec.gathered:
+        if self.benchmarked.gathered:
             rows, sizes = self.gather_table()
             xs = [torch.empty((size, *self.shape[1:]), dtype=self.dtype, device="meta") for size in sizes]
             return minimal_bytes(self.op, xs, rows=rows)[direction]

@@ -234,28 +234,19 @@ def _poison_free_memory(device) -> None:
     del blocks
 
 
-#: (atol, rtol) against the fp64 reference, per storage dtype (the test suite's).
 def op_cases(small: bool = False) -> list[dict]:
     """The ops phase's cases: (op, dtype, layout, join kind, training), the training dtypes first
     (``small``: fp32 NCHW only, for the sanitizer)."""
     import torch
 
+    from fractal_kernels.testing.ops import OPS
+
     dtypes = [torch.float32] if small else [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-    cases = []
-    for dtype in dtypes:
-        for channels_last in (False,) if small else (False, True):
-            for join in ("none", "bool", "float"):
-                cases.append(dict(op="masked_join", dtype=dtype, channels_last=channels_last, join=join, training=True))
-            cases.append(dict(op="gather_join", dtype=dtype, channels_last=channels_last, join="rows", training=True))
-            for training in (True, False):
-                cases.append(dict(op="bn_relu", dtype=dtype, channels_last=channels_last, join="none",
-                                  training=training))
-                for join in ("none", "bool", "float"):
-                    cases.append(dict(op="join_bn_relu", dtype=dtype, channels_last=channels_last, join=join,
-                                      training=training))
-                cases.append(dict(op="gather_join_bn_relu", dtype=dtype, channels_last=channels_last, join="rows",
-                                  training=training))
-    return cases
+    joins = {"none": ("none",), "mask": ("none", "bool", "float"), "rows": ("rows",)}
+    return [dict(op=spec.name, dtype=dtype, channels_last=channels_last, join=join, training=training)
+            for dtype in dtypes for channels_last in ((False,) if small else (False, True))
+            for training in (True, False) for spec in OPS.values() if training or spec.batch_norm
+            for join in joins[spec.join]]
 
 
 def check_op(case: dict, shape: tuple, device, seed: int) -> dict:
@@ -265,8 +256,10 @@ def check_op(case: dict, shape: tuple, device, seed: int) -> dict:
     import fractal_kernels as fk
     from fractal_kernels import reference
     from fractal_kernels.testing import TOLERANCES
+    from fractal_kernels.testing.ops import OPS, OpInputs
 
-    dtype, op, k = case["dtype"], case["op"], 1 if case["op"] == "bn_relu" else 3
+    dtype, op = case["dtype"], case["op"]
+    k = 1 if OPS[op].single_input else 3
     gen = torch.Generator().manual_seed(seed)
     N, C = shape[0], shape[1]
     layout = torch.channels_last if case["channels_last"] else torch.contiguous_format
@@ -298,19 +291,13 @@ def check_op(case: dict, shape: tuple, device, seed: int) -> dict:
     theirs = {key: [t.detach().to(device).double().requires_grad_(key in ("weights", "biases")) for t in ts]
               for key, ts in mine.items()}
     training = case["training"]
+    spec = OPS[op]
 
     def call(ns, inputs, bn):
-        if op == "masked_join":
-            return ns.masked_join(inputs, mask)
-        if op == "gather_join":
-            return ns.gather_join(inputs, rows.to(device))
-        if op == "bn_relu":
-            return ns.bn_relu(inputs[0], *(bn[key][0] for key in bn), training)
-        if op == "join_bn_relu":
-            return ns.join_bn_relu(inputs, mask, **bn, training=training)
-        return ns.gather_join_bn_relu(inputs, rows.to(device), **bn, training=training)
+        return spec.call(getattr(ns, op), OpInputs(inputs, mask, None if rows is None else rows.to(device), **bn),
+                         training)
 
-    bn = op.endswith("bn_relu")
+    bn = spec.batch_norm
     _poison_free_memory(device)
     with fk.use_backend("triton"):
         out = call(fk, xs, mine)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fractal_kernels.testing import fake_gpu
+from fractal_kernels.testing.ops import OPS, OpInputs, OpSpec, full_table
 
 #: Repeats of each measurement (the best is kept; --quick: fewer) and calls per repeat. This
 #: machine's speed drifts over seconds: many short repeats, alternated, let both sides meet its
@@ -83,25 +84,25 @@ def fused() -> Iterator[None]:
 
 
 def _op_cases(ns) -> dict[str, Callable[[], object]]:
-    """Forward + backward of each op of namespace ``ns`` (fractal_kernels or its reference) on
-    [2, 4, 1, 1] inputs."""
+    """Forward + backward of each op (fractal_kernels.testing.OPS) of namespace ``ns``
+    (fractal_kernels or its reference) in training, on [2, 4, 1, 1] inputs: one, or three with
+    a mask (or gather table) that keeps every sample."""
+    cases = {}
+    for spec in OPS.values():
+        k = 1 if spec.single_input else 3
+        inputs = OpInputs([torch.randn(2, 4, 1, 1, requires_grad=True) for _ in range(k)],
+                          torch.ones(k, 2, dtype=torch.bool), full_table(k, 2))
+        if spec.batch_norm:
+            inputs.weights = [torch.rand(4, requires_grad=True) for _ in range(k)]
+            inputs.biases = [torch.randn(4, requires_grad=True) for _ in range(k)]
+            inputs.running_means = [torch.zeros(4) for _ in range(k)]
+            inputs.running_vars = [torch.ones(4) for _ in range(k)]
+        cases[spec.name if spec.single_input else f"{spec.name} k={k}"] = _op_case(spec, getattr(ns, spec.name), inputs)
+    return cases
 
-    def inputs(k):
-        xs = [torch.randn(2, 4, 1, 1, requires_grad=True) for _ in range(k)]
-        params = dict(weights=[torch.rand(4, requires_grad=True) for _ in range(k)],
-                      biases=[torch.randn(4, requires_grad=True) for _ in range(k)],
-                      running_means=[torch.zeros(4) for _ in range(k)], running_vars=[torch.ones(4) for _ in range(k)])
-        return xs, torch.ones(k, 2, dtype=torch.bool), params
 
-    xs1, _, p1 = inputs(1)
-    xs3, mask, p3 = inputs(3)
-    one = {name: values[0] for name, values in p1.items()}
-    return {
-        "masked_join k=3": lambda: ns.masked_join(xs3, mask).sum().backward(),
-        "bn_relu": lambda: ns.bn_relu(xs1[0], one["weights"], one["biases"], one["running_means"],
-                                      one["running_vars"], True).sum().backward(),
-        "join_bn_relu k=3": lambda: ns.join_bn_relu(xs3, mask, **p3, training=True).sum().backward(),
-    }
+def _op_case(spec: OpSpec, fn: Callable, inputs: OpInputs) -> Callable[[], None]:
+    return lambda: spec.call(fn, inputs).sum().backward()
 
 
 def launch_arguments(fn: Callable[[], object]) -> list[dict]:
@@ -182,6 +183,7 @@ def step_rows(networks: list[str], drop_path_pers: tuple[str, ...] = ("sample", 
 _CALLGRIND_SETUP = """
 import contextlib, torch
 from fractal_kernels.testing import fake_gpu
+from fractal_kernels.testing.ops import OPS, OpInputs, OpSpec, full_table
 fake_gpu.install()
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)

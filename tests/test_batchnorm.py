@@ -166,24 +166,6 @@ def test_split_kernels_over_chunks_match_torch(channels_last, shape):
     check_running(params, ref_params, torch.float32)
 
 
-def test_tilings_are_cached_by_layout_and_gpu_and_the_cache_stays_bounded(monkeypatch):
-    from fractal_kernels import channel_tiling as tiling_module
-
-    x = torch.randn(64, 8, 32, 32)
-    nhwc = x.to(memory_format=torch.channels_last)
-    assert channel_tiling(x) is channel_tiling(x.clone())  # one lookup for every tensor like x
-    assert not channel_tiling(x).channels_last and channel_tiling(nhwc).channels_last
-    with tile_for_gpu(132):
-        gpu = channel_tiling(x)
-        assert gpu == tiling_module._tiling(x, 1, False)  # the cached tiling is the computed one
-    assert gpu != channel_tiling(x)  # the interpreter's tiles are larger
-    monkeypatch.setattr(tiling_module, "_MAX_TILINGS", 3)
-    monkeypatch.setattr(tiling_module, "_tilings", {})
-    for n in range(2, 10):
-        assert channel_tiling(torch.empty(n, 8, 4, 4, device="meta")).N == n
-        assert len(tiling_module._tilings) <= 3
-
-
 def test_launch_counts():
     """One chunk per channel block (small problems): one launch a pass; several: five a step."""
     small, params = make_case((4, 6, 3, 3), torch.float32)

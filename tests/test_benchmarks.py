@@ -15,6 +15,9 @@ from fractal_kernels.batchnorm import single_pass
 from fractal_kernels.channel_tiling import channel_tiling, tile_for_gpu
 from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
 
+#: The host benchmark's op cases: every op of fractal_kernels.testing.OPS.
+HOST_OPS = {"masked_join k=3", "gather_join k=3", "bn_relu", "join_bn_relu k=3", "gather_join_bn_relu k=3"}
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -90,7 +93,7 @@ def test_traffic_occupancy_and_host_sections(report):
     occupancy = data["occupancy"]
     assert occupancy and all(r["flagged"] == 0 and r["spill_bytes_max"] == 0 for r in occupancy)
     host = data["host"]
-    assert {r["op"] for r in host["ops"]} == {"masked_join k=3", "bn_relu", "join_bn_relu k=3"}
+    assert {r["op"] for r in host["ops"]} == HOST_OPS
     assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in host["ops"])
     (step,) = host["steps"]
     assert step["eager_ms"] > 0 and step["fused_ms"] > 0
@@ -127,7 +130,7 @@ def test_instruction_mode_counts_each_side_in_a_process_of_its_own(monkeypatch, 
     path = os.environ.get("PATH")
     assert host.main(["--quick", "--instructions", "--json", str(tmp_path / "counts.json")]) == 0
     result = json.loads((tmp_path / "counts.json").read_text())["instructions"]
-    assert {row["op"] for row in result["ops"]} == {"masked_join k=3", "bn_relu", "join_bn_relu k=3"}
+    assert {row["op"] for row in result["ops"]} == HOST_OPS
     assert [(row["network"], row["drop_path_per"]) for row in result["steps"]] == [("fractalnet20_cifar", "batch")]
     assert all(row["fused"] == 200 and row["eager"] == 100 and row["fused_over_eager"] == 2
                for row in result["ops"] + result["steps"])

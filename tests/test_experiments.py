@@ -12,6 +12,8 @@ import torch
 
 from fractalnet import experiments
 
+pytestmark = pytest.mark.either_session
+
 TINY = ["--dataset", "digits", "--epochs", "1", "--columns", "2", "--image-size", "8", "--device", "cpu"]
 
 

@@ -16,7 +16,7 @@ def make_rows(sizes, seed=0):
     return helpers.make_rows(sizes, BATCH, seed)
 
 
-def make_inputs(sizes, dtype, channels_last, seed=0, shape=(4, 3, 5)):
+def compact_inputs(sizes, dtype, channels_last, seed=0, shape=(4, 3, 5)):
     return helpers.make_inputs(sizes, shape, dtype, channels_last, seed)
 
 
@@ -32,7 +32,7 @@ SIZES = [(4, 7, 2), (3, 0, 5), (1, 2), (6,)]
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 def test_gather_join(sizes, dtype, channels_last):
     rows = make_rows(sizes)
-    xs = make_inputs(sizes, dtype, channels_last)
+    xs = compact_inputs(sizes, dtype, channels_last)
     with fk.use_backend("triton"):
         out = fk.gather_join(xs, rows)
     xs64 = [x.detach().double().requires_grad_() for x in xs]
@@ -52,7 +52,7 @@ def test_gather_join(sizes, dtype, channels_last):
 def test_gather_join_bn_relu(sizes, dtype, channels_last):
     k = len(sizes)
     rows = make_rows(sizes, seed=1)
-    xs = make_inputs(sizes, dtype, channels_last, seed=1)
+    xs = compact_inputs(sizes, dtype, channels_last, seed=1)
     param = torch.float64 if dtype == torch.float64 else torch.float32
     ws = [(torch.rand(4, dtype=torch.float64) + 0.5).to(DEVICE, param).requires_grad_() for _ in range(k)]
     bs = [torch.randn(4, dtype=torch.float64).to(DEVICE, param).requires_grad_() for _ in range(k)]
@@ -78,7 +78,7 @@ def test_gather_join_bn_relu_with_dropout_equals_the_composition_with_the_same_m
     """Dropout of compact inputs: the mask is drawn over each input's own rows."""
     sizes, p = (4, 7, 2), 0.3
     rows = make_rows(sizes, seed=2)
-    xs = make_inputs(sizes, torch.float64, True, seed=2)
+    xs = compact_inputs(sizes, torch.float64, True, seed=2)
     params = [[torch.rand(4, dtype=torch.float64).to(DEVICE) + 0.5 for _ in sizes] for _ in range(4)]
     seeds = torch.tensor([3, 1, 4], device=DEVICE)
     with fk.use_backend("triton"):
@@ -98,7 +98,7 @@ def test_gather_join_bn_relu_with_dropout_equals_the_composition_with_the_same_m
 def test_gradcheck_fp64(training):
     sizes = (2, 3, 0)
     rows = make_rows(sizes)
-    xs = make_inputs(sizes, torch.float64, False, shape=(2, 2, 1))
+    xs = compact_inputs(sizes, torch.float64, False, shape=(2, 2, 1))
     ws = [torch.rand(2, dtype=torch.float64) + 0.5 for _ in sizes]
     bs = [torch.randn(2, dtype=torch.float64, requires_grad=True) for _ in sizes]
     running = [torch.zeros(2, dtype=torch.float64) for _ in sizes], [torch.ones(2, dtype=torch.float64) for _ in sizes]

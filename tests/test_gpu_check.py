@@ -12,6 +12,8 @@ import pytest
 
 from benchmarks.gpu_check import FAULTS_VARIABLE, PHASES
 
+pytestmark = pytest.mark.either_session
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

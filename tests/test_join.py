@@ -14,7 +14,7 @@ from fractal_kernels.testing import saved_bytes
 from fractal_kernels import reference
 
 
-def make_inputs(k, shape=(6, 5, 3, 4), dtype=torch.float32, channels_last=False, seed=0):
+def join_inputs(k, shape=(6, 5, 3, 4), dtype=torch.float32, channels_last=False, seed=0):
     return helpers.make_inputs([shape[0]] * k, shape[1:], dtype, channels_last, seed, spread=False)
 
 
@@ -41,7 +41,7 @@ def reference_grads(xs, mask, grad):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_backward_match_reference(k, channels_last, dtype):
-    xs = make_inputs(k, dtype=dtype, channels_last=channels_last)
+    xs = join_inputs(k, dtype=dtype, channels_last=channels_last)
     mask = make_mask(k, xs[0].shape[0], seed=k)
     out = triton_join(xs, mask)
     grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(DEVICE)
@@ -56,19 +56,19 @@ def test_forward_backward_match_reference(k, channels_last, dtype):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_plain_mean_without_mask(k):
-    xs = make_inputs(k, dtype=torch.float64)
+    xs = join_inputs(k, dtype=torch.float64)
     out = triton_join(xs, None)
     torch.testing.assert_close(out, torch.stack(xs).mean(0))
 
 
 def test_float_mask_equals_bool_mask():
-    xs = make_inputs(3)
+    xs = join_inputs(3)
     mask = make_mask(3, xs[0].shape[0])
     torch.testing.assert_close(triton_join(xs, mask.float()), triton_join(xs, mask), atol=0, rtol=0)
 
 
 def test_nan_and_inf_in_dropped_inputs_never_leak():
-    xs = make_inputs(3, dtype=torch.float32)
+    xs = join_inputs(3, dtype=torch.float32)
     mask = make_mask(3, xs[0].shape[0])
     poisoned = []
     for i, x in enumerate(xs):
@@ -101,13 +101,13 @@ def test_reference_semantics_for_dropped_nan_and_zero_survivors():
 
 @pytest.mark.parametrize("shape", [(7,), (5, 3), (4, 3, 11), (2, 3, 1, 1), (3, 2, 2, 2, 2)], ids=str)
 def test_any_rank(shape):
-    xs = make_inputs(3, shape=shape, dtype=torch.float64)
+    xs = join_inputs(3, shape=shape, dtype=torch.float64)
     mask = make_mask(3, shape[0])
     torch.testing.assert_close(triton_join(xs, mask), reference.masked_join(xs, mask))
 
 
 def test_mixed_and_strided_layouts_are_copied():
-    xs = make_inputs(3, dtype=torch.float64)
+    xs = join_inputs(3, dtype=torch.float64)
     xs[1] = xs[1].detach().to(memory_format=torch.channels_last).requires_grad_()
     xs[2] = xs[2].detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
     mask = make_mask(3, xs[0].shape[0])
@@ -119,14 +119,14 @@ def test_mixed_and_strided_layouts_are_copied():
 
 
 def test_gradcheck_fp64():
-    xs = make_inputs(3, shape=(4, 2, 3), dtype=torch.float64)
+    xs = join_inputs(3, shape=(4, 2, 3), dtype=torch.float64)
     mask = make_mask(3, 4)
     assert torch.autograd.gradcheck(lambda *t: triton_join(list(t), mask), tuple(xs))
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_empty_batch_forward_and_backward(masked):
-    xs = make_inputs(2, shape=(0, 3))
+    xs = join_inputs(2, shape=(0, 3))
     mask = torch.ones(2, 0, dtype=torch.bool, device=DEVICE) if masked else None
     with fk.count_launches() as launches:
         out = triton_join(xs, mask)
@@ -137,7 +137,7 @@ def test_empty_batch_forward_and_backward(masked):
 
 @pytest.mark.parametrize("k,launches", [(3, 1), (8, 1), (9, 2)])
 def test_launch_counts(k, launches):
-    xs = make_inputs(k, shape=(4, 3))
+    xs = join_inputs(k, shape=(4, 3))
     mask = make_mask(k, 4)
     with fk.count_launches() as forward:
         out = triton_join(xs, mask)
@@ -147,7 +147,7 @@ def test_launch_counts(k, launches):
 
 
 def test_saves_only_the_mask():
-    xs = make_inputs(3, shape=(8, 4, 4, 4))
+    xs = join_inputs(3, shape=(8, 4, 4, 4))
     mask = make_mask(3, 8)
     assert saved_bytes(lambda: triton_join(xs, mask)) == mask.numel() * mask.element_size()
     assert saved_bytes(lambda: triton_join(xs, None)) == 0

@@ -13,6 +13,8 @@ from fractal_kernels.testing import saved_bytes
 from fractalnet import FractalNet, create_model, list_models
 from fractalnet.drop_path import DropPath
 
+pytestmark = pytest.mark.both_sessions
+
 # Drop-path per sample: every column runs in every training step, whatever the draw.
 SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.1, 0.2), drop_path_per="sample")
 

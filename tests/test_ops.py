@@ -10,6 +10,8 @@ from fractal_kernels import batchnorm, join, reference
 from fractal_kernels.join_modes import Join
 from fractal_kernels.testing import fake_gpu
 
+pytestmark = pytest.mark.both_sessions
+
 ops = torch.ops.fractal_kernels
 #: Inductor, but under the fake GPU, where it cannot build user Triton kernels for CPU tensors.
 COMPILE_BACKEND = "aot_eager" if fake_gpu.installed() else "inductor"

@@ -31,6 +31,7 @@ except ImportError as error:  # pragma: no cover - depends on the Triton version
 from . import _NO_KERNEL
 from ..batchnorm import single_pass
 from ..channel_tiling import channel_tiling
+from .ops import OPS
 
 
 @dataclass
@@ -164,7 +165,7 @@ def minimal_bytes(op: str, inputs: list[torch.Tensor], mask=None, rows=None, tra
         output = sizes[0]
         kept = sum(sizes) if mask is None else sum(int((mask[i] != 0).sum()) * row_bytes[i] for i in range(len(inputs)))
     gradient_reads = sum(sizes) if rows is not None else output
-    if op in ("masked_join", "gather_join"):
+    if not OPS[op].batch_norm:
         forward, backward = kept + output, gradient_reads + sum(sizes)
     elif rows is None and single_pass(channel_tiling(inputs[0], len(inputs)), len(inputs)):
         read = sum(sizes) if training else kept
