@@ -33,7 +33,7 @@ from .batchnorm_kernels import (
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import Join
 from .kernel_op import eager_apply, kernel_op
-from .launch import MAX_INPUTS, REDUCTION_REGISTERS, input_groups, next_power_of_2, slots, wrap_triton
+from .launch import MAX_INPUTS, NONES, REDUCTION_REGISTERS, input_groups, next_power_of_2, slots, wrap_triton
 from .sync_batchnorm import RankStatistics
 from .tensors import acc_dtype, dense, dense_inputs, memory_format
 
@@ -220,12 +220,11 @@ def bn_forward(inputs: list[torch.Tensor], join: Join, weights: OptionalTensors,
     k = len(xs)
     tiling = _single_pass_tiling(xs, tiling)
     out = torch.empty_like(xs[0])
-    group = range(k)
+    pad = NONES[MAX_INPUTS - k]  # the one group's slots, as slots() pads them
     wrap_triton(bn_forward_kernel)[tiling.grid](
-        out, *slots(xs, group), *slots(weights, group), *slots(biases, group), *slots(running_means, group),
-        *slots(running_vars, group), *slots(num_batches_tracked, group), stats, float(momentum), *join.args(),
-        float(eps), *dropout_args(seeds, dropout), tiling.N, tiling.C, tiling.HW, tiling.hw_blocks,
-        K=k, JOIN=join.mode, RELU=relu, **tiling.meta(streaming=False),
+        out, *xs, *pad, *weights, *pad, *biases, *pad, *running_means, *pad, *running_vars, *pad,
+        *num_batches_tracked, *pad, stats, float(momentum), *join.args(), float(eps), *dropout_args(seeds, dropout),
+        tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=k, JOIN=join.mode, RELU=relu, **tiling.meta(streaming=False),
     )
     return out
 
@@ -244,13 +243,12 @@ def bn_backward(grad: torch.Tensor, inputs: list[torch.Tensor], join: Join, weig
     tiling = _single_pass_tiling(xs, tiling)
     grad_inputs = [torch.empty_like(x) for x in xs]
     grads = torch.empty(2 * k, tiling.C, dtype=acc_dtype(xs[0].dtype), device=grad.device)
-    group = range(k)
-    moments = _NO_MOMENTS if stats is not None else (*slots(means, group), *slots(variances, group))
+    pad = NONES[MAX_INPUTS - k]  # the one group's slots, as slots() pads them
+    moments = _NO_MOMENTS if stats is not None else (*means, *pad, *variances, *pad)
     wrap_triton(bn_backward_kernel)[tiling.grid](
-        grad, *slots(xs, group), *slots(grad_inputs, group), *slots(weights, group), *slots(biases, group),
-        *moments, stats, *join.args(), float(eps), *dropout_args(seeds, dropout), grads, tiling.N, tiling.C,
-        tiling.HW, tiling.hw_blocks, K=k, JOIN=join.mode, RELU=relu, BATCH_STATS=batch_stats,
-        **tiling.meta(streaming=False),
+        grad, *xs, *pad, *grad_inputs, *pad, *weights, *pad, *biases, *pad, *moments, stats, *join.args(), float(eps),
+        *dropout_args(seeds, dropout), grads, tiling.N, tiling.C, tiling.HW, tiling.hw_blocks, K=k, JOIN=join.mode,
+        RELU=relu, BATCH_STATS=batch_stats, **tiling.meta(streaming=False),
     )
     return grad_inputs, grads
 
@@ -317,7 +315,7 @@ class BatchNormJoinFunction(torch.autograd.Function):
         k = len(tensors) // 3
         xs, weights, biases = tensors[:k], tensors[k:2 * k], tensors[2 * k:]
         ctx.traced, ctx.options, ctx.sync, ctx.tiling = traced, options, sync, tiling  # the backward's tiling too
-        ctx.join = join._replace(table=None)  # the table is saved
+        ctx.join_mode, ctx.join_sizes = join.mode, join.sizes  # and the table, saved
         ctx.save_for_backward(join.table, seeds, stats, *tensors, *moments[0], *moments[1])
         if running is not None:
             running_means, running_vars, num_batches_tracked, momentum = running
@@ -331,9 +329,9 @@ class BatchNormJoinFunction(torch.autograd.Function):
         table, seeds, stats, *saved = ctx.saved_tensors
         k = len(saved) // 5
         xs, weights, biases, means, variances = (saved[i * k:(i + 1) * k] for i in range(5))
-        grad_inputs, grads = bn_apply_backward(grad, xs, ctx.join._replace(table=table), weights, biases, means,
-                                               variances, seeds, ctx.options, traced=ctx.traced, tiling=ctx.tiling,
-                                               sync=ctx.sync, stats=stats)
+        join = Join(ctx.join_mode, table, ctx.join_sizes)
+        grad_inputs, grads = bn_apply_backward(grad, xs, join, weights, biases, means, variances, seeds, ctx.options,
+                                               traced=ctx.traced, tiling=ctx.tiling, sync=ctx.sync, stats=stats)
         return (None,) * 9 + (*grad_inputs, *param_grads(grads, weights, biases))
 
 

@@ -162,15 +162,14 @@ class JoinFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, traced: bool, join: Join, *inputs):
-        ctx.traced = traced
-        ctx.join = join._replace(table=None)  # the table is saved
+        ctx.traced, ctx.join_mode, ctx.join_sizes = traced, join.mode, join.sizes  # and the table, saved
         ctx.save_for_backward(join.table)
         return join_forward.on(traced)(list(inputs), join)
 
     @staticmethod
     def backward(ctx, grad):
         table, = ctx.saved_tensors
-        return (None, None, *join_backward.on(ctx.traced)(grad, ctx.join._replace(table=table)))
+        return (None, None, *join_backward.on(ctx.traced)(grad, Join(ctx.join_mode, table, ctx.join_sizes)))
 
 
 _eager_join = eager_apply(JoinFunction)

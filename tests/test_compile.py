@@ -112,7 +112,7 @@ def test_compiled_join_bn_relu_with_dynamic_shapes():
     composition."""
     compiled = torch.compile(fk.join_bn_relu, fullgraph=True, backend="aot_eager", dynamic=True)
     for batch in (BATCH, BATCH + 3):
-        xs = helpers.small_inputs([batch] * 2, (CHANNELS, 3, 4), torch.float32, False, 0)
+        xs = helpers.make_inputs([batch] * 2, (CHANNELS, 3, 4), torch.float32, False, 0)
         params = make_params(2, torch.float32)
         expected_params = fp64_copy(params)
         with fk.use_backend("triton"):
