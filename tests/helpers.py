@@ -21,9 +21,6 @@ STAT_TOLERANCES = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-requires_gpu_path = pytest.mark.skipif(
-    not GPU_PATH, reason="runs on a GPU or the fake GPU (FRACTAL_KERNELS_FAKE_GPU=1: the second half of make test)"
-)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
