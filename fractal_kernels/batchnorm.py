@@ -261,9 +261,9 @@ def bn_backward(grad: torch.Tensor, inputs: list[torch.Tensor], join: Join, weig
 def param_grads(grads: torch.Tensor, weights: Sequence, biases: Sequence) -> list[Optional[torch.Tensor]]:
     """The weight and bias gradients of the [2k, C] ``grads`` (the k weights' first), each in its
     parameter's dtype, None where the parameter is absent."""
-    rows = grads.unbind(0)  # one op for all 2k rows
+    per_parameter = grads.unbind(0)  # one op for all 2k of them
     return [None if p is None else g if g.dtype == p.dtype else g.to(p.dtype)
-            for g, p in zip(rows, (*weights, *biases))]
+            for g, p in zip(per_parameter, (*weights, *biases))]
 
 
 def bn_apply_backward(grad: torch.Tensor, xs, join: Join, weights, biases, means, variances, seeds, options: dict, *,
@@ -338,9 +338,9 @@ class BatchNormJoinFunction(torch.autograd.Function):
 _eager_batch_norm_join = eager_apply(BatchNormJoinFunction)
 
 
-def input_statistics(stats: torch.Tensor) -> tuple[Sequence, Sequence]:
-    """The per-input means and variances: the [C] slices of the [2, k, C] (or [2k, C]) batch
-    statistics."""
+def moments_of(stats: torch.Tensor) -> tuple[Sequence, Sequence]:
+    """The per-input (means, variances): the [C] slices of the [2, k, C] (or [2k, C]) batch
+    statistics bn_stats and bn_forward compute."""
     slices = stats.reshape(-1, stats.shape[-1]).unbind(0)
     k = len(slices) // 2
     return slices[:k], slices[k:]
@@ -382,16 +382,16 @@ def batch_norm_join(inputs, join: Join, weights, biases, running_means, running_
                                     num_batches_tracked if local_only else absent, seeds,
                                     momentum=momentum if local_only else 0.0, dropout=dropout, tiling=tiling)
         if local_only:
-            moments = input_statistics(batch)
+            moments = moments_of(batch)
         else:
             sync = RankStatistics.gather(batch, xs[0].numel() // xs[0].shape[1], group_name)
             sync.update_running(running_means, running_vars, num_batches_tracked, momentum)
-            moments = sync.input_statistics(acc_dtype(xs[0].dtype))
+            moments = sync.moments(acc_dtype(xs[0].dtype))
     options = dict(eps=eps, relu=relu, batch_stats=training, dropout=dropout)
     apply = BatchNormJoinFunction.apply if traced else _eager_batch_norm_join
     out = apply(traced, options, sync, join, seeds, moments, running, stats, tiling, *xs, *weights, *biases)
     if recompute.recording():
-        means, variances = moments if stats is None else input_statistics(stats)
+        means, variances = moments if stats is None else moments_of(stats)
         recompute.register(out, functools.partial(bn_apply.on(traced), xs, join, weights, biases, means, variances,
                                                   seeds, tiling=tiling, **options))
     return out

@@ -61,7 +61,7 @@ class RankStatistics(NamedTuple):
                 unbiased = self.var[i] * self.total[i] / (self.total[i] - 1)
                 running_var.lerp_(unbiased.to(running_var.dtype), factor)
 
-    def input_statistics(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def moments(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The per-input [C] means and variances in the kernels' accumulation ``dtype``."""
         return list(self.mean.to(dtype).unbind(0)), list(self.var.to(dtype).unbind(0))
 
