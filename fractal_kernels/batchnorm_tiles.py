@@ -129,6 +129,21 @@ def update_running(running_mean_ptr, running_var_ptr, c, c_ok, mean, m2, count, 
 
 
 @triton.jit
+def joined_input(x_ptr, input_index, n, n_ok, c, hw, valid, join_ptr, join_stride_k, join_stride_n, seeds_ptr,
+                 dropout_p, dropout_scale, C, HW, JOIN: tl.constexpr, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                 INDEX_64: tl.constexpr, FIXED_HW: tl.constexpr):
+    """(keep, x): whether input ``input_index`` holds each sample n of the tile (join_modes), and
+    its values there after its dropout, 0 where it does not: a dropped row is never read.
+    Returns values only, never an address (see join_row)."""
+    keep, row = join_row(join_ptr, join_stride_k, join_stride_n, input_index, n, n_ok, JOIN)
+    x = tl.load(x_ptr + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
+                mask=valid & keep, other=0.0).to(ACC)
+    if seeds_ptr is not None:
+        x, _ = dropout(x, seeds_ptr, input_index, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+    return keep, x
+
+
+@triton.jit
 def normalize_join_tiles(out_ptr, xs, weights, biases, means, variances, eps, join_ptr, join_stride_k,
                          join_stride_n, first_input, num_inputs, seeds_ptr, dropout_p, dropout_scale, cb, first,
                          last, N, C, HW, hw_blocks,
@@ -146,11 +161,9 @@ def normalize_join_tiles(out_ptr, xs, weights, biases, means, variances, eps, jo
         acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_HW], ACC)
         for i in tl.static_range(K):
             mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
-            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
-            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
-                        mask=valid & keep, other=0.0).to(ACC)
-            if seeds_ptr is not None:
-                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+            keep, x = joined_input(xs[i], first_input + i, n, n_ok, c, hw, valid, join_ptr, join_stride_k,
+                                   join_stride_n, seeds_ptr, dropout_p, dropout_scale, C, HW, JOIN, ACC,
+                                   CHANNELS_LAST, INDEX_64, FIXED_HW)
             y = normalize(x, mean, rstd, w, b)
             if RELU:
                 y = relu(y)
@@ -186,11 +199,9 @@ def gradient_sums_tiles(grad_ptr, xs, weights, biases, means, variances, eps, jo
         grad = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(ACC) * scale
         for i in tl.static_range(K):
             mean, rstd, w, b = channel_params(i, c_block, c_ok, eps, weights, biases, means, variances, ACC)
-            keep, row = join_row(join_ptr, join_stride_k, join_stride_n, first_input + i, n, n_ok, JOIN)
-            x = tl.load(xs[i] + element_offsets(row, c, hw, C, HW, CHANNELS_LAST, INDEX_64, FIXED_HW),
-                        mask=valid & keep, other=0.0).to(ACC)
-            if seeds_ptr is not None:
-                x, _ = dropout(x, seeds_ptr, first_input + i, row, c, hw, C, HW, dropout_p, dropout_scale, INDEX_64)
+            keep, x = joined_input(xs[i], first_input + i, n, n_ok, c, hw, valid, join_ptr, join_stride_k,
+                                   join_stride_n, seeds_ptr, dropout_p, dropout_scale, C, HW, JOIN, ACC,
+                                   CHANNELS_LAST, INDEX_64, FIXED_HW)
             g = tl.where(keep & valid, grad, 0.0)
             if RELU:
                 g = tl.where(normalize(x, mean, rstd, w, b) > 0.0, g, 0.0)

@@ -70,3 +70,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("fake_gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test that compiles starts and ends with torch.compile's caches reset (the cases share code
+    objects, so caches would hit recompile limits)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

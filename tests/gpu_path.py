@@ -43,8 +43,6 @@ def make_rows(sizes, seed=3):
     return helpers.make_rows(sizes, BATCH, seed)
 
 
-
-
 def recorded_launches():
     """One launch of every distinct configuration (kernel, constexprs, absent slots) the
     compile audit's cases make."""

@@ -13,15 +13,7 @@ from fractalnet import FractalNet
 
 from gpu_path import BATCH, CHANNELS, small_inputs, make_mask, make_params, make_rows
 
-pytestmark = pytest.mark.fake_gpu
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each case compiles anew (the cases share code objects, so caches would hit recompile limits)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.fake_gpu, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 # ----------------------------------------------------------------------------------------------

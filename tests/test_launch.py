@@ -18,7 +18,7 @@ from fractalnet import FractalNet
 
 from gpu_path import LAUNCHES, small_inputs, make_mask, make_params, materialised
 
-pytestmark = pytest.mark.fake_gpu
+pytestmark = [pytest.mark.fake_gpu, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -27,7 +27,6 @@ pytestmark = pytest.mark.fake_gpu
 
 requires_fake_gpu = pytest.mark.skipif(not fake_gpu.installed(),
                                        reason="reads the launcher calls of the fake GPU's compiled kernels")
-
 
 
 def launcher_calls(kernel, grid, args, kwargs, monkeypatch, direct=None) -> list:
@@ -250,7 +249,6 @@ def test_direct_launches_compare_no_tensor_with_none(monkeypatch):
         with launch.count_launches() as launches:
             steps()
     assert launches[0] > 0 and not any(compared), f"{sum(compared)} comparisons of a tensor with None"
-
 
 
 # ----------------------------------------------------------------------------------------------

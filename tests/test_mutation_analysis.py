@@ -1,7 +1,6 @@
 """torch's kernel-mutation analysis of every launch the package makes, the kernels torch.library
 finds for each op, and Inductor's reinplacing around them."""
 
-import itertools
 import re
 
 import pytest
@@ -10,23 +9,11 @@ from helpers import DEVICE
 from torch_compat import fake_tensor_updater, written_arguments
 
 import fractal_kernels as fk
-from fractal_kernels import launch
-from fractal_kernels.audit import QUICK_SHAPES, SM_COUNT
-from fractal_kernels.channel_tiling import tile_for_gpu
 from fractalnet import FractalNet
 
 from gpu_path import LAUNCHES
 
-pytestmark = pytest.mark.fake_gpu
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each case compiles anew (the cases share code objects, so caches would hit recompile limits)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
+pytestmark = [pytest.mark.fake_gpu, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,41 +34,11 @@ WRITTEN = {
 }
 
 
-def recorded_launches():
-    """One launch of every distinct configuration (kernel, constexprs, absent slots) the
-    compile audit's cases make."""
-    from fractal_kernels.audit_cases import AUDIT_CASES
-
-    distinct = {}
-    kinds = [(shape, dtype, channels_last) for shape in QUICK_SHAPES for dtype in (torch.float32, torch.bfloat16)
-             for channels_last in (False, True)]
-    for cases, (shape, dtype, channels_last) in itertools.product(AUDIT_CASES, kinds):
-        for label, thunk in cases(shape, dtype, channels_last, False):
-            # Tiled as the audit tiles them: the large shapes take the split kernels.
-            with tile_for_gpu(SM_COUNT[90]), launch.record_launches() as records:
-                thunk()
-            for record in records:
-                kwargs = launch_kwargs(record)
-                constexprs = tuple((n, v) for n, v in kwargs.items() if n.isupper())
-                absent = tuple(n for n, v in kwargs.items() if v is None)
-                distinct.setdefault((record.kernel.fn.__name__, constexprs, absent), (label, record, kwargs))
-    return list(distinct.values())
-
-
-def launch_kwargs(record) -> dict:
-    options = {"num_warps", "num_stages", "maxnreg"}
-    kwargs = dict(zip(record.kernel.arg_names, record.args))
-    kwargs.update((k, v) for k, v in record.kwargs.items() if k not in options)
-    return kwargs
-
-
 def written_by_contract(kernel: str, kwargs: dict) -> set:
     return {
         name for name, value in kwargs.items()
         if isinstance(value, torch.Tensor) and any(re.fullmatch(re.escape(p) + r"\d?", name) for p in WRITTEN[kernel])
     }
-
-
 
 
 def test_every_kernel_is_analysed():
@@ -131,8 +88,6 @@ def test_torch_library_finds_the_kernels_of_each_op(op):
 
     found = {kernel.fn.__name__ for kernel in get_triton_kernels_for_op(op)}
     assert found == OP_KERNELS[op]
-
-
 
 
 @pytest.mark.slow
