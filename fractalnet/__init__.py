@@ -2,7 +2,8 @@
 configurations, anytime prediction and single-column extraction."""
 
 from .drop_path import DropPath
-from .model import ConvUnit, FractalBlock, FractalNet, create_model, list_models, model_config
+from .configs import create_model, list_models, model_config
+from .model import ConvUnit, FractalBlock, FractalNet
 
 __all__ = ["ConvUnit", "DropPath", "FractalBlock", "FractalNet", "create_model", "list_models", "load",
            "model_config"]

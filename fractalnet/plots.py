@@ -56,3 +56,33 @@ def run_subtitle(dataset: str, epochs: int, seeds, device: str, test_images: int
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{statistic} of seeds {', '.join(map(str, seeds))}"
     images = f" ({test_images} test images)" if test_images else ""
     return f"{dataset}{images}, {epochs} epochs, {seed_text}, {device}"
+
+
+def write_plots(history: list[dict], anytime: list[dict], out: Path, subtitle: str, test_images: int) -> None:
+    """curves.png (loss and test error by epoch) and anytime.png (each column alone and each
+    truncation: test error by depth and by latency) of a run; ``subtitle`` says which run."""
+    plt = pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], label="train")
+    left.plot(epochs, [h["test_loss"] for h in history], label="test")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
+    right.plot(epochs, [100 * (1 - h["test_accuracy"]) for h in history])
+    right.set(xlabel="epoch", ylabel="test error (%)", title="test error (running BatchNorm statistics)")
+    error_axis(right, test_images)
+    save(fig, out / "curves.png", subtitle)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, marker in (("column", "o"), ("columns", "s")):
+        rows = [r for r in anytime if r["mode"] == mode]
+        label = "single column k" if mode == "column" else "truncation columns=k"
+        left.plot([r["depth"] for r in rows], [100 * (1 - r["accuracy"]) for r in rows], marker=marker, label=label)
+        right.plot([r["ms_per_image"] for r in rows], [100 * (1 - r["accuracy"]) for r in rows], marker=marker,
+                   label=label)
+    left.set(xlabel="depth of column k (conv layers)", ylabel="test error (%)", title="error by depth")
+    right.set(xlabel="latency (ms per image)", ylabel="test error (%)", title="error by latency")
+    for ax in (left, right):
+        error_axis(ax, test_images)
+    legend_beside(right)
+    save(fig, out / "anytime.png", subtitle)

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import data
 from .extras import MissingExtra, require_train_extra
-from .model import list_models
+from .configs import list_models
 from .training import (
     COMPILE_MODES, ConfigError, TrainConfig, build_model, fit, load_checkpoint, load_dataset, resolve_device,
 )

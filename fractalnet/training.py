@@ -34,8 +34,9 @@ from . import data
 from .drop_path import copy_to_device
 from .extras import require_train_extra
 from .graphs import GraphedTrainingStep, give_every_parameter_a_gradient
-from .model import FractalNet, create_model
-from .plots import error_axis, legend_beside, pyplot, run_subtitle, save
+from .configs import create_model
+from .model import FractalNet
+from .plots import run_subtitle, write_plots
 
 CHECKPOINT_FORMAT = "fractalnet-checkpoint-1"
 #: torch.compile's modes, as TrainConfig.compile takes them.
@@ -381,36 +382,6 @@ def peak_memory_bytes(device) -> int:
 def device_name(device: torch.device) -> str:
     """The hardware a run ran on, as its results and figures name it."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-
-
-def write_plots(history: list[dict], anytime: list[dict], out: Path, subtitle: str, test_images: int) -> None:
-    """curves.png (loss and test error by epoch) and anytime.png (each column alone and each
-    truncation: test error by depth and by latency) of a run; ``subtitle`` says which run."""
-    plt = pyplot()
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [h["train_loss"] for h in history], label="train")
-    left.plot(epochs, [h["test_loss"] for h in history], label="test")
-    left.set(xlabel="epoch", ylabel="loss", title="loss")
-    left.legend()
-    right.plot(epochs, [100 * (1 - h["test_accuracy"]) for h in history])
-    right.set(xlabel="epoch", ylabel="test error (%)", title="test error (running BatchNorm statistics)")
-    error_axis(right, test_images)
-    save(fig, out / "curves.png", subtitle)
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, marker in (("column", "o"), ("columns", "s")):
-        rows = [r for r in anytime if r["mode"] == mode]
-        label = "single column k" if mode == "column" else "truncation columns=k"
-        left.plot([r["depth"] for r in rows], [100 * (1 - r["accuracy"]) for r in rows], marker=marker, label=label)
-        right.plot([r["ms_per_image"] for r in rows], [100 * (1 - r["accuracy"]) for r in rows], marker=marker,
-                   label=label)
-    left.set(xlabel="depth of column k (conv layers)", ylabel="test error (%)", title="error by depth")
-    right.set(xlabel="latency (ms per image)", ylabel="test error (%)", title="error by latency")
-    for ax in (left, right):
-        error_axis(ax, test_images)
-    legend_beside(right)
-    save(fig, out / "anytime.png", subtitle)
 
 
 def digest(tensors) -> str:
