@@ -23,6 +23,8 @@ from fractalnet.anytime import (
 from fractalnet.anytime_cli import main, serving_splits
 from fractalnet.training import TrainConfig, reestimated
 
+pytestmark = pytest.mark.either_session
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

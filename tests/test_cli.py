@@ -10,6 +10,8 @@ import pytest
 
 import fractal_kernels
 
+pytestmark = pytest.mark.either_session
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

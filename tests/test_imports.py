@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.either_session
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fractal_kernels", "fractalnet", "benchmarks")
 

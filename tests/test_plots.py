@@ -4,6 +4,8 @@ import pytest
 
 from fractalnet.plots import error_axis, legend_beside, plain_ticks, pyplot, run_subtitle, save
 
+pytestmark = pytest.mark.either_session
+
 pytest.importorskip("matplotlib")
 
 
