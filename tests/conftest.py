@@ -56,9 +56,6 @@ def pytest_configure(config):
         from fractal_kernels.testing import fake_gpu
 
         fake_gpu.install()
-        # This process has imported triton for the fake GPU; the processes tests start (the CLI,
-        # the GPU check's dry run) run CPU tensors and import it interpreted, a second faster.
-        os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
