@@ -32,7 +32,7 @@ from .batchnorm_kernels import (
 )
 from .channel_tiling import ChannelTiling, channel_tiling
 from .join_modes import Join
-from .kernel_op import eager_apply, kernel_op
+from .kernel_op import OptionalTensors, eager_apply, kernel_op
 from .launch import MAX_INPUTS, NONES, REDUCTION_REGISTERS, input_groups, next_power_of_2, slots, wrap_triton
 from .sync_batchnorm import RankStatistics
 from .tensors import acc_dtype, dense, dense_inputs, memory_format
@@ -41,8 +41,6 @@ from .tensors import acc_dtype, dense, dense_inputs, memory_format
 _COMBINE_BLOCK_C = 128
 #: The sixteen mean and variance slots of a launch that reads them from one statistics tensor.
 _NO_MOMENTS = (None,) * (2 * MAX_INPUTS)
-
-OptionalTensors = list[Optional[torch.Tensor]]
 
 
 def dropout_args(seeds: Optional[torch.Tensor], p: float) -> tuple:

@@ -23,7 +23,8 @@ from .launch import INTERPRETING, is_plain
 #: and schedules the Triton kernels themselves.
 USE_TRITON_OP = hasattr(torch.library, "triton_op") and not INTERPRETING
 
-_OPTIONAL_TENSORS = list[Optional[torch.Tensor]]
+#: A launcher's per-input list of optional tensors (None for an absent weight, statistic, ...).
+OptionalTensors = list[Optional[torch.Tensor]]
 
 
 def placeholder(like: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ class KernelOp:
     """
 
     def __init__(self, name: str, launcher: Callable, mutates_args: Sequence[str]):
-        self.name, self.eager = name, launcher
+        self.eager = launcher
         hints = typing.get_type_hints(launcher)
         signature = inspect.signature(launcher)
         #: Per positional parameter of the launcher: its NamedTuple type, "placeholders", or None.
@@ -64,7 +65,7 @@ class KernelOp:
                 parameters += [inspect.Parameter(f"{p.name}_{f}", p.kind, annotation=fields[f]) for f in hint._fields]
                 self._conversions.append(hint)
                 continue
-            if p.name in mutates_args and hint == _OPTIONAL_TENSORS:
+            if p.name in mutates_args and hint == OptionalTensors:
                 hint = list[torch.Tensor]
                 self._conversions.append("placeholders")
             elif p.kind is not inspect.Parameter.KEYWORD_ONLY:

@@ -193,7 +193,7 @@ class Kernel:
         for counter in _counters:
             counter[0] += 1
         first = args[0]
-        if type(first) is not torch.Tensor and type(first) is not torch.nn.Parameter or first.is_meta:
+        if not is_plain(first):
             self._launch_traced(grid, args, kwargs)
             return
         if DIRECT and not _hooks_set():
