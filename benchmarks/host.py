@@ -212,23 +212,40 @@ def instructions(setup: str, stmt: str, calls: int) -> float:
     return stats.counts(denoise=True) / calls
 
 
-def op_instructions(name: str, side: str, calls: int = 20) -> float:
-    """Instructions per forward + backward of op case ``name`` (_op_cases), fused or eager."""
+def counting_setup(fused_side: bool, build: str, warm_up: str) -> str:
+    """What a counting process runs after _CALLGRIND_SETUP: ``build`` (the case), the side, and
+    ``warm_up``. The fused side's context is held by a global of the process: entered and left
+    unreferenced, a context manager is collected, and so exited, at once (the fused side then
+    ran the reference ops)."""
+    return (f"{build}\nside = contextlib.ExitStack()\n"
+            f"if {fused_side}:\n    side.enter_context(host.fused())\n{warm_up}")
+
+
+def op_counting(name: str, side: str, calls: int = 20) -> tuple[str, str]:
+    """The setup and statement that count forward + backward of op case ``name`` (_op_cases),
+    fused or eager, ``calls`` times."""
     namespace = "fractal_kernels" if side == "fused" else "fractal_kernels.reference"
-    setup = (f"import importlib\nfn = host._op_cases(importlib.import_module({namespace!r}))[{name!r}]\n"
-             f"(host.fused() if {side == 'fused'} else contextlib.nullcontext()).__enter__()\n"
-             "for _ in range(3): fn()\n")
-    return instructions(setup, f"for _ in range({calls}): fn()", calls)
+    build = f"import importlib\nfn = host._op_cases(importlib.import_module({namespace!r}))[{name!r}]"
+    return counting_setup(side == "fused", build, "for _ in range(3): fn()\n"), f"for _ in range({calls}): fn()"
+
+
+def step_counting(network: str, per: str, implementation: str, seeds: int = 8) -> tuple[str, str]:
+    """The setup and statement that count training steps (training_step) over the drop-path
+    draws of ``seeds`` seeds, after the same steps as a warm-up."""
+    loop = f"for seed in range({seeds}):\n    generator.manual_seed(seed)\n    step()\n"
+    build = (f"generator = torch.Generator()\n"
+             f"step = host.training_step({network!r}, {per!r}, {implementation!r}, generator)")
+    return counting_setup(implementation != "eager", build, loop), loop
+
+
+def op_instructions(name: str, side: str, calls: int = 20) -> float:
+    """Instructions per forward + backward of op case ``name``, fused or eager."""
+    return instructions(*op_counting(name, side, calls), calls)
 
 
 def step_instructions(network: str, per: str, implementation: str, seeds: int = 8) -> float:
-    """Instructions per training step (training_step) over the drop-path draws of ``seeds``
-    seeds, after the same steps as a warm-up."""
-    loop = f"for seed in range({seeds}):\n    generator.manual_seed(seed)\n    step()\n"
-    setup = (f"generator = torch.Generator()\n"
-             f"step = host.training_step({network!r}, {per!r}, {implementation!r}, generator)\n"
-             f"(host.fused() if {implementation != 'eager'} else contextlib.nullcontext()).__enter__()\n{loop}")
-    return instructions(setup, loop, seeds)
+    """Instructions per training step of ``network``, drop-path per ``per``, over ``seeds`` draws."""
+    return instructions(*step_counting(network, per, implementation, seeds), seeds)
 
 
 def instruction_rows(networks: list[str], drop_path_pers: tuple[str, ...]) -> dict:

@@ -123,7 +123,7 @@ def test_instruction_mode_counts_each_side_in_a_process_of_its_own(monkeypatch, 
 
     def instructions(setup, stmt, calls):
         counted.append(setup)
-        return 200.0 if "host.fused() if True" in setup else 100.0
+        return 200.0 if "if True:" in setup else 100.0
 
     monkeypatch.setattr(host, "instructions", instructions)
     monkeypatch.setattr(host.shutil, "which", lambda name: "/usr/bin/valgrind")
@@ -138,6 +138,37 @@ def test_instruction_mode_counts_each_side_in_a_process_of_its_own(monkeypatch, 
     # Each setup builds what it counts: compiled as Python, it names the case.
     for setup in counted:
         compile(host._CALLGRIND_SETUP + setup, "<setup>", "exec")
+
+
+#: Runs a counting process's setup and statement without valgrind and prints the launches the
+#: statement makes: the setup comes as argv[1], the statement as argv[2].
+_COUNT_LAUNCHES = """
+import sys
+from benchmarks import host
+exec(host._CALLGRIND_SETUP + sys.argv[1])
+from fractal_kernels.launch import count_launches
+with count_launches() as launches:
+    exec(sys.argv[2])
+print(launches[0])
+"""
+
+
+@pytest.mark.parametrize("case", ["bn_relu", "join_bn_relu k=3", "step"])
+def test_instruction_counts_run_the_side_they_name(case):
+    """The fused side's counted statement launches the Triton kernels (stubbed) and the eager
+    side's none: each side counts the implementation it reports."""
+    from benchmarks import host
+
+    launches = {}
+    for side in ("fused", "eager"):
+        setup, stmt = (host.step_counting("fractalnet20_cifar", "batch", side, seeds=2) if case == "step"
+                       else host.op_counting(case, side, calls=2))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        result = subprocess.run([sys.executable, "-c", _COUNT_LAUNCHES, setup, stmt], capture_output=True, text=True,
+                                cwd=host.ROOT, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        launches[side] = int(result.stdout.split()[-1])
+    assert launches["fused"] > 0 and launches["eager"] == 0, launches
 
 
 def test_instruction_mode_without_valgrind_is_a_one_line_error(monkeypatch, capsys, tmp_path):
