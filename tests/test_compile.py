@@ -59,10 +59,27 @@ def check_compiled(op, args: dict, dtype, scale=4.0):
 
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 KS = [1, 2, 3, 4, 9]
-#: The BatchNorm joins, compiled: one input, the most one launch tiles at full size (4), and two
-#: groups of inputs (9). Two and three inputs are the four-input path with fewer slots filled,
-#: which the eager and interpreter tests cover; dropping them keeps `make test` in its time.
-BN_KS = [1, 4, 9]
+
+
+def bn_join_cases(factors: list[dict], two_groups: list[tuple]) -> list:
+    """The compiled BatchNorm joins' cases: one input and the most one launch tiles at full size
+    (4) in every combination of ``factors`` (each a value -> id dict), and two groups of inputs
+    (9) in the ``two_groups`` combinations only, which hold each value of each factor: what a
+    second group adds is its launch and its accumulation, the same for every dtype, layout and
+    mode, whose combinations the four-input cases cover. Two and three inputs are the four-input
+    path with fewer slots filled, which the eager and interpreter tests cover."""
+    full = [()]
+    for factor in factors:
+        full = [case + (value,) for case in full for value in factor]
+
+    def param(k, case):
+        return pytest.param(k, *case, id="-".join([str(k), *(f[v] for f, v in zip(factors, case))]))
+
+    return [param(k, case) for k in (1, 4) for case in full] + [param(9, case) for case in two_groups]
+
+
+TRAINING_IDS = {True: "train", False: "eval"}
+LAYOUT_IDS = {False: "nchw", True: "nhwc"}
 
 
 @pytest.mark.slow
@@ -87,11 +104,10 @@ def test_compiled_bn_relu(dtype, channels_last, training):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("masked", [False, True], ids=["mean", "mask"])
-@pytest.mark.parametrize("k", BN_KS)
+@pytest.mark.parametrize("k, masked, dtype, channels_last, training",
+                         bn_join_cases([{False: "mean", True: "mask"}, DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS],
+                                       [(False, torch.float32, False, True), (True, torch.bfloat16, True, True),
+                                        (True, torch.float32, False, False), (False, torch.bfloat16, True, False)]))
 def test_compiled_join_bn_relu(k, masked, dtype, channels_last, training):
     args = dict(inputs=small_inputs(k, dtype, channels_last), mask=make_mask(k) if masked else None,
                 **make_params(k, dtype), training=training)
@@ -132,10 +148,9 @@ def test_compiled_gather_join(k, dtype, channels_last):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("k", BN_KS)
+@pytest.mark.parametrize("k, dtype, channels_last, training",
+                         bn_join_cases([DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS],
+                                       [(torch.float32, False, True), (torch.bfloat16, True, False)]))
 def test_compiled_gather_join_bn_relu(k, dtype, channels_last, training):
     sizes = gather_sizes(k)
     args = dict(inputs=small_inputs(k, dtype, channels_last, sizes), rows=make_rows(sizes), **make_params(k, dtype),
