@@ -28,8 +28,8 @@ def setup(per="batch", seed=0, **options):
     model = FractalNet(10, **CONFIG, drop_path_per=per, **options).to(DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
-    images = [torch.randn(4, 3, 8, 8, generator=gen).to(DEVICE) for _ in range(12)]
-    labels = [torch.randint(10, (4,), generator=gen).to(DEVICE) for _ in range(12)]
+    images = [torch.randn(4, 3, 8, 8, generator=gen).to(DEVICE) for _ in range(8)]
+    labels = [torch.randint(10, (4,), generator=gen).to(DEVICE) for _ in range(8)]
     return model, optimizer, images, labels
 
 
@@ -79,7 +79,7 @@ def test_bad_structures(structure, message):
 
 
 def graphed_against_eager(per: str, capture, tolerance: float):
-    """Twelve graphed steps and as many structure-forced eager steps of a twin in a user's loop
+    """Eight graphed steps and as many structure-forced eager steps of a twin in a user's loop
     (``zero_grad()`` to None), from the same torch seed: parameters, running statistics and
     momentum buffers agree. Returns the step and structures."""
     model, optimizer, images, labels = setup(per)
@@ -112,8 +112,8 @@ def test_graphed_steps_are_the_structure_forced_eager_steps(per):
     """Each replay runs the step of its structure on the copied batch, and the warm-up and capture
     leave no trace (the capture here a plain call)."""
     step, structures = graphed_against_eager(per, eager_capture, 1e-6)
-    if per == "batch":
-        assert "local" in structures and len(set(structures)) >= 2
+    if per == "batch":  # the draws of these eight steps replay every structure
+        assert set(structures) == {"local", 1, 2, 3}
     loss, accuracy = step.epoch_totals()
     assert loss > 0 and 0 <= accuracy <= 1 and step.seen == 0
 
