@@ -1,5 +1,8 @@
 """Shared test code: the device, per-dtype tolerances against fp64 references, small builders."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +24,19 @@ STAT_TOLERANCES = {
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_env() -> dict:
+    """The environment of a command a test starts (fractalnet and its experiments): the tree on
+    PYTHONPATH and, without a GPU, the Triton interpreter whichever session starts it. Its
+    tensors are CPU ones, which the reference ops run; the GPU's registration path would only
+    add its imports (torch.library.triton_op imports Inductor: 1.5 s a process)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    return env
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:

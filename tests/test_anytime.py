@@ -6,13 +6,12 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import command_env
 
 import fractalnet
 from fractalnet import create_model, data
@@ -24,8 +23,6 @@ from fractalnet.anytime_cli import main, serving_splits
 from fractalnet.training import TrainConfig, reestimated
 
 pytestmark = pytest.mark.either_session
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def synthetic_dataset(seed: int = 0) -> data.Dataset:
@@ -291,9 +288,8 @@ def test_calibration_on_a_gpu_times_with_cuda_events(setup):
 
 
 def command(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "fractalnet", *argv], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "fractalnet", *argv], capture_output=True, text=True,
+                          env=command_env(), timeout=600)
 
 
 @pytest.fixture(scope="module")

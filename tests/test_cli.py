@@ -1,25 +1,22 @@
 """The fractalnet command as a first-time user meets it: help, version, python -m, and a missing
 [train] extra named in one line."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import command_env
 
 import fractal_kernels
 
 pytestmark = pytest.mark.either_session
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def fractalnet(*argv: str, prelude: str = "") -> subprocess.CompletedProcess:
     """``python -m fractalnet ARGV`` from outside the tree (``prelude`` runs first, in-process)."""
     code = f"{prelude}\nimport runpy; runpy.run_module('fractalnet', run_name='__main__')"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd="/", env=env)
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd="/",
+                          env=command_env())
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["-h"], []], ids=["--help", "-h", "bare"])

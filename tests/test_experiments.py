@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import command_env
 
 from fractalnet import experiments
 
@@ -174,7 +175,7 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
 def test_bad_options_fail_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "fractalnet.experiments", "depth", "--out", str(tmp_path),
                           "--dataset", "cifar10", "--data", str(tmp_path / "missing")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=command_env())
     assert run.returncode == 2
     assert "fractalnet experiments: error:" in run.stderr and "Traceback" not in run.stderr
 
