@@ -260,7 +260,8 @@ def param_grads(grads: torch.Tensor, weights: Sequence, biases: Sequence) -> lis
     """The weight and bias gradients of the [2k, C] ``grads`` (the k weights' first), each in its
     parameter's dtype, None where the parameter is absent."""
     per_parameter = grads.unbind(0)  # one op for all 2k of them
-    return [None if p is None else g if g.dtype == p.dtype else g.to(p.dtype)
+    dtype = grads.dtype
+    return [None if p is None else g if p.dtype is dtype else g.to(p.dtype)
             for g, p in zip(per_parameter, (*weights, *biases))]
 
 
@@ -278,7 +279,8 @@ def bn_apply_backward(grad: torch.Tensor, xs, join: Join, weights, biases, means
     statistics of a bn_forward, for the absent means and variances.
     """
     k = len(xs)
-    grad = grad.contiguous(memory_format=memory_format(xs[0]))
+    if not (grad.is_contiguous() and xs[0].is_contiguous()):  # (the usual case asked cheaply)
+        grad = grad.contiguous(memory_format=memory_format(xs[0]))
     if not join.gathered and tiling is None and not traced:
         tiling = channel_tiling(grad, k)
     per_input = (join, weights, biases, means, variances, seeds)

@@ -120,9 +120,7 @@ def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, dev
     """Checks an optional per-channel parameter or statistic: 1-D of ``channels`` values on
     ``device``, of one of ``dtypes`` (PARAM_DTYPES of the input's); ``index``: its entry in the
     list ``name`` (the message is built only to raise)."""
-    # The valid case in one test (this runs for every unit of every step); the rest names what is wrong.
-    if t is None or (isinstance(t, torch.Tensor) and t.dtype in dtypes and t.shape == (channels,)
-                     and t.device == device):
+    if _are_channel_params((t,), (channels,), device, dtypes):
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{_label(name, index)} must be a tensor or None, got {type(t).__name__}")
@@ -139,11 +137,25 @@ def check_channel_param(name: str, t: Optional[torch.Tensor], channels: int, dev
         raise ValueError(f"{_label(name, index)} is on {t.device}, expected {device} like the input")
 
 
+def _are_channel_params(tensors: tuple, shape: tuple, device: torch.device, dtypes: frozenset) -> bool:
+    """Whether each of ``tensors`` is None or a valid per-channel tensor: the valid case in one
+    call (this runs for every unit of every step; a tensor's attribute costs a few hundred
+    instructions, an isinstance as much again, so a non-tensor is told by its AttributeError)."""
+    try:
+        for t in tensors:
+            if t is not None and not (t.dtype in dtypes and t.shape == shape and t.device == device):
+                return False
+    except AttributeError:
+        return False
+    return True
+
+
 def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
     """Checks a BatchNorm input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]."""
     if not 2 <= x.dim() <= 5:
         raise ValueError(f"{name} must have 2 to 5 dimensions [N, C, ...], got shape {list(x.shape)}")
-    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:
+    # N * HW == 1, read from numel where C > 0 (one call instead of the sizes' product).
+    if training and x.numel() == x.shape[1] and (x.shape[1] or x.shape[0] * math.prod(x.shape[2:]) == 1):
         # F.batch_norm's rule and message (an empty batch is allowed: it normalises nothing).
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
@@ -165,10 +177,12 @@ def check_bn_tensors(x: torch.Tensor, training, names, weight, bias, running_mea
     """Checks one input's BatchNorm parameters and running statistics against input ``x`` (its
     channels, device and dtype); ``names`` are theirs in the caller's signature (with ``index``:
     the lists' names, of which these are entry ``index``)."""
-    channels, device, dtypes = x.shape[1], x.device, PARAM_DTYPES[x.dtype]
+    device, dtypes = x.device, PARAM_DTYPES[x.dtype]
+    shape = (x.shape[1],)
     tensors = (weight, bias, running_mean, running_var)
-    for name, t in zip(names, tensors):
-        check_channel_param(name, t, channels, device, dtypes, index)
+    if not _are_channel_params(tensors, shape, device, dtypes):
+        for name, t in zip(names, tensors):  # the first wrong one raises, named
+            check_channel_param(name, t, shape[0], device, dtypes, index)
     if len(dtypes) > 1 and len({t.dtype for t in tensors if t is not None}) > 1:
         # A half-precision input's parameters and statistics are all its dtype or all fp32 (torch's rule).
         given = ", ".join(f"{_label(n, index)} {t.dtype}" for n, t in zip(names, tensors) if t is not None)

@@ -111,17 +111,21 @@ def count_launches() -> Iterator[list[int]]:
         _counters.pop()
 
 
+#: The plain tensor types (is_plain runs a few times for every op call: no attribute lookups).
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 def is_plain(t: torch.Tensor) -> bool:
     """Whether t is a plain tensor (or parameter) with data: no subclass, no meta tensor."""
-    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta
+    return type(t) in _PLAIN_TYPES and not t.is_meta
 
 
 def check_launchable(x: torch.Tensor) -> None:
     """Raises unless the Triton kernels can run on x's device."""
-    if x.is_cuda or (_kernels_run_on_cpu[0] and x.device.type == "cpu") or _recorders \
+    if x.is_cuda or (_kernels_run_on_cpu[0] and x.is_cpu) or _recorders \
             or torch.compiler.is_compiling() or not is_plain(x):
         return
-    if x.device.type == "cpu":
+    if x.is_cpu:
         raise RuntimeError(
             "the Triton backend runs CPU tensors only under the Triton interpreter: set "
             "TRITON_INTERPRET=1 before triton is imported, or use the 'reference' or 'auto' backend"
@@ -331,9 +335,9 @@ def _compiled_source(name: str, source: str, constants: dict) -> Callable:
     return namespace[name]
 
 
-def _hooks_set() -> bool:
-    """Whether a launch hook is set."""
-    return _hooked(triton.knobs.runtime.launch_enter_hook) or _hooked(triton.knobs.runtime.launch_exit_hook)
+def _hooks_set(runtime=triton.knobs.runtime) -> bool:
+    """Whether a launch hook is set (on Triton's one runtime knobs object, bound once)."""
+    return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
 
 
 def _hooked(hook) -> bool:
