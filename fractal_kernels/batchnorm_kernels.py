@@ -18,7 +18,10 @@ Row and chunk counts (``N``, ``num_rows0``..``num_rows7``, ``tiles_per_chunk``, 
 are not specialised (``do_not_specialize``): they only bound loops and masks or index rows, and
 under skip_dropped they change every step, so specialising on them (a value of 1, divisibility
 by 16, 16-byte alignment) would compile new variants of the kernels step after step. Tile sizes
-still follow small row counts (powers of two): a bounded set of variants.
+still follow small row counts (powers of two): a bounded set of variants. Nor is the alignment
+of the dropout ``seeds_ptr`` (``SEEDS``): a unit's seed is one int64 of a step's seeds, a slice
+at an 8-byte offset, read once per program; its alignment only doubled the compiled variants
+(and the guards a launch tries).
 
 Tensors a kernel writes are whole: per-input results go to [k, ...] tensors at row
 ``first_input + i``, so that a launch for the inputs after the eighth writes the same tensor.
@@ -37,6 +40,9 @@ from .channel_tiling import chunk_tiles, welford_merge
 from .launch import Kernel
 from .tensors import accumulation_type
 
+#: The parameters not specialised on their alignment: the dropout seeds (see above).
+SEEDS = ("seeds_ptr",)
+
 # ----------------------------------------------------------------------------------------------
 # Split kernels: a (channel blocks) x (chunks) grid, chunk partials merged by the next launch
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +50,7 @@ from .tensors import accumulation_type
 
 @Kernel
 @triton.jit(do_not_specialize=("num_rows0", "num_rows1", "num_rows2", "num_rows3", "num_rows4", "num_rows5",
-                                "num_rows6", "num_rows7", "tiles_per_chunk"))
+                                "num_rows6", "num_rows7", "tiles_per_chunk"), do_not_specialize_on_alignment=SEEDS)
 def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     num_rows0, num_rows1, num_rows2, num_rows3, num_rows4, num_rows5, num_rows6, num_rows7,
@@ -146,7 +152,7 @@ def bn_combine_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("N", "tiles_per_chunk"))
+@triton.jit(do_not_specialize=("N", "tiles_per_chunk"), do_not_specialize_on_alignment=SEEDS)
 def bn_apply_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -187,7 +193,7 @@ def bn_apply_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("N", "tiles_per_chunk"))
+@triton.jit(do_not_specialize=("N", "tiles_per_chunk"), do_not_specialize_on_alignment=SEEDS)
 def bn_backward_sums_kernel(
     grad_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -235,7 +241,8 @@ def bn_backward_sums_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("sample_ptr", "num_partials", "count", "N", "tiles_per_chunk"))
+@triton.jit(do_not_specialize=("sample_ptr", "num_partials", "count", "N", "tiles_per_chunk"),
+            do_not_specialize_on_alignment=SEEDS)
 def bn_backward_dx_kernel(
     grad_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -304,7 +311,7 @@ def bn_backward_dx_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("N",))
+@triton.jit(do_not_specialize=("N",), do_not_specialize_on_alignment=SEEDS)
 def bn_forward_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -371,7 +378,7 @@ def bn_forward_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("N",))
+@triton.jit(do_not_specialize=("N",), do_not_specialize_on_alignment=SEEDS)
 def bn_backward_kernel(
     grad_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,

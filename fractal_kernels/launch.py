@@ -301,18 +301,21 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
     a variant was compiled for), tested one comparison after another. An empty slot is tested by
     identity: ``==`` against None (a tuple comparison too) makes a tensor in that slot raise and
     catch a C++ exception inside torch, about 10 us."""
-    terms, constants = [], {}
+    # Empty slots first, then scalars, then tensors: variants of one key mostly differ in which
+    # slots are empty (running statistics, a mask), which an identity test tells cheaply; a
+    # tensor's dtype and pointer cost hundreds of instructions each.
+    empty, terms, tensors, constants = [], [], [], {}
     for i, (fact, spec) in enumerate(zip(facts, specialised)):
         a = f"a[{i}]"
         if fact is None:
-            terms.append(f"{a} is None")
+            empty.append(f"{a} is None")
             continue
         small = f"type({a}) is int and -2147483648 <= {a} < 2147483648"
         if isinstance(fact, torch.dtype) or (isinstance(fact, tuple) and isinstance(fact[0], torch.dtype)):
             dtype, aligned = (fact, None) if isinstance(fact, torch.dtype) else fact
             constants[f"d{i}"] = dtype
             alignment = "" if aligned is None else f" and ({a}.data_ptr() % 16 == 0) is {aligned}"
-            terms.append(f"isinstance({a}, Tensor) and {a}.dtype is d{i}{alignment}")
+            tensors.append(f"isinstance({a}, Tensor) and {a}.dtype is d{i}{alignment}")
         elif fact is bool or fact is float:
             terms.append(f"type({a}) is {fact.__name__}")
         elif fact == "=1":
@@ -324,7 +327,7 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
         else:  # a wide int's facts
             constants[f"f{i}"] = fact
             terms.append(f"type({a}) is int and not -2147483648 <= {a} < 2147483648 and scalar({a}, {spec}) == f{i}")
-    source = f"def guard(a):\n    return {' and '.join(f'({t})' for t in terms) or 'True'}\n"
+    source = f"def guard(a):\n    return {' and '.join(f'({t})' for t in empty + terms + tensors) or 'True'}\n"
     return _compiled_source("guard", source, constants)
 
 
