@@ -39,6 +39,12 @@ def command_env() -> dict:
     return env
 
 
+def gpu_path_env(**extra: str) -> dict:
+    """The environment of a process that runs the GPU path (a GPU's, or a fake GPU it installs):
+    this one's without TRITON_INTERPRET, which a session of the interpreter sets, with ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
     """Compares a result stored in ``dtype`` with an fp64 reference, within that dtype's tolerance."""
     atol, rtol = TOLERANCES[dtype]

@@ -3,7 +3,6 @@ with and without its register limit, with no spills, the occupancy goals met, Na
 ReLU, and global accesses as wide as the layout allows."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 from fractal_kernels import batchnorm_kernels, join
 from fractal_kernels.audit import ODD_SHAPE, SM_COUNT, STREAMING_KERNELS, AuditRow, occupancy_goal
 from fractal_kernels.launch import Kernel
+from helpers import gpu_path_env
 
 KERNEL_MODULES = [join, batchnorm_kernels]
 #: Kernels that read activations (the combine kernel touches only statistics), and of those the
@@ -33,7 +33,7 @@ def audit_rows(tmp_path_factory):
     """The quick audit (fp32, bf16 channels-last, four shapes; `make audit` does every dtype, layout and
     shape), sm_80 and sm_90."""
     path = tmp_path_factory.mktemp("audit") / "audit.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = gpu_path_env()
     result = subprocess.run(
         [sys.executable, "-m", "fractal_kernels.audit", "--quick", "--json", str(path)],
         capture_output=True, text=True, env=env, timeout=1800,
@@ -157,7 +157,7 @@ def test_skip_dropped_steps_compile_no_new_kernel_variants():
     """Under skip_dropped every step's segments hold other row counts; the kernels do not
     specialise on them, so the steps after the first launch only variants it compiled, but for
     tile sizes (the JIT's own specialisation, as on an sm_90 GPU, on meta tensors)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = gpu_path_env()
     result = subprocess.run([sys.executable, "-c", VARIANTS_OVER_STEPS], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

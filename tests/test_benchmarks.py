@@ -14,6 +14,7 @@ from fractal_kernels.audit import SM_COUNT
 from fractal_kernels.batchnorm import single_pass
 from fractal_kernels.channel_tiling import channel_tiling, tile_for_gpu
 from fractal_kernels.testing import count_kernels, fake_mode, saved_bytes
+from helpers import gpu_path_env
 
 #: The host benchmark's op cases: every op of fractal_kernels.testing.OPS.
 HOST_OPS = {"masked_join k=3", "gather_join k=3", "bn_relu", "join_bn_relu k=3", "gather_join_bn_relu k=3"}
@@ -163,7 +164,7 @@ def test_instruction_counts_run_the_side_they_name(case):
     for side in ("fused", "eager"):
         setup, stmt = (host.step_counting("fractalnet20_cifar", "batch", side, seeds=2) if case == "step"
                        else host.op_counting(case, side, calls=2))
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env = gpu_path_env()
         result = subprocess.run([sys.executable, "-c", _COUNT_LAUNCHES, setup, stmt], capture_output=True, text=True,
                                 cwd=host.ROOT, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -1,13 +1,12 @@
 """masked_join: the Triton kernels (interpreted on CPU) against the fp64 reference."""
 
-import os
 import subprocess
 import sys
 
 import helpers
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, assert_close
+from helpers import DEVICE, DTYPES, assert_close, gpu_path_env
 
 import fractal_kernels as fk
 from fractal_kernels.testing import saved_bytes
@@ -169,9 +168,7 @@ def test_use_backend_rejects_unknown_names():
 
 
 def _run_python(code, **env):
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    environment.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=gpu_path_env(**env))
 
 
 @pytest.mark.slow

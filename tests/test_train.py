@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fractalnet import train, training
+from helpers import gpu_path_env
 
 pytestmark = pytest.mark.either_session
 
@@ -70,7 +71,7 @@ def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn, per
     """Drawn per batch, both ranks draw the same (a global batch runs the same column on each,
     so DDP and synchronised BatchNorm see the same parameters and collectives). The running
     statistics are training's own (no re-estimation, which would give every rank the same)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = gpu_path_env()
     options = ["--drop-path-per", per, "--no-reestimate-bn"]
     if sync_bn:  # synchronised statistics run on the Triton kernels: interpreted on CPU
         env.update(TRITON_INTERPRET="1", FRACTAL_KERNELS_BACKEND="triton")
