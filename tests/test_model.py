@@ -206,9 +206,20 @@ def standard_loop(model, call, pass_structure: bool, steps: int = 12) -> list:
     return optimizer, drawn
 
 
+#: The reference backend runs no kernel: once, beside the fake GPU's tests. The Triton backend
+#: on the fake GPU only, where torch.compile traces the triton_ops a GPU runs (the interpreter's
+#: opaque custom ops compile in test_ops.test_compile_fullgraph_forward_and_backward), and with
+#: the model drawing its structure: a structure passed in is the training loop's way
+#: (test_compile.test_compiled_training_loop_trains_what_eager_trains).
+STANDARD_LOOP_CASES = [
+    pytest.param("reference", False, marks=pytest.mark.either_session, id="drawn-by-the-model-reference"),
+    pytest.param("reference", True, marks=pytest.mark.either_session, id="structure-passed-reference"),
+    pytest.param("triton", False, marks=pytest.mark.fake_gpu, id="drawn-by-the-model-triton"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("pass_structure", [False, True], ids=["drawn-by-the-model", "structure-passed"])
+@pytest.mark.parametrize("backend,pass_structure", STANDARD_LOOP_CASES)
 def test_eager_and_compiled_steps_agree_under_the_standard_loop(backend, pass_structure):
     """One semantics, whatever the loop and the compiler: every parameter gets a gradient every
     step (zeros where a global batch does not reach it, so momentum moves it) and a global batch
