@@ -152,10 +152,11 @@ def _are_channel_params(tensors: tuple, shape: tuple, device: torch.device, dtyp
 
 def check_bn_input(name: str, x: torch.Tensor, training: bool) -> None:
     """Checks a BatchNorm input: [N, C], [N, C, L], [N, C, H, W] or [N, C, D, H, W]."""
-    if not 2 <= x.dim() <= 5:
-        raise ValueError(f"{name} must have 2 to 5 dimensions [N, C, ...], got shape {list(x.shape)}")
+    shape = x.shape  # read once: each read builds a torch.Size
+    if not 2 <= len(shape) <= 5:
+        raise ValueError(f"{name} must have 2 to 5 dimensions [N, C, ...], got shape {list(shape)}")
     # N * HW == 1, read from numel where C > 0 (one call instead of the sizes' product).
-    if training and x.numel() == x.shape[1] and (x.shape[1] or x.shape[0] * math.prod(x.shape[2:]) == 1):
+    if training and x.numel() == shape[1] and (shape[1] or shape[0] * math.prod(shape[2:]) == 1):
         # F.batch_norm's rule and message (an empty batch is allowed: it normalises nothing).
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
@@ -196,6 +197,8 @@ def check_bn_tensors(x: torch.Tensor, training, names, weight, bias, running_mea
 
 def check_bn_options(training, momentum, eps) -> None:
     """Checks the BatchNorm options, momentum and eps, as torch does."""
+    if type(eps) is float and eps > 0 and (momentum is None or type(momentum) is float):
+        return  # the usual case, in one test (this runs for every unit of every step)
     if momentum is not None:  # None: the cumulative average (with num_batches_tracked)
         _check_number("momentum", momentum)
     _check_number("eps", eps)

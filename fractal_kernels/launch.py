@@ -219,7 +219,11 @@ class Kernel:
         if entry is not None:
             tail, variants = entry
             for guard, compiled in variants:
-                if guard(args):
+                try:
+                    matched = guard(args)
+                except AttributeError:  # no tensor where the variant has one (its dtype is read unchecked)
+                    matched = False
+                if matched:
                     # No hook is set: no launch metadata for one to read.
                     grid_xyz = (*grid, 1, 1)
                     compiled.run(grid_xyz[0], grid_xyz[1], grid_xyz[2],
@@ -300,7 +304,9 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
     """``guard(args)``: whether every argument has the facts ``facts`` (those of the arguments
     a variant was compiled for), tested one comparison after another. An empty slot is tested by
     identity: ``==`` against None (a tuple comparison too) makes a tensor in that slot raise and
-    catch a C++ exception inside torch, about 10 us."""
+    catch a C++ exception inside torch, about 10 us. A tensor's dtype is read without an
+    isinstance (which costs as much again): where no tensor is, the guard raises AttributeError,
+    which the caller takes for a mismatch."""
     # Empty slots first, then scalars, then tensors: variants of one key mostly differ in which
     # slots are empty (running statistics, a mask), which an identity test tells cheaply; a
     # tensor's dtype and pointer cost hundreds of instructions each.
@@ -315,7 +321,7 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
             dtype, aligned = (fact, None) if isinstance(fact, torch.dtype) else fact
             constants[f"d{i}"] = dtype
             alignment = "" if aligned is None else f" and ({a}.data_ptr() % 16 == 0) is {aligned}"
-            tensors.append(f"isinstance({a}, Tensor) and {a}.dtype is d{i}{alignment}")
+            tensors.append(f"{a}.dtype is d{i}{alignment}")
         elif fact is bool or fact is float:
             terms.append(f"type({a}) is {fact.__name__}")
         elif fact == "=1":
