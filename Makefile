@@ -45,11 +45,13 @@ lint: $(STAMP)
 # every kernel in the Triton interpreter, and the GPU path (triton_op registration,
 # torch.compile, kernel-mutation analysis) on a fake sm_90 GPU, whose output follows. The
 # markers of pytest.ini place each test (tests/conftest.py): fake_gpu tests run on the fake GPU
-# only, both_sessions tests in each, and either_session tests (they run no Triton kernel in the
+# only, both_sessions tests in each, either_session tests (they run no Triton kernel in the
 # session itself: the GPU-check dry run's phases and the CLI are subprocesses of their own, the
-# experiments, training and anytime serving run the CPU reference ops, the packaging and import
-# checks build and import) beside the fake GPU's, which the interpreter's would otherwise outlast. One thread each: two sessions of torch's default two threads on two cores
-# ran slower side by side than one after the other. make check leaves out the tests marked slow.
+# packaging and import checks build and import) beside the fake GPU's, and the rest (among them
+# the experiments, training and anytime serving, which run the CPU reference ops, placed there to
+# even the two sessions out) in the interpreter's. One thread each: two sessions of torch's
+# default two threads on two cores ran slower side by side than one after the other. make check
+# leaves out the tests marked slow.
 check: SLOW := not slow and
 test check: lint
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \

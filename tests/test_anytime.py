@@ -22,7 +22,6 @@ from fractalnet.anytime import (
 from fractalnet.anytime_cli import main, serving_splits
 from fractalnet.training import TrainConfig, reestimated
 
-pytestmark = pytest.mark.either_session
 
 
 def synthetic_dataset(seed: int = 0) -> data.Dataset:

@@ -153,6 +153,7 @@ with fk.use_backend("triton"), tile_for_gpu(SM_COUNT[90]):
 """
 
 
+@pytest.mark.slow
 def test_skip_dropped_steps_compile_no_new_kernel_variants():
     """Under skip_dropped every step's segments hold other row counts; the kernels do not
     specialise on them, so the steps after the first launch only variants it compiled, but for

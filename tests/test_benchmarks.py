@@ -154,6 +154,7 @@ print(launches[0])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["bn_relu", "join_bn_relu k=3", "step"])
 def test_instruction_counts_run_the_side_they_name(case):
     """The fused side's counted statement launches the Triton kernels (stubbed) and the eager

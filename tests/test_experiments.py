@@ -13,7 +13,6 @@ from helpers import command_env
 
 from fractalnet import experiments
 
-pytestmark = pytest.mark.either_session
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--columns", "2", "--image-size", "8", "--device", "cpu"]
 

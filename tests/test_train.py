@@ -13,7 +13,6 @@ import torch
 from fractalnet import train, training
 from helpers import gpu_path_env
 
-pytestmark = pytest.mark.either_session
 
 TINY = ["--dataset", "digits", "--widths", "8,16", "--dropout", "0,0.1", "--columns", "2", "--image-size", "8",
         "--batch-size", "100", "--lr", "0.05", "--device", "cpu"]
