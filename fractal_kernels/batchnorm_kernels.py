@@ -14,10 +14,12 @@ backward recomputes x_hat and the ReLU mask from the raw input and the per-chann
 variance, so the ops save their inputs and O(C) statistics, never their output.
 
 Row and chunk counts (``N``, ``num_rows0``..``num_rows7``, ``tiles_per_chunk``, ``num_chunks``,
-``num_partials``, ``count``) and the gather backward's ``sample_ptr`` (a slice at a row offset)
-are not specialised (``do_not_specialize``): they only bound loops and masks or index rows, and
-under skip_dropped they change every step, so specialising on them (a value of 1, divisibility
-by 16, 16-byte alignment) would compile new variants of the kernels step after step. Tile sizes
+``num_partials``, ``count``), the gather backward's ``sample_ptr`` (a slice at a row offset) and
+``first_input`` are not specialised (``do_not_specialize``): they only bound loops and masks or
+index rows, and under skip_dropped they change every step, so specialising on them (a value of
+1, divisibility by 16, 16-byte alignment) would compile new variants of the kernels step after
+step (``first_input``, the input a gather backward launch writes, would compile three: 0, 1 and
+the rest). Tile sizes
 still follow small row counts (powers of two): a bounded set of variants. Nor is the alignment
 of the dropout ``seeds_ptr`` (``SEEDS``): a unit's seed is one int64 of a step's seeds, a slice
 at an 8-byte offset, read once per program; its alignment only doubled the compiled variants
@@ -50,7 +52,8 @@ SEEDS = ("seeds_ptr",)
 
 @Kernel
 @triton.jit(do_not_specialize=("num_rows0", "num_rows1", "num_rows2", "num_rows3", "num_rows4", "num_rows5",
-                                "num_rows6", "num_rows7", "tiles_per_chunk"), do_not_specialize_on_alignment=SEEDS)
+                                "num_rows6", "num_rows7", "tiles_per_chunk", "first_input"),
+            do_not_specialize_on_alignment=SEEDS)
 def bn_stats_kernel(
     x0, x1, x2, x3, x4, x5, x6, x7,
     num_rows0, num_rows1, num_rows2, num_rows3, num_rows4, num_rows5, num_rows6, num_rows7,
@@ -92,7 +95,7 @@ def bn_stats_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("num_chunks",))
+@triton.jit(do_not_specialize=("num_chunks", "first_input"))
 def bn_combine_kernel(
     partials_ptr, stats_ptr,
     running_mean0, running_mean1, running_mean2, running_mean3,
@@ -152,7 +155,7 @@ def bn_combine_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("N", "tiles_per_chunk"), do_not_specialize_on_alignment=SEEDS)
+@triton.jit(do_not_specialize=("N", "tiles_per_chunk", "first_input"), do_not_specialize_on_alignment=SEEDS)
 def bn_apply_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -193,7 +196,7 @@ def bn_apply_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("N", "tiles_per_chunk"), do_not_specialize_on_alignment=SEEDS)
+@triton.jit(do_not_specialize=("N", "tiles_per_chunk", "first_input"), do_not_specialize_on_alignment=SEEDS)
 def bn_backward_sums_kernel(
     grad_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -241,7 +244,7 @@ def bn_backward_sums_kernel(
 
 
 @Kernel
-@triton.jit(do_not_specialize=("sample_ptr", "num_partials", "count", "N", "tiles_per_chunk"),
+@triton.jit(do_not_specialize=("sample_ptr", "num_partials", "count", "N", "tiles_per_chunk", "first_input"),
             do_not_specialize_on_alignment=SEEDS)
 def bn_backward_dx_kernel(
     grad_ptr,

@@ -30,8 +30,11 @@ from .launch import STREAMING_REGISTERS, Kernel, cdiv, input_groups, next_power_
 from .tensors import accumulation_type, dense, dense_inputs, like_rows
 
 
+# Neither first_input nor sample_ptr is specialised: a gather backward writes one input a launch,
+# and its index (0, 1 or another) and the alignment of its row of the samples table would
+# otherwise compile up to six variants of each kernel.
 @Kernel
-@triton.jit
+@triton.jit(do_not_specialize=("first_input",))
 def join_forward_kernel(
     out_ptr,
     x0, x1, x2, x3, x4, x5, x6, x7,
@@ -67,7 +70,7 @@ def join_forward_kernel(
 
 
 @Kernel
-@triton.jit
+@triton.jit(do_not_specialize=("first_input", "sample_ptr"))
 def join_backward_kernel(
     grad_ptr,
     dx0, dx1, dx2, dx3, dx4, dx5, dx6, dx7,

@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fractal_kernels import batchnorm_kernels, join
-from fractal_kernels.audit import ODD_SHAPE, SM_COUNT, STREAMING_KERNELS, AuditRow, occupancy_goal
+from fractal_kernels.audit import (
+    ODD_SHAPE, QUICK_UNLIMITED_ARCHS, SM_COUNT, STREAMING_KERNELS, AuditRow, occupancy_goal,
+)
 from fractal_kernels.launch import Kernel
 from helpers import gpu_path_env
 
@@ -31,7 +34,7 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 @pytest.fixture(scope="module")
 def audit_rows(tmp_path_factory):
     """The quick audit (fp32, bf16 channels-last, four shapes; `make audit` does every dtype, layout and
-    shape), sm_80 and sm_90."""
+    shape), sm_80 with the register limit, sm_90 with and without it."""
     path = tmp_path_factory.mktemp("audit") / "audit.json"
     env = gpu_path_env()
     result = subprocess.run(
@@ -62,9 +65,10 @@ def test_nothing_flagged(audit_rows):
 def test_every_kernel_compiles_for_both_architectures_with_and_without_the_limit(audit_rows):
     rows, _ = audit_rows
     compiled = {(row["kernel"], row["arch"], bool(row["register_limit"])) for row in rows if not row["error"]}
+    expected = {(arch, limit) for arch in SM_COUNT for limit in (True, False) if limit or arch in QUICK_UNLIMITED_ARCHS}
+    assert {(arch, limit) for _, arch, limit in compiled} == expected
     for name in package_kernels():
-        for arch in SM_COUNT:
-            assert {(name, arch, True), (name, arch, False)} <= compiled, name
+        assert {(name, arch, limit) for arch, limit in expected} <= compiled, name
 
 
 def test_spills_and_occupancy_either_way(audit_rows):
@@ -164,3 +168,28 @@ def test_skip_dropped_steps_compile_no_new_kernel_variants():
     assert result.returncode == 0, result.stderr[-3000:]
     new = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("new")]
     assert len(new) == 12 and sum(new) == 0, result.stdout
+
+
+@pytest.mark.fake_gpu
+def test_a_gather_backward_compiles_one_variant_for_all_its_inputs():
+    """A gather backward writes one compact input a launch; the input's index (first_input) is
+    not specialised, so the launches of all three share one compiled variant (as on an sm_90 GPU)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from fractal_kernels.audit import variant_key
+    from fractal_kernels.audit_cases import batch_norm_cases, join_cases
+    from fractal_kernels.channel_tiling import tile_for_gpu
+    from fractal_kernels.launch import record_launches
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    thunks = [thunk for cases in (batch_norm_cases, join_cases)
+              for label, thunk in cases((100, 64, 32, 32), torch.float32, False, True) if "gather" in label]
+    keys: dict[str, list] = {}
+    with tile_for_gpu(SM_COUNT[90]), record_launches() as records:
+        for thunk in thunks:
+            thunk()
+    for record in records:
+        keys.setdefault(record.kernel.fn.__name__, []).append(variant_key(record, backend))
+    for name in ("bn_backward_dx_kernel", "join_backward_kernel"):
+        assert len(keys[name]) == 3 and len(set(keys[name])) == 1, name
