@@ -116,8 +116,8 @@ def _cpu_measurements(result: dict, quick: bool, device) -> None:
         if "cpu_forward_backward_ms" in r["eager"]
     ]
     if timed:
-        step = models.cpu_eager_step_ms("fractalnet20_cifar", 16)
-        result["cpu_times"].append(dict(what="eager fractalnet20_cifar training step, batch 16", **step))
+        step = models.cpu_eager_step_ms("fractalnet20_cifar", 4 if quick else 16)
+        result["cpu_times"].append(dict(what=f"eager fractalnet20_cifar training step, batch {step['batch']}", **step))
     print("traffic (interpreter), compile audit and host time run in subprocesses", flush=True)
     result["traffic"] = _subprocess_json(["benchmarks.traffic"], quick, interpret=True)
     audit = _subprocess_json(["fractal_kernels.audit", "--arch", "90", *([] if quick else ["80"])], quick,

@@ -7,8 +7,8 @@
   * otherwise: the Triton interpreter on CPU tensors (TRITON_INTERPRET=1; importing torch does not
     import triton).
 
-Markers (pytest.ini) say which session a test belongs to: ``fake_gpu`` tests need the GPU's
-registration path and skip, saying so, in the interpreter; ``both_sessions`` tests run in each
+Markers (pytest.ini) say which session a test belongs to: ``fake_gpu`` tests run on the GPU's
+registration and launch path and skip, saying so, in the interpreter; ``both_sessions`` tests run in each
 session of `make test`; ``either_session`` tests run no kernel of their session's own, and `make
 test` runs them once, on the fake GPU's side.
 """
@@ -65,8 +65,8 @@ def pytest_collection_modifyitems(config, items):
 
     if GPU_PATH:
         return
-    skip = pytest.mark.skip(reason="needs the GPU's registration path: run it on a GPU, run its file alone, or set "
-                                   "FRACTAL_KERNELS_FAKE_GPU=1 (the second session of make test)")
+    skip = pytest.mark.skip(reason="runs on the GPU's registration and launch path: run it on a GPU, run its file "
+                                   "alone, or set FRACTAL_KERNELS_FAKE_GPU=1 (the second session of make test)")
     for item in items:
         if item.get_closest_marker("fake_gpu"):
             item.add_marker(skip)

@@ -66,8 +66,9 @@ if __name__ == "__main__":
         assert counter.frame_count == 1, counter.frame_count
         from fractalnet import FractalNet, training
 
-        # Twenty training steps of the default recipe as the loop runs them with two ranks:
-        # one graph per structure drawn, no recompilation after.
+        # Eight training steps of the default recipe as the loop runs them with two ranks (the
+        # draws of seed 7 reach each of the three structures at least twice): one graph per structure
+        # drawn, no recompilation after.
         torch.manual_seed(0)
         model = FractalNet(10, widths=(4, 8), columns=2, dropout=(0.0, 0.1))
         model.process_group = group
@@ -75,15 +76,16 @@ if __name__ == "__main__":
         training.give_every_parameter_a_gradient(model)
         counter = CompileCounterWithBackend("aot_eager")
         step = torch.compile(model, fullgraph=True, backend=counter)
-        arguments = training.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(4)})
+        arguments = training.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(7)})
         structures = []
-        for _ in range(20):
+        for _ in range(8):
             kwargs = arguments()
             structures.append(kwargs["structure"])
             optimizer.zero_grad(set_to_none=False)
             step(torch.randn(3, 3, 8, 8, generator=gen), **kwargs).square().mean().backward()
             optimizer.step()
-        assert len(set(structures)) == 3 and counter.frame_count == 3, (structures, counter.frame_count)
+        assert all(structures.count(s) >= 2 for s in ("local", 1, 2)) and counter.frame_count == 3, (
+            structures, counter.frame_count)
     torch.save({"data": data, "out": out.detach(), "joined": joined.detach(), "grads": grads, "running": running},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) of every public op and of FractalNet training steps, forward and
 backward, against the fp64 reference, on the GPU's registration path (triton_op)."""
 
+import dataclasses
 
 import helpers
 import pytest
@@ -10,6 +11,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import fractal_kernels as fk
 from fractalnet import FractalNet
+from fractalnet.data import Split
 
 from gpu_path import BATCH, CHANNELS, small_inputs, make_mask, make_params, make_rows
 
@@ -236,10 +238,13 @@ def trained_by_the_training_loop(compile: bool, monkeypatch) -> tuple:
     from fractalnet import training
 
     # Two epochs stopped after one: no anytime table at the end, only the epoch and its test.
-    config = training.TrainConfig(dataset="digits", image_size=8, epochs=2, batch_size=180, columns=3, widths=(4, 8),
+    config = training.TrainConfig(dataset="digits", image_size=8, epochs=2, batch_size=90, columns=3, widths=(4, 8),
                                   dropout=(0.1, 0.2), compile=compile, reestimate_bn=False, weight_decay=1e-3,
                                   stop_after=1)
     dataset, config = training.load_dataset(config)
+    # Half the images (the same eight steps, 90 images each) and a test pass of one batch.
+    dataset = dataclasses.replace(dataset, train=Split(dataset.train.images[:720], dataset.train.labels[:720]),
+                                  test=Split(dataset.test.images[:90], dataset.test.labels[:90]))
     torch.manual_seed(0)
     model = training.build_model(config, dataset, torch.device(DEVICE))
     structures = []
@@ -272,8 +277,8 @@ def test_compiled_training_loop_trains_what_eager_trains(monkeypatch):
 def test_training_steps_compile_once_per_structure(per):
     """Training steps of the default recipe as the loop runs them (its drop-path arguments, SGD
     with momentum), compiled with fullgraph: one graph per structure drawn (per sample, one), and
-    no recompilation after. Twenty steps per batch (the draws reach every structure); per sample,
-    whose one graph sees new draws every step, eight."""
+    no recompilation after. Nine steps per batch (the draws of seed 3 reach each of the four
+    structures at least twice); per sample, whose one graph sees new draws every step, eight."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from fractalnet import training
@@ -284,8 +289,8 @@ def test_training_steps_compile_once_per_structure(per):
     training.give_every_parameter_a_gradient(model)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    steps = 20 if per == "batch" else 8
-    arguments = training.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(4)})
+    steps = 9 if per == "batch" else 8
+    arguments = training.drop_path_arguments(model, {"drop_path": torch.Generator().manual_seed(3)})
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     structures = []
     with fk.use_backend("triton"):
@@ -296,6 +301,9 @@ def test_training_steps_compile_once_per_structure(per):
             compiled(x, **kwargs).square().mean().backward()
             optimizer.step()
     assert counter.frame_count == len(set(structures)), structures
-    assert len(set(structures)) >= 3 if per == "batch" else structures == [None] * steps, structures
+    if per == "batch":
+        assert all(structures.count(s) >= 2 for s in ("local", 1, 2, 3)), structures
+    else:
+        assert structures == [None] * steps, structures
 
 

@@ -67,7 +67,7 @@ def test_dry_run_output_fits_a_commit(dry_run):
 def test_failing_hanging_and_crashing_phases_leave_the_others(tmp_path):
     out = tmp_path / "out"
     result = gpu_check(out, "--phases", "environment,ops,model,graphs,benchmarks", "--limit", "model=5",
-                       "--limit", "ops=10", faults="environment=fail,model=hang,graphs=crash")
+                       "--limit", "ops=5", faults="environment=fail,model=hang,graphs=crash")
     assert result.returncode == 1
     phases = json.loads((out / "gpu-check.json").read_text())["phases"]
     assert {name: entry["status"] for name, entry in phases.items()} == {
@@ -75,13 +75,13 @@ def test_failing_hanging_and_crashing_phases_leave_the_others(tmp_path):
     assert "fault injected" in phases["environment"]["summary"]
     assert phases["model"]["seconds"] < 60 and phases["model"]["limit_s"] == 5
     # A phase stopped at its limit keeps the cases it checked before (0 if it was still importing).
-    assert phases["ops"]["summary"].startswith("stopped at its 10 s limit")
+    assert phases["ops"]["summary"].startswith("stopped at its 5 s limit")
     assert phases["ops"].get("cases", 0) < 112
     summary = (out / "gpu-check.md").read_text()
     assert "| model | timeout |" in summary and "| benchmarks | passed |" in summary
     # Progress: each phase numbered as it starts, and when it ends the time the rest may take at
     # most (the sum of their limits).
-    limits = {p.name: p.dry_limit_s for p in PHASES} | {"model": 5, "ops": 10}
+    limits = {p.name: p.dry_limit_s for p in PHASES} | {"model": 5, "ops": 5}
     names = list(phases)
     for number, name in enumerate(names, 1):
         left = sum(limits[later] for later in names[number:])

@@ -13,7 +13,10 @@ from fractal_kernels.testing import saved_bytes
 from fractalnet import FractalNet, create_model, list_models
 from fractalnet.drop_path import DropPath
 
-pytestmark = pytest.mark.both_sessions
+# On the GPU's launch path (a GPU, or the fake GPU, whose launches the interpreter runs): the
+# launches a GPU makes. The interpreter's own launch path runs each op's tests (test_ops and the
+# op files); the model adds no launch of its own.
+pytestmark = pytest.mark.fake_gpu
 
 # Drop-path per sample: every column runs in every training step, whatever the draw.
 SMALL = dict(widths=(8, 16, 16), columns=3, dropout=(0.0, 0.1, 0.2), drop_path_per="sample")
@@ -206,15 +209,14 @@ def standard_loop(model, call, pass_structure: bool, steps: int = 12) -> list:
     return optimizer, drawn
 
 
-#: The reference backend runs no kernel: once, beside the fake GPU's tests. The Triton backend
-#: on the fake GPU only, where torch.compile traces the triton_ops a GPU runs (the interpreter's
+#: The Triton backend where torch.compile traces the triton_ops a GPU runs (the interpreter's
 #: opaque custom ops compile in test_ops.test_compile_fullgraph_forward_and_backward), and with
 #: the model drawing its structure: a structure passed in is the training loop's way
 #: (test_compile.test_compiled_training_loop_trains_what_eager_trains).
 STANDARD_LOOP_CASES = [
-    pytest.param("reference", False, marks=pytest.mark.either_session, id="drawn-by-the-model-reference"),
-    pytest.param("reference", True, marks=pytest.mark.either_session, id="structure-passed-reference"),
-    pytest.param("triton", False, marks=pytest.mark.fake_gpu, id="drawn-by-the-model-triton"),
+    pytest.param("reference", False, id="drawn-by-the-model-reference"),
+    pytest.param("reference", True, id="structure-passed-reference"),
+    pytest.param("triton", False, id="drawn-by-the-model-triton"),
 ]
 
 
