@@ -52,8 +52,15 @@ def batchnorm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     statistics), its momentum (None: the cumulative average), and in training its
     ``num_batches_tracked``, which the statistics kernel increments as nn.BatchNorm2d.forward
     does, with no launch of its own and no read back to the host."""
-    weight, bias, running_mean, running_var, num_batches_tracked = (
-        _module_tensor(bn, name) for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    parameters, buffers = bn._parameters, bn._buffers
+    try:  # registered in the module's own tables (as None where absent), as they usually are
+        weight, bias = parameters["weight"], parameters["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        num_batches_tracked = buffers["num_batches_tracked"]
+    except KeyError:
+        weight, bias, running_mean, running_var, num_batches_tracked = (
+            _module_tensor(bn, name) for name in ("weight", "bias", "running_mean", "running_var",
+                                                  "num_batches_tracked"))
     track = not bn.training or bn.track_running_stats
     counting = bn.training and bn.track_running_stats and num_batches_tracked is not None
     return dict(

@@ -57,6 +57,11 @@ def like_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 def dense_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The inputs in one dense layout: the first input's if it is contiguous or channels-last
     (inputs may differ in their batch size)."""
+    for x in inputs:  # the usual case, asked cheaply: all contiguous (then none is channels-last)
+        if not x.is_contiguous():
+            break
+    else:
+        return list(inputs)
     first = dense(inputs[0])
     if len(inputs) == 1:
         return [first]

@@ -124,6 +124,16 @@ class DropoutSeeds:
         return seeds
 
 
+def _shared_arguments(a: dict) -> tuple:
+    """The fused ops' arguments a join's units must share."""
+    return a["training"], a["momentum"], a["eps"], a["dropout"]
+
+
+def _per_unit_arguments(a: dict) -> tuple:
+    """The fused ops' arguments a join takes one per unit."""
+    return a["weight"], a["bias"], a["running_mean"], a["running_var"], a["num_batches_tracked"]
+
+
 def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], execution: Execution,
                        mask: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
                        seeds: Optional[DropoutSeeds] = None, track_running_stats: bool = True) -> torch.Tensor:
@@ -147,15 +157,16 @@ def normalize_and_join(units: Sequence[ConvUnit], raws: Sequence[torch.Tensor], 
         for a in args:
             if a["training"]:
                 a.update(running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.0)
-    shared = {key: args[0][key] for key in ("training", "momentum", "eps", "dropout")}
-    if (len(units) > 1 or rows is not None) and all({key: a[key] for key in shared} == shared for a in args):
-        lists = {name: [a[key] for a in args] for name, key in (
-            ("weights", "weight"), ("biases", "bias"), ("running_means", "running_mean"),
-            ("running_vars", "running_var"), ("num_batches_tracked", "num_batches_tracked"))}
-        unit_seeds = seeds.take(len(units)) if shared["dropout"] else None
+    shared = _shared_arguments(args[0])
+    if (len(units) > 1 or rows is not None) and all(_shared_arguments(a) == shared for a in args):
+        training, momentum, eps, dropout = shared
+        weights, biases, running_means, running_vars, counters = zip(*map(_per_unit_arguments, args))
+        unit_seeds = seeds.take(len(units)) if dropout else None
         if rows is not None:
-            return fk.gather_join_bn_relu(raws, rows, **lists, **shared, seeds=unit_seeds)
-        return fk.join_bn_relu(raws, mask, **lists, **shared, seeds=unit_seeds, process_group=process_group)
+            return fk.gather_join_bn_relu(raws, rows, weights, biases, running_means, running_vars, training, momentum,
+                                          eps, num_batches_tracked=counters, dropout=dropout, seeds=unit_seeds)
+        return fk.join_bn_relu(raws, mask, weights, biases, running_means, running_vars, training, momentum, eps,
+                               process_group, num_batches_tracked=counters, dropout=dropout, seeds=unit_seeds)
     # A lone unit, or units that disagree (say, one BatchNorm frozen with .eval()): normalise
     # each, then join.
     activations = [fk.bn_relu(raw, **a, seed=seeds.take(1) if a["dropout"] else None, process_group=process_group)
