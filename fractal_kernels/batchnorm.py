@@ -197,8 +197,12 @@ def bn_backward_dx(grad: torch.Tensor, inputs: list[torch.Tensor], join: Join, w
 
 
 def _single_pass_tiling(xs: Sequence[torch.Tensor], tiling: Optional[ChannelTiling]) -> ChannelTiling:
-    """The inputs' tiling, which the single-pass passes need to be single_pass."""
-    tiling = tiling or channel_tiling(xs[0], len(xs))
+    """The single_pass tiling of the inputs the single-pass passes need: ``tiling`` where the
+    caller gives one (the autograd Function, which chose these passes by asking single_pass),
+    else the inputs' own, checked (the registered op, which torch calls without one)."""
+    if tiling is not None:
+        return tiling
+    tiling = channel_tiling(xs[0], len(xs))
     if not single_pass(tiling, len(xs)):
         raise ValueError(f"the single-pass BatchNorm ops need at most {MAX_INPUTS} inputs of one chunk per channel "
                          f"block; got {len(xs)} inputs of shape {list(xs[0].shape)} ({tiling.num_chunks} chunks)")

@@ -195,6 +195,36 @@ def check_bn_tensors(x: torch.Tensor, training, names, weight, bias, running_mea
         raise ValueError(f"{_label(names[2], index)} and {_label(names[3], index)} are needed when training=False")
 
 
+def check_bn_tensor_lists(x: torch.Tensor, training, names, weights, biases, running_means, running_vars) -> None:
+    """check_bn_tensors for each input's entries of the per-input lists (``names`` theirs). The
+    usual case (single-dtype parameters, running statistics both present or both absent, and
+    present in eval) takes one pass over all of them."""
+    dtypes = PARAM_DTYPES[x.dtype]
+    usual = len(dtypes) == 1 and _are_channel_params((*weights, *biases, *running_means, *running_vars),
+                                                     (x.shape[1],), x.device, dtypes)
+    for mean, var in zip(running_means, running_vars):
+        usual = usual and (mean is None) == (var is None) and (training or mean is not None)
+    if not usual:
+        for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
+            check_bn_tensors(x, training, names, *params, index=i)
+
+
+def are_counters(tensors: Sequence, numel: int, device: torch.device) -> bool:
+    """Whether each of ``tensors`` is None or an int64 tensor of ``numel`` elements on
+    ``device`` (batch counters, dropout seeds): the valid case in one call, a non-tensor told by
+    its AttributeError (see _are_channel_params)."""
+    try:
+        for t in tensors:
+            if t is not None and not (t.dtype is _INT64 and t.numel() == numel and t.device == device):
+                return False
+    except AttributeError:
+        return False
+    return True
+
+
+_INT64 = torch.int64
+
+
 def check_bn_options(training, momentum, eps) -> None:
     """Checks the BatchNorm options, momentum and eps, as torch does."""
     if type(eps) is float and eps > 0 and (momentum is None or type(momentum) is float):

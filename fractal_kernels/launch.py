@@ -170,13 +170,13 @@ class Kernel:
         #: Per parameter: specialised on alignment and value (Triton's native_specialize_impl).
         self._specialised = [not p.do_not_specialize for p in params]
         self._align = [not p.do_not_specialize_on_alignment for p in params]
-        #: (device, argument count, *keyword arguments) -> (the keyword arguments' values in
-        #: parameter order, [(guard, compiled variant)]).
+        #: (device, argument count, *keyword names, *their values) -> (the keyword arguments'
+        #: values in parameter order, [(guard, compiled variant)]).
         self.variants: dict = {}
         self._facts: dict = {}  # argument count -> facts function (the first launch of a variant)
 
     def __getitem__(self, grid: tuple) -> Callable[..., None]:
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+        return functools.partial(self.launch, grid)  # called in C: no frame of its own
 
     def __call__(self, *args, **kwargs):
         """As the kernel's own call (which Triton allows inside a kernel only): callable with a
@@ -186,9 +186,9 @@ class Kernel:
     def compiled_variants(self) -> list:
         return [compiled for _, variants in self.variants.values() for _, compiled in variants]
 
-    def launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
-        """Launches the kernel on ``grid`` with ``args`` (``args[0]`` a tensor) and ``kwargs``,
-        through the gate described in the class docstring."""
+    def launch(self, grid: tuple, /, *args, **kwargs) -> None:
+        """``kernel[grid](*args, **kwargs)`` (``args[0]`` a tensor), through the gate described
+        in the class docstring."""
         if _recorders:
             records, run = _recorders[-1]
             records.append(LaunchRecord(self.fn, grid, args, kwargs))
@@ -197,11 +197,11 @@ class Kernel:
         for counter in _counters:
             counter[0] += 1
         first = args[0]
-        if not is_plain(first):
+        if type(first) not in _PLAIN_TYPES or first.is_meta:  # not is_plain(first), inline: every launch asks
             self._launch_traced(grid, args, kwargs)
             return
         if DIRECT and not _hooks_set():
-            device = triton.runtime.driver.active.get_current_device()
+            device = _DRIVER.active.get_current_device()
             if not first.is_cuda or first.get_device() == device:
                 self.launch_direct(device, grid, args, kwargs)
                 return
@@ -214,20 +214,20 @@ class Kernel:
 
     def launch_direct(self, device: int, grid: tuple, args: tuple, kwargs: dict) -> None:
         """Launches the compiled variant whose guard ``args`` pass; through run where none does."""
-        key = (device, len(args), *kwargs.items())
+        key = (device, len(args), *kwargs, *kwargs.values())  # flat: no pair built and hashed per keyword
         entry = self.variants.get(key)
         if entry is not None:
             tail, variants = entry
             for guard, compiled in variants:
                 try:
-                    matched = guard(args)
+                    matched = guard(*args)
                 except AttributeError:  # no tensor where the variant has one (its dtype is read unchecked)
                     matched = False
                 if matched:
                     # No hook is set: no launch metadata for one to read.
                     grid_xyz = (*grid, 1, 1)
                     compiled.run(grid_xyz[0], grid_xyz[1], grid_xyz[2],
-                                 triton.runtime.driver.active.get_current_stream(device), compiled.function,
+                                 _DRIVER.active.get_current_stream(device), compiled.function,
                                  compiled.packed_metadata, None, None, None, *args, *tail)
                     return
         self._compile_variant(key, grid, args, kwargs)
@@ -300,8 +300,8 @@ def _facts_function(specialised: list[bool], align: list[bool]) -> Callable:
     return _compiled_source("facts", source, {})
 
 
-def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], bool]:
-    """``guard(args)``: whether every argument has the facts ``facts`` (those of the arguments
+def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[..., bool]:
+    """``guard(*args)``: whether every argument has the facts ``facts`` (those of the arguments
     a variant was compiled for), tested one comparison after another. An empty slot is tested by
     identity: ``==`` against None (a tuple comparison too) makes a tensor in that slot raise and
     catch a C++ exception inside torch, about 10 us. A tensor's dtype is read without an
@@ -312,7 +312,7 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
     # tensor's dtype and pointer cost hundreds of instructions each.
     empty, terms, tensors, constants = [], [], [], {}
     for i, (fact, spec) in enumerate(zip(facts, specialised)):
-        a = f"a[{i}]"
+        a = f"a{i}"
         if fact is None:
             empty.append(f"{a} is None")
             continue
@@ -333,7 +333,9 @@ def _guard_function(facts: tuple, specialised: list[bool]) -> Callable[[tuple], 
         else:  # a wide int's facts
             constants[f"f{i}"] = fact
             terms.append(f"type({a}) is int and not -2147483648 <= {a} < 2147483648 and scalar({a}, {spec}) == f{i}")
-    source = f"def guard(a):\n    return {' and '.join(f'({t})' for t in empty + terms + tensors) or 'True'}\n"
+    parameters = ", ".join(f"a{i}" for i in range(len(facts)))  # locals: no tuple indexed per test
+    test = " and ".join(f"({t})" for t in empty + terms + tensors) or "True"
+    source = f"def guard({parameters}):\n    return {test}\n"
     return _compiled_source("guard", source, constants)
 
 
@@ -344,14 +346,15 @@ def _compiled_source(name: str, source: str, constants: dict) -> Callable:
     return namespace[name]
 
 
+#: Triton's driver configuration (its active driver may change: fake_gpu sets one).
+_DRIVER = triton.runtime.driver
+
+
 def _hooks_set(runtime=triton.knobs.runtime) -> bool:
-    """Whether a launch hook is set (on Triton's one runtime knobs object, bound once)."""
-    return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
-
-
-def _hooked(hook) -> bool:
-    """Whether a launch hook is set: a callable, or a HookChain (Triton >= 3.5) with calls."""
-    return hook is not None and bool(getattr(hook, "calls", True))
+    """Whether a launch hook is set (on Triton's one runtime knobs object, bound once): a
+    callable, or a HookChain (Triton >= 3.5) with calls. One call: this runs every launch."""
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter is not None)) or bool(getattr(leave, "calls", leave is not None))
 
 
 def _direct_path_supported() -> bool:

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from . import reference
 from .backends import BACKENDS, HAS_TRITON, get_backend, use_backend, use_triton
 from .checks import (
-    check_bn_input, check_bn_options, check_bn_params, check_bn_tensors, check_float_tensor, check_mask, check_rows,
-    check_tensor_list,
+    are_counters, check_bn_input, check_bn_options, check_bn_params, check_bn_tensor_lists, check_float_tensor,
+    check_mask, check_rows, check_tensor_list,
 )
 
 if HAS_TRITON:
@@ -66,22 +66,24 @@ def _synchronised_group(training: bool, process_group) -> Optional[str]:
 
 def _check_unit_options(inputs, training, num_batches_tracked, momentum, dropout, seeds, seeds_name) -> None:
     """Checks the num_batches_tracked counters, dropout rate and dropout seeds of k inputs."""
-    for i, t in enumerate(num_batches_tracked):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1):
-            raise TypeError(f"num_batches_tracked[{i}] must be a one-element int64 tensor or None")
-        if t is not None and t.device != inputs[0].device:
-            raise ValueError(f"num_batches_tracked[{i}] is on {t.device}, expected {inputs[0].device} like the inputs")
+    device = inputs[0].device
+    if not are_counters(num_batches_tracked, 1, device):
+        for i, t in enumerate(num_batches_tracked):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.numel() != 1):
+                raise TypeError(f"num_batches_tracked[{i}] must be a one-element int64 tensor or None")
+            if t is not None and t.device != device:
+                raise ValueError(f"num_batches_tracked[{i}] is on {t.device}, expected {device} like the inputs")
     if momentum is None and training and any(t is None for t in num_batches_tracked):
         raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+    if (type(dropout) is not float and (isinstance(dropout, bool) or not isinstance(dropout, (int, float)))
+            or not 0.0 <= dropout <= 1.0):
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
-    if seeds is not None:
+    if seeds is not None and not are_counters((seeds,), len(inputs), device):
         if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
             raise TypeError(f"{seeds_name} must be an int64 tensor or None")
         if seeds.numel() != len(inputs):
             raise ValueError(f"{seeds_name} must hold one seed per input ({len(inputs)}), got {seeds.numel()}")
-        if seeds.device != inputs[0].device:
-            raise ValueError(f"{seeds_name} is on {seeds.device}, expected {inputs[0].device} like the inputs")
+        raise ValueError(f"{seeds_name} is on {seeds.device}, expected {device} like the inputs")
 
 
 def bn_relu(
@@ -128,8 +130,8 @@ def bn_relu(
         _check_reference(training, process_group)
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                                  num_batches_tracked=num_batches_tracked, dropout=dropout)
-    seeds = None if seed is None else seed.reshape(1)
-    group = _synchronised_group(training, process_group)
+    seeds = seed if seed is None or seed.dim() == 1 else seed.reshape(1)  # one element (checked): [1]
+    group = None if process_group is None else _synchronised_group(training, process_group)
     if runs_eagerly(x):
         return batch_norm_join([x], Join.of([x]), [weight], [bias], [running_mean], [running_var],
                                [num_batches_tracked], training=training, momentum=momentum, eps=eps, relu=relu,
@@ -143,26 +145,23 @@ def _check_reference(training: bool, process_group) -> None:
         raise ValueError("process_group: synchronised statistics run on the Triton backend only")
 
 
-#: The per-input parameter lists of the join ops, as check_bn_tensors names them.
-_PER_INPUT_NAMES = ("weights", "biases", "running_means", "running_vars")
+#: The per-input lists of the join ops (the first four as check_bn_tensors names them).
+_PER_INPUT_NAMES = ("weights", "biases", "running_means", "running_vars", "num_batches_tracked")
 
 
 def _check_join_bn_args(inputs, weights, biases, running_means, running_vars, training, momentum, eps,
                         num_batches_tracked, dropout, seeds):
-    x = inputs[0]
-    lists = {"weights": weights, "biases": biases, "running_means": running_means, "running_vars": running_vars}
-    if num_batches_tracked is not None:
-        lists["num_batches_tracked"] = num_batches_tracked
-    for name, values in lists.items():
+    k = len(inputs)
+    for name, values in zip(_PER_INPUT_NAMES, (weights, biases, running_means, running_vars, num_batches_tracked)):
+        if values is None and name == "num_batches_tracked":
+            continue
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"{name} must be a list or tuple with one entry per input, got {type(values).__name__}")
-        if len(values) != len(inputs):
-            raise ValueError(f"{name} must have one entry per input ({len(inputs)}), got {len(values)}")
-    for i, params in enumerate(zip(weights, biases, running_means, running_vars)):
-        check_bn_tensors(x, training, _PER_INPUT_NAMES, *params, index=i)
+        if len(values) != k:
+            raise ValueError(f"{name} must have one entry per input ({k}), got {len(values)}")
+    check_bn_tensor_lists(inputs[0], training, _PER_INPUT_NAMES, weights, biases, running_means, running_vars)
     check_bn_options(training, momentum, eps)
-    _check_unit_options(inputs, training, num_batches_tracked or [None] * len(inputs), momentum, dropout, seeds,
-                        "seeds")
+    _check_unit_options(inputs, training, num_batches_tracked or (None,) * k, momentum, dropout, seeds, "seeds")
 
 
 def join_bn_relu(
@@ -201,7 +200,7 @@ def join_bn_relu(
         _check_reference(training, process_group)
         return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum,
                                       eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
-    group = _synchronised_group(training, process_group)
+    group = None if process_group is None else _synchronised_group(training, process_group)
     if runs_eagerly(x):
         return batch_norm_join(inputs, Join.of(inputs, mask), weights, biases, running_means, running_vars,
                                num_batches_tracked, training=training, momentum=momentum, eps=eps, relu=True,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fractal_kernels.checks import (
-    check_bn_input, check_bn_options, check_bn_tensors, check_mask, check_rows, check_tensor_list, has_no_data,
+    are_counters, check_bn_input, check_bn_options, check_bn_tensor_lists, check_bn_tensors, check_mask, check_rows,
+    check_tensor_list, has_no_data,
 )
 from fractal_kernels.testing import fake_mode
 
@@ -77,3 +78,32 @@ def test_batch_norm_arguments():
         check_bn_options(True, "0.1", 1e-5)
     with pytest.raises(ValueError, match="eps must be positive during training"):
         check_bn_options(True, 0.1, 0.0)
+
+
+def test_batch_norm_argument_lists():
+    """The lists' one-pass check accepts what check_bn_tensors accepts for each input, and names
+    the first wrong entry as check_bn_tensors does."""
+    x = torch.randn(4, 3, 2, 2)
+    c = torch.ones(3)
+    check_bn_tensor_lists(x, True, NAMES, [c, None], [c, None], [None, c], [None, c])
+    check_bn_tensor_lists(x.half(), False, NAMES, [c.half()], [c.half()], [c.half()], [c.half()])
+    with pytest.raises(ValueError, match=r"running_means\[1\] and running_vars\[1\] must both be tensors or both"):
+        check_bn_tensor_lists(x, True, NAMES, [c, c], [c, c], [c, c], [c, None])
+    with pytest.raises(ValueError, match=r"running_means\[1\] and running_vars\[1\] are needed when training=False"):
+        check_bn_tensor_lists(x, False, NAMES, [c, c], [c, c], [c, None], [c, None])
+    with pytest.raises(ValueError, match=r"biases\[1\] must have shape \[3\]"):
+        check_bn_tensor_lists(x, True, NAMES, [c, c], [c, torch.ones(2)], [None, None], [None, None])
+    with pytest.raises(TypeError, match=r"weights\[0\] must be a tensor or None, got list"):
+        check_bn_tensor_lists(x, True, NAMES, [[1.0] * 3], [c], [None], [None])
+    with pytest.raises(TypeError, match="must share one dtype"):
+        check_bn_tensor_lists(x.half(), True, NAMES, [c.half(), c], [c.half(), c.half()], [None, None], [None, None])
+
+
+def test_counters_and_seeds():
+    device = torch.device("cpu")
+    counter = torch.zeros((), dtype=torch.int64)
+    assert are_counters([counter, None], 1, device) and are_counters([torch.zeros(2, dtype=torch.int64)], 2, device)
+    assert not are_counters([counter.int()], 1, device)
+    assert not are_counters([torch.zeros(2, dtype=torch.int64)], 1, device)
+    assert not are_counters([torch.zeros(1, dtype=torch.int64, device="meta")], 1, device)
+    assert not are_counters([0], 1, device)

@@ -6,6 +6,7 @@ import torch
 from helpers import DEVICE
 
 from fractal_kernels import batchnorm, join
+from fractal_kernels.channel_tiling import channel_tiling
 from fractal_kernels.join_modes import JOIN_GATHER, JOIN_MASK, JOIN_MEAN, Join
 from fractal_kernels.kernel_op import kernel_op, runs_eagerly
 from fractal_kernels.testing import fake_mode
@@ -89,3 +90,19 @@ def test_runs_eagerly_only_on_plain_tensors_outside_tracing():
     assert not runs_eagerly(x.to("meta"))
     with fake_mode():
         assert not runs_eagerly(torch.empty(2))
+
+
+def test_a_single_pass_op_refuses_inputs_of_several_chunks_before_any_launch():
+    """Called as the registered op (no tiling: torch's call), bn_forward and bn_backward check
+    that their inputs take one chunk per channel block, the one-launch passes' condition."""
+    x = torch.randn(1024, 2, 32, 32, device=DEVICE)
+    assert channel_tiling(x).num_chunks > 1
+    xs, join_ = [x], Join.of([x])
+    stats = torch.empty(2, 2, device=DEVICE)
+    absent = [None]
+    with pytest.raises(ValueError, match="single-pass BatchNorm ops need"):
+        batchnorm.bn_forward.traced(xs, join_, absent, absent, absent, absent, absent, stats, None, momentum=0.1,
+                                    eps=1e-5, relu=True, dropout=0.0)
+    with pytest.raises(ValueError, match="single-pass BatchNorm ops need"):
+        batchnorm.bn_backward.traced(x, xs, join_, absent, absent, absent, absent, stats, None, eps=1e-5, relu=True,
+                                     batch_stats=True, dropout=0.0)

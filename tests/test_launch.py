@@ -133,14 +133,22 @@ def test_kernel_hands_to_run_what_it_does_not_launch_itself(monkeypatch):
         hooked.setattr(triton.knobs.runtime, "launch_enter_hook", lambda metadata: None)
         kernel[record.grid](*args, **record.kwargs)
     assert len(runs) == 2
+    chain = triton.knobs.runtime.launch_exit_hook  # Triton 3.6's HookChain: a hook once it holds a call
+    chain.add(hook := lambda metadata: None)
+    try:
+        kernel[record.grid](*args, **record.kwargs)
+    finally:
+        chain.remove(hook)
+    kernel[record.grid](*args, **record.kwargs)  # empty again: direct
+    assert len(runs) == 3
     # Variants belong to a device: another current device finds none of this one's.
     with monkeypatch.context() as other_device:
         other_device.setattr(triton.runtime.driver.active, "get_current_device", lambda: 1)
         kernel[record.grid](*args, **record.kwargs)
         kernel[record.grid](*args, **record.kwargs)
-    assert len(runs) == 3
-    kernel[record.grid](args[0].half(), *args[1:], **record.kwargs)
     assert len(runs) == 4
+    kernel[record.grid](args[0].half(), *args[1:], **record.kwargs)
+    assert len(runs) == 5
 
 
 @requires_fake_gpu
@@ -158,13 +166,13 @@ def test_a_triton_that_launches_otherwise_takes_its_own_launch_path(monkeypatch)
     calls = []
     monkeypatch.setattr(fake_gpu.FakeCompiledKernel, "run", lambda self, *call: calls.append((self, call)))
     direct = launch.Kernel(record.kernel)
-    direct.launch(record.grid, args, dict(record.kwargs))
-    direct.launch(record.grid, args, dict(record.kwargs))  # direct
+    direct.launch(record.grid, *args, **record.kwargs)
+    direct.launch(record.grid, *args, **record.kwargs)  # direct
     monkeypatch.setattr(launch, "DIRECT", False)
     runs = counted_runs(record.kernel, monkeypatch)
     fallback = launch.Kernel(record.kernel)
-    fallback.launch(record.grid, args, dict(record.kwargs))
-    fallback.launch(record.grid, args, dict(record.kwargs))
+    fallback.launch(record.grid, *args, **record.kwargs)
+    fallback.launch(record.grid, *args, **record.kwargs)
     assert len(runs) == 2 and not fallback.compiled_variants()
     (direct_variant, direct_call), (run_variant, run_call) = calls[1], calls[3]
     assert direct_variant is run_variant
