@@ -22,6 +22,8 @@ from fractalnet.anytime import (
 from fractalnet.anytime_cli import main, serving_splits
 from fractalnet.training import TrainConfig, reestimated
 
+#: The reference ops on CPU tensors, no kernel: beside the fake GPU's session, which is the shorter.
+pytestmark = pytest.mark.either_session
 
 
 def synthetic_dataset(seed: int = 0) -> data.Dataset:

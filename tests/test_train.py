@@ -66,6 +66,7 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.parametrize("sync_bn, per", [(False, "sample"), (False, "batch"), (True, "batch")],
                          ids=["ddp-per-sample", "ddp-per-batch", "ddp-sync-bn-per-batch"])
 @pytest.mark.slow
+@pytest.mark.either_session  # subprocesses with an environment of their own
 def test_two_processes_on_gloo_end_with_identical_weights(tmp_path, sync_bn, per):
     """Drawn per batch, both ranks draw the same (a global batch runs the same column on each,
     so DDP and synchronised BatchNorm see the same parameters and collectives). The running
