@@ -31,18 +31,23 @@ WRITING_KERNELS = READING_KERNELS - {"bn_stats_kernel", "bn_backward_sums_kernel
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-@pytest.fixture(scope="module")
-def audit_rows(tmp_path_factory):
-    """The quick audit (fp32, bf16 channels-last, four shapes; `make audit` does every dtype, layout and
-    shape), sm_80 with the register limit, sm_90 with and without it."""
-    path = tmp_path_factory.mktemp("audit") / "audit.json"
-    env = gpu_path_env()
+def run_audit(path, *options: str) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """``python -m fractal_kernels.audit --quick *options``: its rows and its process."""
     result = subprocess.run(
-        [sys.executable, "-m", "fractal_kernels.audit", "--quick", "--json", str(path)],
-        capture_output=True, text=True, env=env, timeout=1800,
+        [sys.executable, "-m", "fractal_kernels.audit", "--quick", *options, "--json", str(path)],
+        capture_output=True, text=True, env=gpu_path_env(), timeout=1800,
     )
     assert result.stdout.startswith("kernel"), result.stdout[-4000:] + result.stderr[-4000:]
     return json.loads(path.read_text()), result
+
+
+@pytest.fixture(scope="module")
+def audit_rows(tmp_path_factory):
+    """The quick audit (fp32, bf16 channels-last, four shapes; `make audit` does every dtype, layout and
+    shape), sm_80 with the register limit, sm_90 with and without it: about 570 compiles, a minute
+    and a half on two cores with a cold Triton cache, so its tests are slow (make check compiles
+    each kernel once: test_every_kernel_compiles_at_the_odd_shape)."""
+    return run_audit(tmp_path_factory.mktemp("audit") / "audit.json")
 
 
 def package_kernels():
@@ -62,6 +67,7 @@ def test_nothing_flagged(audit_rows):
     assert result.returncode == 0, result.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_both_architectures_with_and_without_the_limit(audit_rows):
     rows, _ = audit_rows
     compiled = {(row["kernel"], row["arch"], bool(row["register_limit"])) for row in rows if not row["error"]}
@@ -71,6 +77,7 @@ def test_every_kernel_compiles_for_both_architectures_with_and_without_the_limit
         assert {(name, arch, limit) for arch, limit in expected} <= compiled, name
 
 
+@pytest.mark.slow
 def test_spills_and_occupancy_either_way(audit_rows):
     rows, _ = audit_rows
     for row in rows:
@@ -81,6 +88,7 @@ def test_spills_and_occupancy_either_way(audit_rows):
     assert streaming and all(r["resident_warps"] >= 16 for r in streaming)
 
 
+@pytest.mark.slow
 def test_relu_propagates_nan(audit_rows):
     rows, _ = audit_rows
     relu = [r for r in rows if r["kernel"] == "bn_apply_kernel" and "RELU=1" in r["label"]]
@@ -113,6 +121,7 @@ def expected_width(label: str, kernel: str) -> int:
     return 8 * min(16, run & -run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streaming_kernels_use_the_widest_aligned_accesses(audit_rows, dtype):
     rows, _ = audit_rows
@@ -168,6 +177,17 @@ def test_skip_dropped_steps_compile_no_new_kernel_variants():
     assert result.returncode == 0, result.stderr[-3000:]
     new = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("new")]
     assert len(new) == 12 and sum(new) == 0, result.stdout
+
+
+def test_every_kernel_compiles_at_the_odd_shape(tmp_path):
+    """make check's compile check: every kernel as the odd shape launches it (each of them, fp32),
+    compiled for sm_90 with and without its register limit, without spills (after the quick
+    audit, in make test, these compiles are in Triton's cache)."""
+    rows, result = run_audit(tmp_path / "audit.json", "--arch", "90", "--only", f"float32 {ODD_SHAPE} nchw")
+    assert result.returncode == 0, result.stdout[-2000:]
+    compiled = {(row["kernel"], bool(row["register_limit"])) for row in rows if not row["error"]}
+    assert compiled == {(name, limit) for name in package_kernels() for limit in (True, False)}
+    assert all(row["spill_bytes"] == 0 for row in rows)
 
 
 @pytest.mark.fake_gpu
