@@ -209,6 +209,9 @@ def check_bn_tensor_lists(x: torch.Tensor, training, names, weights, biases, run
             check_bn_tensors(x, training, names, *params, index=i)
 
 
+_INT64 = torch.int64
+
+
 def are_counters(tensors: Sequence, numel: int, device: torch.device) -> bool:
     """Whether each of ``tensors`` is None or an int64 tensor of ``numel`` elements on
     ``device`` (batch counters, dropout seeds): the valid case in one call, a non-tensor told by
@@ -221,8 +224,6 @@ def are_counters(tensors: Sequence, numel: int, device: torch.device) -> bool:
         return False
     return True
 
-
-_INT64 = torch.int64
 
 
 def check_bn_options(training, momentum, eps) -> None:

@@ -197,11 +197,11 @@ class Kernel:
         for counter in _counters:
             counter[0] += 1
         first = args[0]
-        if type(first) not in _PLAIN_TYPES or first.is_meta:  # not is_plain(first), inline: every launch asks
+        if not is_plain(first):
             self._launch_traced(grid, args, kwargs)
             return
         if DIRECT and not _hooks_set():
-            device = _DRIVER.active.get_current_device()
+            device = triton.runtime.driver.active.get_current_device()
             if not first.is_cuda or first.get_device() == device:
                 self.launch_direct(device, grid, args, kwargs)
                 return
@@ -227,7 +227,7 @@ class Kernel:
                     # No hook is set: no launch metadata for one to read.
                     grid_xyz = (*grid, 1, 1)
                     compiled.run(grid_xyz[0], grid_xyz[1], grid_xyz[2],
-                                 _DRIVER.active.get_current_stream(device), compiled.function,
+                                 triton.runtime.driver.active.get_current_stream(device), compiled.function,
                                  compiled.packed_metadata, None, None, None, *args, *tail)
                     return
         self._compile_variant(key, grid, args, kwargs)
@@ -344,10 +344,6 @@ def _compiled_source(name: str, source: str, constants: dict) -> Callable:
     namespace = {"Tensor": torch.Tensor, "scalar": _scalar_fact, **constants}
     exec(source, namespace)
     return namespace[name]
-
-
-#: Triton's driver configuration (its active driver may change: fake_gpu sets one).
-_DRIVER = triton.runtime.driver
 
 
 def _hooks_set(runtime=triton.knobs.runtime) -> bool:

@@ -131,7 +131,7 @@ def bn_relu(
         return reference.bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                                  num_batches_tracked=num_batches_tracked, dropout=dropout)
     seeds = seed if seed is None or seed.dim() == 1 else seed.reshape(1)  # one element (checked): [1]
-    group = None if process_group is None else _synchronised_group(training, process_group)
+    group = _synchronised_group(training, process_group)
     if runs_eagerly(x):
         return batch_norm_join([x], Join.of([x]), [weight], [bias], [running_mean], [running_var],
                                [num_batches_tracked], training=training, momentum=momentum, eps=eps, relu=relu,
@@ -200,7 +200,7 @@ def join_bn_relu(
         _check_reference(training, process_group)
         return reference.join_bn_relu(inputs, mask, weights, biases, running_means, running_vars, training, momentum,
                                       eps, num_batches_tracked=num_batches_tracked, dropout=dropout)
-    group = None if process_group is None else _synchronised_group(training, process_group)
+    group = _synchronised_group(training, process_group)
     if runs_eagerly(x):
         return batch_norm_join(inputs, Join.of(inputs, mask), weights, biases, running_means, running_vars,
                                num_batches_tracked, training=training, momentum=momentum, eps=eps, relu=True,
