@@ -6,8 +6,8 @@ The op launchers run on CPU tensors of the benchmarked networks' shapes, tiled a
 architecture would tile them (A100: 108 SMs, H100: 132), with launches recorded instead of run.
 Each recorded launch is specialised exactly as Triton's JIT would specialise it on a GPU
 (16-byte-aligned pointers and integers divisible by 16 are marked, values of 1 folded) and
-compiled to PTX and cubin twice, with the launch's register limit and without it (Inductor
-launches user kernels without one). A row reports
+compiled to PTX and cubin with the launch's register limit, and assembled again without it
+(Inductor launches user kernels without one). A row reports
 registers, spills, shared memory, resident warps per SM, the widths of global loads and stores,
 and whether the PTX has the NaN-propagating max that ReLU needs. The exit status is non-zero on
 a compile failure, a spill (with or without the limit), a missed occupancy goal (streaming
@@ -16,8 +16,9 @@ the benchmarked shapes and up to four inputs a launch) or a ReLU without NaN pro
 Registers and spills are read from the cubin Triton builds (cuobjdump), shared memory from its
 metadata.
 
-It uses Triton internals (the JIT's specialisation, create_function_from_signature); a Triton
-without them fails at import. TRITON_INTERPRET must be unset (the interpreter compiles nothing).
+It uses Triton internals (the JIT's specialisation, create_function_from_signature, the NVIDIA
+backend's make_cubin); a Triton without them fails at import. TRITON_INTERPRET must be unset (the
+interpreter compiles nothing).
 """
 
 from __future__ import annotations
@@ -218,36 +219,71 @@ def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
     return list(distinct.values())
 
 
-def compile_row(label: str, record: LaunchRecord, arch: int, register_limit: bool) -> AuditRow:
-    """Compiles one recorded launch for one arch, with or without its register limit, and measures it."""
+def compile_launch(record: LaunchRecord, arch: int, kwargs: dict):
+    """``triton.compile`` of ``record``'s kernel launched with ``kwargs`` on ``arch``: (compiled
+    kernel, backend, options)."""
     target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    signature, constexprs, attrs, options = _specialise(record.kernel, backend, record.args, kwargs)
+    compiled = triton.compile(ASTSource(record.kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    return compiled, backend, options
+
+
+def measure_row(row: AuditRow, ptx: str, cubin: bytes, shared_bytes: int) -> None:
+    """Fills in ``row``'s measurements from a compile's PTX, cubin and shared memory."""
+    row.registers, row.spill_bytes = resource_usage(cubin)
+    row.shared_bytes = shared_bytes
+    row.load_widths, row.store_widths = access_widths(ptx)
+    # PTX has no max.NaN.f64: in fp64 Triton tests for NaN and selects it.
+    row.nan_max = "max.NaN" in ptx or ("max.f64" in ptx and "setp.nan.f64" in ptx)
+
+
+#: The PTX directive of a launch's register limit, the only line the limit changes in PTX
+#: (tests/test_audit.py compares with full compiles without it).
+MAXNREG_DIRECTIVE = re.compile(r"^[ \t]*\.maxnreg \d+\n", re.MULTILINE)
+
+
+def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: bool) -> list[AuditRow]:
+    """Compiles one recorded launch for one arch with its register limit and measures it; with
+    ``without_limit``, also measures it without the limit: ptxas, as Triton runs it, on the same
+    PTX less its ``.maxnreg`` (Triton sets the limit on the TTGIR, and the PTX of the stages
+    after it differs by that line only), which saves a compile's front end."""
     name = record.kernel.fn.__name__
-    kwargs = dict(record.kwargs)
-    limit = kwargs.pop("maxnreg", None) if not register_limit else kwargs.get("maxnreg")
-    row = AuditRow(name, label, arch, limit if register_limit and limit else 0, kwargs.get("num_warps", 4),
-                   relu=name in RELU_KERNELS and bool(kwargs.get("RELU", False)),
-                   occupancy_goal_applies=kwargs.get("K", 1) <= 4 and ODD_SHAPE not in label)
+    kwargs = record.kwargs
+    rows = [
+        AuditRow(name, label, arch, limit or 0, kwargs.get("num_warps", 4),
+                 relu=name in RELU_KERNELS and bool(kwargs.get("RELU", False)),
+                 occupancy_goal_applies=kwargs.get("K", 1) <= 4 and ODD_SHAPE not in label)
+        for limit in [kwargs.get("maxnreg"), *([None] if without_limit else [])]
+    ]
     try:
-        signature, constexprs, attrs, options = _specialise(record.kernel, make_backend(target), record.args, kwargs)
-        compiled = triton.compile(
-            ASTSource(record.kernel, signature, constexprs, attrs), target=target, options=options.__dict__
-        )
+        compiled, backend, options = compile_launch(record, arch, kwargs)
         ptx = compiled.asm["ptx"]
-        row.registers, row.spill_bytes = resource_usage(compiled.asm["cubin"])
-        row.shared_bytes = compiled.metadata.shared
-        row.load_widths, row.store_widths = access_widths(ptx)
-        # PTX has no max.NaN.f64: in fp64 Triton tests for NaN and selects it.
-        row.nan_max = "max.NaN" in ptx or ("max.f64" in ptx and "setp.nan.f64" in ptx)
+        measure_row(rows[0], ptx, compiled.asm["cubin"], compiled.metadata.shared)
     except Exception as error:  # reported in the table and in the exit status
-        row.error = str(error).strip().splitlines()[-1][:200]
-    return row
+        for row in rows:
+            row.error = _error_line(error)
+        return rows
+    if without_limit:
+        try:
+            unlimited = MAXNREG_DIRECTIVE.sub("", ptx)
+            cubin = backend.make_cubin(unlimited, {}, dataclasses.replace(options, maxnreg=None), arch)
+            measure_row(rows[1], unlimited, cubin, compiled.metadata.shared)
+        except Exception as error:  # the limited row stands
+            rows[1].error = _error_line(error)
+    return rows
+
+
+def _error_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[-1][:200]
 
 
 _JOBS: list[tuple[str, LaunchRecord, int, bool]] = []
 
 
-def _compile_job(index: int) -> AuditRow:
-    return compile_row(*_JOBS[index])
+def _compile_job(index: int) -> list[AuditRow]:
+    return compile_rows(*_JOBS[index])
 
 
 def audit(archs: list[int], quick: bool = False, only: str = "", jobs: int = 1, out=sys.stdout) -> list[AuditRow]:
@@ -255,19 +291,19 @@ def audit(archs: list[int], quick: bool = False, only: str = "", jobs: int = 1, 
     ``jobs`` processes; prints and returns one row each. ``only`` keeps the launches whose
     kernel name or label contains it."""
     _JOBS[:] = [
-        (label, record, arch, register_limit)
+        (label, record, arch, not quick or arch in QUICK_UNLIMITED_ARCHS)
         for arch in archs
         for label, record in collect(arch, quick)
         if only in f"{record.kernel.fn.__name__} {label}"
-        for register_limit in ((True,) if quick and arch not in QUICK_UNLIMITED_ARCHS else (True, False))
     ]
     print(HEADER, file=out, flush=True)
     rows = []
     # Forked workers inherit the recorded launches; rows come back in order.
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        for row in pool.map(_compile_job, range(len(_JOBS))):
-            rows.append(row)
-            print(row.format(), file=out, flush=True)
+        for job_rows in pool.map(_compile_job, range(len(_JOBS))):
+            for row in job_rows:
+                rows.append(row)
+                print(row.format(), file=out, flush=True)
     return rows
 
 

@@ -190,6 +190,43 @@ def test_every_kernel_compiles_at_the_odd_shape(tmp_path):
     assert all(row["spill_bytes"] == 0 for row in rows)
 
 
+def odd_shape_records() -> list:
+    """One recorded launch of each kernel at the odd shape (fp32, NCHW), tiled for an H100."""
+    from fractal_kernels.audit_cases import AUDIT_CASES
+    from fractal_kernels.channel_tiling import tile_for_gpu
+    from fractal_kernels.launch import record_launches
+
+    with tile_for_gpu(SM_COUNT[90]), record_launches() as records:
+        for cases in AUDIT_CASES:
+            for _, thunk in cases((3, 7, 5, 9), torch.float32, False, True):
+                thunk()
+    return list({record.kernel.fn.__name__: record for record in records}.values())
+
+
+@pytest.mark.fake_gpu
+def test_a_row_without_the_register_limit_is_a_full_compile_without_it():
+    """The audit assembles each launch's no-limit row from its limited compile's PTX less the
+    .maxnreg line: for one launch of each kernel, that PTX is the full no-limit compile's (sm_90),
+    and the rows agree."""
+    from fractal_kernels.audit import MAXNREG_DIRECTIVE, compile_launch, compile_rows, measure_row
+
+    records = odd_shape_records()
+    assert {record.kernel.fn.__name__ for record in records} == package_kernels()
+    for record in records:
+        name = record.kernel.fn.__name__
+        limited_row, unlimited_row = compile_rows("odd", record, 90, without_limit=True)
+        limited, _, _ = compile_launch(record, 90, record.kwargs)
+        without = {key: value for key, value in record.kwargs.items() if key != "maxnreg"}
+        full, _, _ = compile_launch(record, 90, without)
+        assert (".maxnreg" in limited.asm["ptx"]) == ("maxnreg" in record.kwargs), name
+        assert MAXNREG_DIRECTIVE.sub("", limited.asm["ptx"]) == full.asm["ptx"], name
+        expected = AuditRow(name, "odd", 90, 0, limited_row.num_warps, relu=limited_row.relu,
+                            occupancy_goal_applies=limited_row.occupancy_goal_applies)
+        measure_row(expected, full.asm["ptx"], full.asm["cubin"], full.metadata.shared)
+        assert unlimited_row == expected and not expected.error, name
+        assert limited_row.register_limit == record.kwargs.get("maxnreg", 0) and not limited_row.error, name
+
+
 @pytest.mark.fake_gpu
 def test_a_gather_backward_compiles_one_variant_for_all_its_inputs():
     """A gather backward writes one compact input a launch; the input's index (first_input) is
