@@ -2,6 +2,7 @@
 backward, against the fp64 reference, on the GPU's registration path (triton_op)."""
 
 import dataclasses
+import itertools
 
 import helpers
 import pytest
@@ -60,43 +61,46 @@ def check_compiled(op, args: dict, dtype, scale=4.0):
 
 
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-KS = [1, 2, 3, 4, 9]
-
-
-def bn_join_cases(factors: list[dict], two_groups: list[tuple]) -> list:
-    """The compiled BatchNorm joins' cases: one input and the most one launch tiles at full size
-    (4) in every combination of ``factors`` (each a value -> id dict), and two groups of inputs
-    (9) in the ``two_groups`` combinations only, which hold each value of each factor: what a
-    second group adds is its launch and its accumulation, the same for every dtype, layout and
-    mode, whose combinations the four-input cases cover. Two and three inputs are the four-input
-    path with fewer slots filled, which the eager and interpreter tests cover."""
-    full = [()]
-    for factor in factors:
-        full = [case + (value,) for case in full for value in factor]
-
-    def param(k, case):
-        return pytest.param(k, *case, id="-".join([str(k), *(f[v] for f, v in zip(factors, case))]))
-
-    return [param(k, case) for k in (1, 4) for case in full] + [param(9, case) for case in two_groups]
-
-
 TRAINING_IDS = {True: "train", False: "eval"}
 LAYOUT_IDS = {False: "nchw", True: "nhwc"}
+MODE_IDS = {False: "mean", True: "mask"}
+#: Input counts: one, several in one launch, and two launches (a launch takes up to eight).
+JOIN_K_IDS = {k: str(k) for k in (1, 2, 3, 4, 9)}
+#: The BatchNorm joins' input counts: two and three are the four-input launch with fewer slots
+#: filled, which the eager and interpreter tests cover.
+BN_JOIN_K_IDS = {k: str(k) for k in (1, 4, 9)}
+
+
+def pairwise(*factors: dict) -> list:
+    """Parameters (factors: value -> id dicts) covering every pair of values of two factors at
+    least once, chosen greedily from their product: each compiled case is a graph of its own
+    (Dynamo, AOT autograd, a kernel-mutation analysis per launch), and what a factor changes in
+    the graph (an input count's launches, the mask argument, the running-statistics updates, a
+    dtype's casts, a layout's strides) does not depend on a third factor. Every combination runs
+    eagerly, in the interpreter (test_join.py, test_join_bn_relu.py, test_gather.py) and on the
+    fake GPU's launch path (test_launch.py)."""
+    product = list(itertools.product(*factors))
+
+    def pairs(case):
+        return {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(case), 2)}
+
+    uncovered = set().union(*map(pairs, product))
+    chosen = []
+    while uncovered:
+        best = max(product, key=lambda case: len(pairs(case) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return [pytest.param(*case, id="-".join(f[v] for f, v in zip(factors, case))) for case in chosen]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("masked", [False, True], ids=["mean", "mask"])
-@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("k, masked, dtype, channels_last", pairwise(JOIN_K_IDS, MODE_IDS, DTYPE_IDS, LAYOUT_IDS))
 def test_compiled_masked_join(k, masked, dtype, channels_last):
     args = dict(inputs=small_inputs(k, dtype, channels_last), mask=make_mask(k) if masked else None)
     check_compiled(fk.masked_join, args, dtype, scale=1.0)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype, channels_last, training", pairwise(DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS))
 def test_compiled_bn_relu(dtype, channels_last, training):
     (x,) = small_inputs(1, dtype, channels_last)
     params = make_params(1, dtype)
@@ -107,9 +111,7 @@ def test_compiled_bn_relu(dtype, channels_last, training):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k, masked, dtype, channels_last, training",
-                         bn_join_cases([{False: "mean", True: "mask"}, DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS],
-                                       [(False, torch.float32, False, True), (True, torch.bfloat16, True, True),
-                                        (True, torch.float32, False, False), (False, torch.bfloat16, True, False)]))
+                         pairwise(BN_JOIN_K_IDS, MODE_IDS, DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS))
 def test_compiled_join_bn_relu(k, masked, dtype, channels_last, training):
     args = dict(inputs=small_inputs(k, dtype, channels_last), mask=make_mask(k) if masked else None,
                 **make_params(k, dtype), training=training)
@@ -140,9 +142,7 @@ def gather_sizes(k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", DTYPE_IDS, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("k, dtype, channels_last", pairwise(JOIN_K_IDS, DTYPE_IDS, LAYOUT_IDS))
 def test_compiled_gather_join(k, dtype, channels_last):
     sizes = gather_sizes(k)
     args = dict(inputs=small_inputs(k, dtype, channels_last, sizes), rows=make_rows(sizes))
@@ -151,8 +151,7 @@ def test_compiled_gather_join(k, dtype, channels_last):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k, dtype, channels_last, training",
-                         bn_join_cases([DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS],
-                                       [(torch.float32, False, True), (torch.bfloat16, True, False)]))
+                         pairwise(BN_JOIN_K_IDS, DTYPE_IDS, LAYOUT_IDS, TRAINING_IDS))
 def test_compiled_gather_join_bn_relu(k, dtype, channels_last, training):
     sizes = gather_sizes(k)
     args = dict(inputs=small_inputs(k, dtype, channels_last, sizes), rows=make_rows(sizes), **make_params(k, dtype),
