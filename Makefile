@@ -24,17 +24,22 @@ endif
 
 .PHONY: test check test-compat lint demo bench audit gpu-check clean
 
+# pip byte-compiles what it installs one file at a time; compileall does it on every core once
+# everything is in (the files that do not compile on this Python, such as torch's for 3.12, are
+# skipped, as pip skips them).
+PIP_INSTALL = $(PY) -m pip install --no-compile
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch only when none is importable: the CPU build on disk here, the CUDA build elsewhere.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) torch==$(TORCH)
 	# A CPU torch brings no triton: pin the version the GPU machines run.
 	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
-		$(PY) -m pip install triton==3.6.0; fi
-	$(PY) -m pip install -e ".[test]"
+		$(PIP_INSTALL) triton==3.6.0; fi
+	$(PIP_INSTALL) -e ".[test]"
 	# pytorchcv: an independent FractalNet for the drop-in tests. Its package requires
 	# torchvision, which its FractalNet does not use (and which fails beside the CPU torch).
-	$(PY) -m pip install --no-deps pytorchcv==0.0.74
+	$(PIP_INSTALL) --no-deps pytorchcv==0.0.74
+	$(PY) -m compileall -qq -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") || true
 	touch $@
 
 # ruff comes with .venv; a Python used as it is may lack it (the GPU machine's image does).

@@ -41,7 +41,8 @@ def test_the_suite_imports_are_what_this_python_has():
 def test_a_bare_python_gets_the_venv_and_pins(tmp_path):
     commands = planned("check", "PYTHON=/nonexistent/python3", f"VENV={tmp_path}/venv")
     assert f"/nonexistent/python3 -m venv {tmp_path}/venv" in commands
-    assert "pip install torch==2.13.0" in commands and "pip install triton==3.6.0" in commands
+    assert "pip install --no-compile torch==2.13.0" in commands and "pip install --no-compile triton==3.6.0" in commands
+    assert f"{tmp_path}/venv/bin/python -m compileall" in commands  # what pip no longer compiles
     assert f"{tmp_path}/venv/bin/python -m pytest" in commands
 
 
