@@ -51,6 +51,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol * scale)
 
 
+def gradcheck(fn, inputs) -> bool:
+    """torch.autograd.gradcheck in its fast mode, as PyTorch's own op tests run it: it compares
+    u^T J v of random u and v, analytic against finite differences along v, instead of every
+    entry of J. Every entry enters with a random weight, so a wrong one shows; it takes two
+    evaluations of ``fn`` per input tensor instead of two per element, and one backward instead
+    of one per output element (each a run of the kernels, interpreted on a CPU)."""
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.to(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
