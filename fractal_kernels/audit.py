@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from triton.runtime.cache import get_cache_manager
 from triton.runtime.jit import create_function_from_signature
 
 from .channel_tiling import tile_for_gpu
@@ -244,6 +246,17 @@ def measure_row(row: AuditRow, ptx: str, cubin: bytes, shared_bytes: int) -> Non
 MAXNREG_DIRECTIVE = re.compile(r"^[ \t]*\.maxnreg \d+\n", re.MULTILINE)
 
 
+def assemble(ptx: str, backend, options, arch: int) -> bytes:
+    """The cubin of ``ptx``: ptxas as Triton runs it (the backend's make_cubin), kept in Triton's
+    cache under the PTX, ptxas's version and the options, as Triton keeps its compiles: an audit
+    run again assembles nothing."""
+    key = hashlib.sha256("\n".join([backend.hash(), options.hash(), ptx]).encode()).hexdigest()
+    cache = get_cache_manager(key)
+    path = cache.get_file("kernel.cubin") or cache.put(backend.make_cubin(ptx, {}, options, arch), "kernel.cubin")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: bool) -> list[AuditRow]:
     """Compiles one recorded launch for one arch with its register limit and measures it; with
     ``without_limit``, also measures it without the limit: ptxas, as Triton runs it, on the same
@@ -268,7 +281,7 @@ def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: boo
     if without_limit:
         try:
             unlimited = MAXNREG_DIRECTIVE.sub("", ptx)
-            cubin = backend.make_cubin(unlimited, {}, dataclasses.replace(options, maxnreg=None), arch)
+            cubin = assemble(unlimited, backend, dataclasses.replace(options, maxnreg=None), arch)
             measure_row(rows[1], unlimited, cubin, compiled.metadata.shared)
         except Exception as error:  # the limited row stands
             rows[1].error = _error_line(error)
