@@ -11,10 +11,6 @@ import argparse
 import importlib
 import sys
 
-import torch
-
-from fractal_kernels import __version__
-
 from .extras import installed_version
 
 #: Each command and the module whose main(argv) runs it.
@@ -36,14 +32,29 @@ EPILOG = """examples:
 
 def version() -> str:
     """This package's version, and the torch and triton it runs on."""
+    import torch
+
+    from fractal_kernels import __version__
+
     triton = installed_version("triton") or "not installed"
     return f"fractalnet {__version__} (torch {torch.__version__}, triton {triton})"
+
+
+class VersionAction(argparse.Action):
+    """--version, which imports torch only when asked (argparse's own takes the text up front)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help="show the versions and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fractalnet", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=version())
+    p.add_argument("--version", action=VersionAction)
     commands = p.add_subparsers(title="commands", metavar="COMMAND")
     commands.add_parser("train", help="train and evaluate a FractalNet (the paper's recipe by default)")
     commands.add_parser("experiments", help="the paper's experiments: depth, drop-path, anytime, deepest or all")

@@ -29,6 +29,15 @@ def test_help_describes_every_command(argv):
         assert command in text
 
 
+def test_help_imports_no_torch():
+    """The command's help comes at once: nothing imports torch (seconds) before it."""
+    code = ("import runpy, sys\ntry:\n    runpy.run_module('fractalnet', run_name='__main__')\n"
+            "except SystemExit:\n    print('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, cwd="/",
+                            env=command_env())
+    assert result.stdout.rstrip().endswith("torch imported: False"), result.stdout[-300:] + result.stderr
+
+
 def test_version_is_the_package_version():
     result = fractalnet("--version")
     assert result.returncode == 0
