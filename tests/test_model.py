@@ -188,19 +188,19 @@ def test_per_batch_global_batch_is_its_column_alone_and_keeps_running_stats(fuse
     assert changed
 
 
-def standard_loop(model, call, pass_structure: bool, steps: int = 12) -> list:
+def standard_loop(model, call, pass_structure: bool, steps: int = 6) -> list:
     """``steps`` per-batch drop-path steps of a user's loop (``zero_grad()`` to None, SGD with
     momentum 0.9) through ``call``; every step's draws seeded by its number. Returns the
     optimizer and the global columns drawn (None for a local batch; unknown while traced)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    structures, data = torch.Generator().manual_seed(3), torch.Generator().manual_seed(1)
+    structures, data = torch.Generator().manual_seed(12), torch.Generator().manual_seed(1)
     drawn = []
     for step in range(steps):
         x = torch.randn(8, 3, 8, 8, generator=data).to(DEVICE)
         y = torch.randint(0, 10, (8,), generator=data).to(DEVICE)
         kwargs = {"structure": model.draw_structure(structures)} if pass_structure else {}
         optimizer.zero_grad()
-        torch.manual_seed(100 + step)
+        torch.manual_seed(20 + step)
         nn.functional.cross_entropy(call(x, **kwargs), y).backward()
         assert all(p.grad is not None for p in model.parameters()), step
         optimizer.step()
@@ -225,7 +225,7 @@ STANDARD_LOOP_CASES = [
 def test_eager_and_compiled_steps_agree_under_the_standard_loop(backend, pass_structure):
     """One semantics, whatever the loop and the compiler: every parameter gets a gradient every
     step (zeros where a global batch does not reach it, so momentum moves it) and a global batch
-    updates no running statistic. Twelve steps of local and global batches eager and under
+    updates no running statistic. Six steps of local and global batches (every structure) eager and under
     torch.compile(fullgraph=True), the model drawing its own structure (the compiled graph then
     runs every column and masks) or taking one: the same parameters, gradients, momentum buffers
     and running statistics."""
@@ -237,7 +237,7 @@ def test_eager_and_compiled_steps_agree_under_the_standard_loop(backend, pass_st
         optimizer, drawn = standard_loop(model, model, pass_structure)
         twin_optimizer, _ = standard_loop(twin, torch.compile(twin, fullgraph=True, backend="aot_eager"),
                                           pass_structure)
-    assert None in drawn and len(set(drawn)) >= 3, drawn
+    assert set(drawn) == {None, 1, 2, 3}, drawn
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     for p, q in zip(model.parameters(), twin.parameters()):
