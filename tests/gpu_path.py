@@ -58,10 +58,15 @@ def recorded_launches():
                 thunk()
             for record in records:
                 kwargs = launch_kwargs(record)
-                constexprs = tuple((n, v) for n, v in kwargs.items() if n.isupper())
-                absent = tuple(n for n, v in kwargs.items() if v is None)
-                distinct.setdefault((record.kernel.fn.__name__, constexprs, absent), (label, record, kwargs))
+                distinct.setdefault(configuration(record, kwargs), (label, record, kwargs))
     return list(distinct.values())
+
+
+def configuration(record, kwargs: dict, tiles: bool = True) -> tuple:
+    """A launch's kernel, constexprs (without the tile sizes BLOCK_* unless ``tiles``) and absent slots."""
+    constexprs = tuple((n, v) for n, v in kwargs.items() if n.isupper() and (tiles or not n.startswith("BLOCK")))
+    absent = tuple(n for n, v in kwargs.items() if v is None)
+    return record.kernel.fn.__name__, constexprs, absent
 
 
 def launch_kwargs(record) -> dict:

@@ -11,7 +11,7 @@ from torch_compat import fake_tensor_updater, written_arguments
 import fractal_kernels as fk
 from fractalnet import FractalNet
 
-from gpu_path import LAUNCHES
+from gpu_path import LAUNCHES, configuration
 
 pytestmark = [pytest.mark.fake_gpu, pytest.mark.usefixtures("fresh_dynamo")]
 
@@ -41,12 +41,17 @@ def written_by_contract(kernel: str, kwargs: dict) -> set:
     }
 
 
+#: One launch of each configuration up to its tile sizes, which change no pointer a kernel writes.
+ANALYSED = list({configuration(record, kwargs, tiles=False): (label, record, kwargs)
+                 for label, record, kwargs in LAUNCHES}.values())
+
+
 def test_every_kernel_is_analysed():
-    assert {record.kernel.fn.__name__ for _, record, _ in LAUNCHES} == set(WRITTEN)
+    assert {record.kernel.fn.__name__ for _, record, _ in ANALYSED} == set(WRITTEN)
 
 
-@pytest.mark.parametrize("label,record,kwargs", LAUNCHES,
-                         ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(LAUNCHES)])
+@pytest.mark.parametrize("label,record,kwargs", ANALYSED,
+                         ids=[f"{r.kernel.fn.__name__}-{i}" for i, (_, r, _) in enumerate(ANALYSED)])
 def test_mutation_analysis_of_each_launch(label, record, kwargs):
     name = record.kernel.fn.__name__
     written = written_arguments(record.kernel, kwargs)
