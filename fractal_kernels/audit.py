@@ -7,7 +7,8 @@ architecture would tile them (A100: 108 SMs, H100: 132), with launches recorded 
 Each recorded launch is specialised exactly as Triton's JIT would specialise it on a GPU
 (16-byte-aligned pointers and integers divisible by 16 are marked, values of 1 folded) and
 compiled to PTX and cubin with the launch's register limit, and assembled again without it
-(Inductor launches user kernels without one). A row reports
+(Inductor launches user kernels without one); a variant compiled for a second arch starts from
+the first's TTIR. A row reports
 registers, spills, shared memory, resident warps per SM, the widths of global loads and stores,
 and whether the PTX has the NaN-propagating max that ReLU needs. The exit status is non-zero on
 a compile failure, a spill (with or without the limit), a missed occupancy goal (streaming
@@ -200,9 +201,9 @@ def _config_label(label: str, record: LaunchRecord) -> str:
     return f"{label} {flags}".strip()
 
 
-def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
+def collect(arch: int, quick: bool) -> dict[tuple, tuple[str, LaunchRecord]]:
     """Runs every registered case, tiled for ``arch``'s GPU, with launches recorded; one (label,
-    record) per distinct compiled kernel."""
+    record) per distinct compiled kernel, by its variant_key."""
     kinds = QUICK_KINDS if quick else [(dtype, channels_last) for dtype in DTYPES for channels_last in (False, True)]
     distinct: dict[tuple, tuple[str, LaunchRecord]] = {}
     backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -218,18 +219,24 @@ def collect(arch: int, quick: bool) -> list[tuple[str, LaunchRecord]]:
                         for record in records:
                             distinct.setdefault(variant_key(record, backend),
                                                 (_config_label(label, record), record))
-    return list(distinct.values())
+    return distinct
 
 
-def compile_launch(record: LaunchRecord, arch: int, kwargs: dict):
-    """``triton.compile`` of ``record``'s kernel launched with ``kwargs`` on ``arch``: (compiled
-    kernel, backend, options)."""
+def compile_launch(record: LaunchRecord, arch: int, kwargs: dict, ttir: str | None = None):
+    """``triton.compile`` of ``record``'s kernel launched with ``kwargs`` on ``arch``, from its
+    source or from ``ttir``, the TTIR of the same launch compiled for another arch (Triton's
+    front end is the same for every target): (compiled kernel, backend, options)."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     signature, constexprs, attrs, options = _specialise(record.kernel, backend, record.args, kwargs)
-    compiled = triton.compile(ASTSource(record.kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
-    return compiled, backend, options
+    if ttir is None:
+        source = ASTSource(record.kernel, signature, constexprs, attrs)
+        return triton.compile(source, target=target, options=options.__dict__), backend, options
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{record.kernel.fn.__name__}.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        return triton.compile(path, target=target, options=options.__dict__), backend, options
 
 
 def measure_row(row: AuditRow, ptx: str, cubin: bytes, shared_bytes: int) -> None:
@@ -257,11 +264,13 @@ def assemble(ptx: str, backend, options, arch: int) -> bytes:
         return f.read()
 
 
-def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: bool) -> list[AuditRow]:
-    """Compiles one recorded launch for one arch with its register limit and measures it; with
-    ``without_limit``, also measures it without the limit: ptxas, as Triton runs it, on the same
-    PTX less its ``.maxnreg`` (Triton sets the limit on the TTGIR, and the PTX of the stages
-    after it differs by that line only), which saves a compile's front end."""
+def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: bool,
+                 ttir: str | None = None) -> tuple[list[AuditRow], str | None]:
+    """Compiles one recorded launch for one arch with its register limit (from ``ttir`` if
+    given, see compile_launch) and measures it; with ``without_limit``, also measures it
+    without the limit: ptxas, as Triton runs it, on the same PTX less its ``.maxnreg`` (Triton
+    sets the limit on the TTGIR, and the PTX of the stages after it differs by that line only).
+    Returns the rows and the launch's TTIR (None if the compile failed)."""
     name = record.kernel.fn.__name__
     kwargs = record.kwargs
     rows = [
@@ -271,13 +280,13 @@ def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: boo
         for limit in [kwargs.get("maxnreg"), *([None] if without_limit else [])]
     ]
     try:
-        compiled, backend, options = compile_launch(record, arch, kwargs)
+        compiled, backend, options = compile_launch(record, arch, kwargs, ttir)
         ptx = compiled.asm["ptx"]
         measure_row(rows[0], ptx, compiled.asm["cubin"], compiled.metadata.shared)
     except Exception as error:  # reported in the table and in the exit status
         for row in rows:
             row.error = _error_line(error)
-        return rows
+        return rows, None
     if without_limit:
         try:
             unlimited = MAXNREG_DIRECTIVE.sub("", ptx)
@@ -285,30 +294,36 @@ def compile_rows(label: str, record: LaunchRecord, arch: int, without_limit: boo
             measure_row(rows[1], unlimited, cubin, compiled.metadata.shared)
         except Exception as error:  # the limited row stands
             rows[1].error = _error_line(error)
-    return rows
+    return rows, compiled.asm["ttir"]
 
 
 def _error_line(error: Exception) -> str:
     return str(error).strip().splitlines()[-1][:200]
 
 
-_JOBS: list[tuple[str, LaunchRecord, int, bool]] = []
+#: Per compiled variant, its launch on each arch: (label, record, arch, without_limit).
+_JOBS: list[list[tuple[str, LaunchRecord, int, bool]]] = []
 
 
 def _compile_job(index: int) -> list[AuditRow]:
-    return compile_rows(*_JOBS[index])
+    """One variant's rows on each arch: the first arch compiled from source, the others from its TTIR."""
+    rows, ttir = [], None
+    for label, record, arch, without_limit in _JOBS[index]:
+        arch_rows, ttir = compile_rows(label, record, arch, without_limit, ttir)
+        rows += arch_rows
+    return rows
 
 
 def audit(archs: list[int], quick: bool = False, only: str = "", jobs: int = 1, out=sys.stdout) -> list[AuditRow]:
     """Compiles every distinct launch for every arch, with and without its register limit, in
-    ``jobs`` processes; prints and returns one row each. ``only`` keeps the launches whose
-    kernel name or label contains it."""
-    _JOBS[:] = [
-        (label, record, arch, not quick or arch in QUICK_UNLIMITED_ARCHS)
-        for arch in archs
-        for label, record in collect(arch, quick)
-        if only in f"{record.kernel.fn.__name__} {label}"
-    ]
+    ``jobs`` processes; prints and returns one row each, a variant's rows together. ``only``
+    keeps the launches whose kernel name or label contains it."""
+    variants: dict[tuple, list] = {}
+    for arch in archs:
+        for key, (label, record) in collect(arch, quick).items():
+            if only in f"{record.kernel.fn.__name__} {label}":
+                variants.setdefault(key, []).append((label, record, arch, not quick or arch in QUICK_UNLIMITED_ARCHS))
+    _JOBS[:] = list(variants.values())
     print(HEADER, file=out, flush=True)
     rows = []
     # Forked workers inherit the recorded launches; rows come back in order.

@@ -204,17 +204,17 @@ def odd_shape_records() -> list:
 
 
 @pytest.mark.fake_gpu
-def test_a_row_without_the_register_limit_is_a_full_compile_without_it():
+def test_rows_from_shared_work_are_full_compiles():
     """The audit assembles each launch's no-limit row from its limited compile's PTX less the
-    .maxnreg line: for one launch of each kernel, that PTX is the full no-limit compile's (sm_90),
-    and the rows agree."""
+    .maxnreg line, and compiles a launch for sm_80 from its sm_90 TTIR: for one launch of each
+    kernel, that PTX is the full no-limit compile's, the TTIR is sm_80's own, and the rows agree."""
     from fractal_kernels.audit import MAXNREG_DIRECTIVE, compile_launch, compile_rows, measure_row
 
     records = odd_shape_records()
     assert {record.kernel.fn.__name__ for record in records} == package_kernels()
     for record in records:
         name = record.kernel.fn.__name__
-        limited_row, unlimited_row = compile_rows("odd", record, 90, without_limit=True)
+        (limited_row, unlimited_row), ttir = compile_rows("odd", record, 90, without_limit=True)
         limited, _, _ = compile_launch(record, 90, record.kwargs)
         without = {key: value for key, value in record.kwargs.items() if key != "maxnreg"}
         full, _, _ = compile_launch(record, 90, without)
@@ -225,6 +225,10 @@ def test_a_row_without_the_register_limit_is_a_full_compile_without_it():
         measure_row(expected, full.asm["ptx"], full.asm["cubin"], full.metadata.shared)
         assert unlimited_row == expected and not expected.error, name
         assert limited_row.register_limit == record.kwargs.get("maxnreg", 0) and not limited_row.error, name
+        assert ttir == limited.asm["ttir"] == compile_launch(record, 80, record.kwargs)[0].asm["ttir"], name
+        (from_ttir,), _ = compile_rows("odd", record, 80, without_limit=False, ttir=ttir)
+        (from_source,), _ = compile_rows("odd", record, 80, without_limit=False)
+        assert from_ttir == from_source and not from_source.error, name
 
 
 @pytest.mark.fake_gpu
