@@ -206,8 +206,9 @@ def odd_shape_records() -> list:
 @pytest.mark.fake_gpu
 def test_rows_from_shared_work_are_full_compiles():
     """The audit assembles each launch's no-limit row from its limited compile's PTX less the
-    .maxnreg line, and compiles a launch for sm_80 from its sm_90 TTIR: for one launch of each
-    kernel, that PTX is the full no-limit compile's, the TTIR is sm_80's own, and the rows agree."""
+    .maxnreg line, and compiles a launch for one arch from its TTIR for the other: for one launch
+    of each kernel, that PTX is the full no-limit compile's, the TTIR is the same for sm_80 and
+    sm_90, and the rows agree with compiles from source."""
     from fractal_kernels.audit import MAXNREG_DIRECTIVE, compile_launch, compile_rows, measure_row
 
     records = odd_shape_records()
@@ -229,6 +230,7 @@ def test_rows_from_shared_work_are_full_compiles():
         (from_ttir,), _ = compile_rows("odd", record, 80, without_limit=False, ttir=ttir)
         (from_source,), _ = compile_rows("odd", record, 80, without_limit=False)
         assert from_ttir == from_source and not from_source.error, name
+        assert compile_rows("odd", record, 90, without_limit=True, ttir=ttir)[0] == [limited_row, unlimited_row], name
 
 
 @pytest.mark.fake_gpu
