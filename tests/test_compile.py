@@ -201,15 +201,6 @@ def test_compiled_training_step(variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])  # a local batch, a global batch of column 3
-def test_compiled_training_step_drawn_per_batch(seed):
-    """Drawn per batch, a global batch runs its column alone in eager mode; compiled in one graph,
-    the masks drop the other columns instead: the same output and the same gradients (zeros
-    where eager has none)."""
-    compiled_and_eager_steps(dict(widths=(4, 8), columns=3, dropout=(0.0, 0.0), drop_path_per="batch"), seed)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("per", ["sample", "batch"])
 def test_compiled_training_step_with_frozen_batchnorm(per):
     """A training model whose BatchNorms are frozen (eval()), compiled: they normalise by their
