@@ -37,6 +37,9 @@ NO_GPU_NOTE = (
     "No Triton timing is reported: the interpreter is not a performance measure."
 )
 
+#: Shapes whose eager reference a CPU run times, forward and backward: FractalNet-20's first and
+#: last blocks at batch 100 (--quick: the last).
+CPU_TIMED_SHAPES = [(100, 64, 32, 32), (100, 512, 2, 2)]
 #: (network, batch) of the per-step memory and launch measurements.
 STEPS = [("fractalnet20_cifar", 16), ("fractalnet20_cifar", 100), ("fractalnet34_imagenet", 32)]
 
@@ -100,9 +103,9 @@ def _cpu_measurements(result: dict, quick: bool, device) -> None:
     """What a CPU measures exactly (saved bytes, launches, traffic, the compile audit, host time)."""
     exact_cases = cases.op_cases(quick, dtypes=(torch.float32,))
     exact_cases = [c for c in exact_cases if not c.channels_last]
-    timed = device is None
+    timed_shapes = [] if device is not None else CPU_TIMED_SHAPES[-1:] if quick else CPU_TIMED_SHAPES
     result["kernels_cpu"] = [
-        kernels.cpu_row(case, time_reference=timed and case.shape in cases.QUICK_SHAPES and case.shape[0] == 100)
+        kernels.cpu_row(case, time_reference=case.shape in timed_shapes)
         for case in tqdm(exact_cases, desc="ops: saved bytes and launches")
     ]
     steps = STEPS[:1] if quick else STEPS
@@ -115,7 +118,7 @@ def _cpu_measurements(result: dict, quick: bool, device) -> None:
         for r in result["kernels_cpu"]
         if "cpu_forward_backward_ms" in r["eager"]
     ]
-    if timed:
+    if timed_shapes:
         step = models.cpu_eager_step_ms("fractalnet20_cifar", 4 if quick else 16)
         result["cpu_times"].append(dict(what=f"eager fractalnet20_cifar training step, batch {step['batch']}", **step))
     print("traffic (interpreter), compile audit and host time run in subprocesses", flush=True)
