@@ -141,36 +141,37 @@ def test_instruction_mode_counts_each_side_in_a_process_of_its_own(monkeypatch, 
         compile(host._CALLGRIND_SETUP + setup, "<setup>", "exec")
 
 
-#: Runs a counting process's setup and statement without valgrind and prints the launches the
-#: statement makes: the setup comes as argv[1], the statement as argv[2].
+#: Runs counting processes' setups and statements without valgrind, each pair in a namespace of
+#: its own, and prints the launches each statement makes: argv holds setup, statement, setup, ...
 _COUNT_LAUNCHES = """
 import sys
 from benchmarks import host
-exec(host._CALLGRIND_SETUP + sys.argv[1])
 from fractal_kernels.launch import count_launches
-with count_launches() as launches:
-    exec(sys.argv[2])
-print(launches[0])
+for setup, stmt in zip(sys.argv[1::2], sys.argv[2::2]):
+    namespace = {}
+    exec(host._CALLGRIND_SETUP + setup, namespace)
+    with count_launches() as launches:
+        exec(stmt, namespace)
+    print(launches[0])
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bn_relu", "join_bn_relu k=3", "step"])
-def test_instruction_counts_run_the_side_they_name(case):
-    """The fused side's counted statement launches the Triton kernels (stubbed) and the eager
-    side's none: each side counts the implementation it reports."""
+def test_instruction_counts_run_the_side_they_name():
+    """The fused side's counted statements launch the Triton kernels (stubbed) and the eager
+    side's none: each side counts the implementation it reports (each side's cases in a process
+    of its own, one after another)."""
     from benchmarks import host
 
     launches = {}
     for side in ("fused", "eager"):
-        setup, stmt = (host.step_counting("fractalnet20_cifar", "batch", side, seeds=2) if case == "step"
-                       else host.op_counting(case, side, calls=2))
-        env = gpu_path_env()
-        result = subprocess.run([sys.executable, "-c", _COUNT_LAUNCHES, setup, stmt], capture_output=True, text=True,
-                                cwd=host.ROOT, env=env, timeout=600)
+        pairs = [host.op_counting(case, side, calls=2) for case in ("bn_relu", "join_bn_relu k=3")]
+        pairs.append(host.step_counting("fractalnet20_cifar", "batch", side, seeds=2))
+        result = subprocess.run([sys.executable, "-c", _COUNT_LAUNCHES, *[part for pair in pairs for part in pair]],
+                                capture_output=True, text=True, cwd=host.ROOT, env=gpu_path_env(), timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        launches[side] = int(result.stdout.split()[-1])
-    assert launches["fused"] > 0 and launches["eager"] == 0, launches
+        launches[side] = [int(line) for line in result.stdout.split()[-3:]]
+    assert all(n > 0 for n in launches["fused"]) and launches["eager"] == [0, 0, 0], launches
 
 
 def test_instruction_mode_without_valgrind_is_a_one_line_error(monkeypatch, capsys, tmp_path):
