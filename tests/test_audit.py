@@ -203,34 +203,37 @@ def odd_shape_records() -> list:
     return list({record.kernel.fn.__name__: record for record in records}.values())
 
 
+#: Kernels of each kind: a streaming join, the single-pass BatchNorm (statistics, apply, ReLU),
+#: a backward with its per-channel sums.
+SHARED_WORK_KERNELS = {"join_forward_kernel", "bn_forward_kernel", "bn_backward_dx_kernel"}
+
+
 @pytest.mark.fake_gpu
 def test_rows_from_shared_work_are_full_compiles():
     """The audit assembles each launch's no-limit row from its limited compile's PTX less the
-    .maxnreg line, and compiles a launch for one arch from its TTIR for the other: for one launch
-    of each kernel, that PTX is the full no-limit compile's, the TTIR is the same for sm_80 and
-    sm_90, and the rows agree with compiles from source."""
+    .maxnreg line, and compiles a launch for sm_90 from its sm_80 TTIR (make audit compiles sm_80
+    first): for a launch of each kind of kernel, that PTX is the full no-limit compile's, the
+    TTIR is the same for both archs, and the rows agree with compiles from source."""
     from fractal_kernels.audit import MAXNREG_DIRECTIVE, compile_launch, compile_rows, measure_row
 
-    records = odd_shape_records()
-    assert {record.kernel.fn.__name__ for record in records} == package_kernels()
+    records = [record for record in odd_shape_records() if record.kernel.fn.__name__ in SHARED_WORK_KERNELS]
+    assert len(records) == len(SHARED_WORK_KERNELS)
     for record in records:
         name = record.kernel.fn.__name__
         (limited_row, unlimited_row), ttir = compile_rows("odd", record, 90, without_limit=True)
         limited, _, _ = compile_launch(record, 90, record.kwargs)
         without = {key: value for key, value in record.kwargs.items() if key != "maxnreg"}
         full, _, _ = compile_launch(record, 90, without)
-        assert (".maxnreg" in limited.asm["ptx"]) == ("maxnreg" in record.kwargs), name
+        assert ".maxnreg" in limited.asm["ptx"], name
         assert MAXNREG_DIRECTIVE.sub("", limited.asm["ptx"]) == full.asm["ptx"], name
         expected = AuditRow(name, "odd", 90, 0, limited_row.num_warps, relu=limited_row.relu,
                             occupancy_goal_applies=limited_row.occupancy_goal_applies)
         measure_row(expected, full.asm["ptx"], full.asm["cubin"], full.metadata.shared)
         assert unlimited_row == expected and not expected.error, name
-        assert limited_row.register_limit == record.kwargs.get("maxnreg", 0) and not limited_row.error, name
-        assert ttir == limited.asm["ttir"] == compile_launch(record, 80, record.kwargs)[0].asm["ttir"], name
-        (from_ttir,), _ = compile_rows("odd", record, 80, without_limit=False, ttir=ttir)
-        (from_source,), _ = compile_rows("odd", record, 80, without_limit=False)
-        assert from_ttir == from_source and not from_source.error, name
-        assert compile_rows("odd", record, 90, without_limit=True, ttir=ttir)[0] == [limited_row, unlimited_row], name
+        assert limited_row.register_limit == record.kwargs["maxnreg"] and not limited_row.error, name
+        _, sm80_ttir = compile_rows("odd", record, 80, without_limit=False)
+        assert sm80_ttir == ttir, name
+        assert compile_rows("odd", record, 90, without_limit=True, ttir=sm80_ttir)[0] == [limited_row, unlimited_row]
 
 
 @pytest.mark.fake_gpu
