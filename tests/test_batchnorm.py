@@ -478,7 +478,9 @@ def test_eval_needs_running_statistics():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["interpreter", "fake_gpu", "compiled"])
+# The workers choose their own mode: the eager two go beside the fake GPU's session (either_session), for balance.
+@pytest.mark.parametrize("mode", [pytest.param("interpreter", marks=pytest.mark.either_session),
+                                  pytest.param("fake_gpu", marks=pytest.mark.either_session), "compiled"])
 def test_synchronised_statistics_across_two_processes(tmp_path, mode):
     """Two gloo ranks, each with part of the batch, against one process on the whole batch:
     bn_relu, and join_bn_relu of two inputs with a drop-path mask; neither reads a device value
