@@ -52,12 +52,12 @@ lint: $(STAMP)
 # markers of pytest.ini place each test (tests/conftest.py): fake_gpu tests run on the fake GPU
 # only, both_sessions tests in each, either_session tests (they run no Triton kernel in the
 # session itself: the GPU-check dry run's phases, the CLI, the two-process training runs and
-# the eager two-process synchronised BatchNorm are subprocesses of their own, the packaging and import checks build and import, anytime serving
-# runs the CPU reference ops) beside the fake GPU's, and the rest (among them the experiments and
-# the other training tests, which run the CPU reference ops, placed there to even the two
-# sessions out) in the interpreter's. One thread each: two sessions of torch's
-# default two threads on two cores ran slower side by side than one after the other. make check
-# leaves out the tests marked slow.
+# the eager two-process synchronised BatchNorm are subprocesses of their own, the packaging and
+# import checks build and import, anytime serving runs the CPU reference ops) beside the fake
+# GPU's, and the rest (among them the experiments and the other training tests, which run the
+# CPU reference ops, placed there to even the two sessions out) in the interpreter's. One thread
+# each: two sessions of torch's default two threads on two cores ran slower side by side than one
+# after the other. make check leaves out the tests marked slow.
 check: SLOW := not slow and
 test check: lint
 	if $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \

@@ -225,7 +225,6 @@ def are_counters(tensors: Sequence, numel: int, device: torch.device) -> bool:
     return True
 
 
-
 def check_bn_options(training, momentum, eps) -> None:
     """Checks the BatchNorm options, momentum and eps, as torch does."""
     if type(eps) is float and eps > 0 and (momentum is None or type(momentum) is float):
